@@ -1,0 +1,13 @@
+"""Backbone registry: a name maps to a timm architecture, a weights source and a preprocessing contract."""
+from tlearn.backbones.registry import (
+    BACKBONES,
+    BackboneSpec,
+    Preprocessing,
+    WeightsUnavailable,
+    create_backbone,
+    get_spec,
+    weights_available,
+)
+
+__all__ = ["BACKBONES", "BackboneSpec", "Preprocessing", "WeightsUnavailable", "create_backbone", "get_spec",
+           "weights_available"]

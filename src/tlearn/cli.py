@@ -1,0 +1,201 @@
+"""`tlearn` command line: parse arguments, call the Python API, print. No logic of its own."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import tlearn
+from tlearn.backbones import BACKBONES, WeightsUnavailable, weights_available
+from tlearn.bundle import BundleError
+from tlearn.data import DatasetError
+from tlearn.predict import Unreadable
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, evaluate and use image classifiers by transfer learning, on CPU, offline.")
+out = Console()
+err = Console(stderr=True)
+
+Backbone = Annotated[str, typer.Option(help="Backbone name (see `tlearn backbones`).")]
+CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder [default: $TLEARN_CACHE or "
+                                                       "~/.cache/tlearn].")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+class Format(str, Enum):
+    csv = "csv"
+    json = "json"
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(2)
+
+
+_USER_ERRORS = (DatasetError, BundleError, WeightsUnavailable, ValueError, FileNotFoundError)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Dataset folder: one sub-folder per class, or train/ val/ test/.")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write "
+                                                    "[default: ./<data folder name>-model].")] = None,
+    backbone: Backbone = "efficientnet_lite0",
+    weights: Annotated[Optional[Path], typer.Option(help="Backbone weights file instead of the registry's.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for splits and training.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train a classifier on DATA and write a model folder."""
+    out_dir = out_dir or Path(f"{data.resolve().name}-model")
+    try:
+        clf = tlearn.ImageClassifier(backbone, weights=weights, seed=seed, batch_size=batch_size,
+                                     cache_dir=cache_dir, progress=not quiet).fit(data)
+        clf.save(out_dir)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    _print_summary(clf, out_dir)
+
+
+def _print_summary(clf: tlearn.ImageClassifier, out_dir: Path) -> None:
+    s = clf.summary_
+    table = Table(title=f"tlearn train: {s['data']}", show_header=False, title_justify="left")
+    table.add_row("layout", s["layout"])
+    table.add_row("classes", str(s["classes"]))
+    table.add_row("images", ", ".join(f"{k} {v}" for k, v in s["images"].items()))
+    rate = f" ({s['images_per_second']:.0f} img/s)" if s["images_per_second"] else ""
+    table.add_row("features", f"{s['extracted']} extracted in {s['extract_seconds']:.1f}s{rate}, "
+                              f"{s['from_cache']} from cache")
+    table.add_row("head", f"linear softmax, C={s['C']:g} (chosen on val)")
+    for split, m in clf.metrics_.items():
+        table.add_row(f"{split} accuracy", f"{m['accuracy']:.4f}  (mean class {m['mean_class_accuracy']:.4f}, "
+                                           f"n={m['n']})")
+    table.add_row("time", f"{s['seconds']:.1f}s")
+    table.add_row("model", str(out_dir))
+    out.print(table)
+    if s["skipped_files"]:
+        err.print(f"[yellow]skipped {len(s['skipped_files'])} unreadable file(s):[/]")
+        for path, reason in s["skipped_files"]:
+            err.print(f"  {path}: {reason}", highlight=False)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder with the same classes.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate: train, val or test.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
+) -> None:
+    """Measure a trained model on one split of DATA."""
+    try:
+        metrics = tlearn.load(model, cache_dir=cache_dir, progress=not (quiet or as_json)).evaluate(data, split)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(metrics, indent=1))
+        return
+    out.print(f"[bold]{split}[/]: accuracy {metrics['accuracy']:.4f}, mean class accuracy "
+              f"{metrics['mean_class_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, n={metrics['n']}")
+    table = Table("class", "precision", "recall", "f1", "n")
+    for name, row in metrics["per_class"].items():
+        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                      str(row["support"]))
+    out.print(table)
+    _print_confusion(metrics)
+
+
+def _print_confusion(metrics: dict) -> None:
+    classes = metrics["classes"]
+    table = Table("true \\ predicted", *[c[:10] for c in classes], title="confusion matrix", title_justify="left")
+    for name, row in zip(classes, metrics["confusion_matrix"]):
+        table.add_row(name, *[str(v) for v in row])
+    out.print(table)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    top_k: Annotated[int, typer.Option(help="How many labels per image, best first.")] = 1,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.csv,
+    output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output.")] = None,
+) -> None:
+    """Predict labels for images; unreadable files are listed on stderr, not fatal."""
+    try:
+        clf = tlearn.load(model, progress=False)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    if top_k < 1:
+        _fail(ValueError("--top-k must be at least 1"))
+    k = min(top_k, len(clf.classes_))
+    sink = open(output, "w", newline="") if output else sys.stdout
+    unreadable: list[Unreadable] = []
+    try:
+        rows = clf.iter_predict(paths, top_k=k)
+        if fmt is Format.csv:
+            writer = csv.writer(sink)
+            writer.writerow(["path", "label", "score"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")])
+            for row in rows:
+                if isinstance(row, Unreadable):
+                    unreadable.append(row)
+                    continue
+                writer.writerow([row.path, row.label, f"{row.score:.6f}"] +
+                                [v for label, score in row.top[1:] for v in (label, f"{score:.6f}")])
+                sink.flush()
+        else:
+            predictions = []
+            for row in rows:
+                if isinstance(row, Unreadable):
+                    unreadable.append(row)
+                else:
+                    predictions.append({"path": row.path, "label": row.label, "score": row.score,
+                                        "top": [{"label": label, "score": score} for label, score in row.top]})
+            json.dump({"predictions": predictions,
+                       "unreadable": [{"path": u.path, "reason": u.reason} for u in unreadable]}, sink, indent=1)
+            sink.write("\n")
+    finally:
+        if output:
+            sink.close()
+    for u in unreadable:
+        err.print(f"unreadable: {u.path}: {u.reason}", highlight=False)
+
+
+@app.command()
+def backbones() -> None:
+    """List the backbones, their input size and whether their weights are available offline."""
+    table = Table("name", "architecture (timm)", "input", "weights offline")
+    for name, spec in BACKBONES.items():
+        here = weights_available(name)
+        table.add_row(name, spec.architecture, f"{spec.preprocessing.input_size}px",
+                      "[green]yes[/]" if here else f"[red]no[/] ({spec.weights_hint})")
+    out.print(table)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the demo data and model.")] = Path("demo-output"),
+    cache_dir: CacheDir = None,
+) -> None:
+    """Build a small real-photo dataset from scikit-image's photos, then train, evaluate and predict on it."""
+    from tlearn.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(out_dir / "data")
+    out.print(f"demo dataset: {data} (brick / grass / gravel crops of scikit-image's photos)")
+    train(data, out_dir / "model", cache_dir=cache_dir)
+    evaluate(out_dir / "model", data, split="test", cache_dir=cache_dir)
+    out.print("predictions for the test images (top 2):")
+    predict(out_dir / "model", [data / "test"], top_k=2)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,70 @@
+"""On-disk cache of pooled backbone features, keyed by (backbone key, file content hash).
+
+SQLite gives atomic commits (a killed run loses at most the batch in flight) and safe concurrent readers;
+vectors are stored as raw float32 bytes, never pickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+
+def default_cache_dir() -> Path:
+    """$TLEARN_CACHE, else $XDG_CACHE_HOME/tlearn, else ~/.cache/tlearn."""
+    if os.environ.get("TLEARN_CACHE"):
+        return Path(os.environ["TLEARN_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return base / "tlearn"
+
+
+def content_hash(path: Path) -> str | None:
+    """SHA-256 of a file's bytes, or None when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+class FeatureCache:
+    """Feature vectors of one backbone configuration (`key`), stored under `directory`."""
+
+    def __init__(self, key: str, directory: Path | None = None):
+        self.key = key
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.directory / "features.sqlite", timeout=60)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS features (model TEXT NOT NULL, content TEXT NOT NULL, "
+                         "dim INTEGER NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (model, content))")
+
+    def get_many(self, hashes: list[str]) -> dict[str, np.ndarray]:
+        """The cached vectors among `hashes`."""
+        found: dict[str, np.ndarray] = {}
+        unique = sorted(set(hashes))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start:start + 500]
+            rows = self._db.execute(
+                f"SELECT content, vector FROM features WHERE model = ? AND content IN ({','.join('?' * len(chunk))})",
+                [self.key, *chunk])
+            found.update((content, np.frombuffer(blob, dtype=np.float32)) for content, blob in rows)
+        return found
+
+    def put_many(self, items: list[tuple[str, np.ndarray]]) -> None:
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO features (model, content, dim, vector) VALUES (?, ?, ?, ?)",
+                [(self.key, h, int(v.shape[0]), np.ascontiguousarray(v, dtype=np.float32).tobytes()) for h, v in items])
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,73 @@
+"""Frozen-backbone feature extraction: pooled features of each image, computed once and cached on disk."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from tlearn.backbones import Preprocessing
+from tlearn.data.loader import image_batches
+from tlearn.features.cache import FeatureCache, content_hash
+
+FEATURE_FORMAT = 1  # bump when the way features are computed changes, so old cache entries are not reused
+
+
+def feature_key(architecture: str, weights_sha256: str, preprocessing: Preprocessing) -> str:
+    """Cache key of a backbone configuration: architecture, exact weights and preprocessing."""
+    blob = json.dumps([FEATURE_FORMAT, architecture, weights_sha256, preprocessing.to_dict()], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Features:
+    """Features of a list of files: rows of `vectors` belong to `paths[i]` for i in `kept`."""
+
+    vectors: np.ndarray  # (len(kept), dim) float32
+    kept: np.ndarray  # positions (in the input list) of files that decoded
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+    computed: int = 0  # how many were extracted now (the rest came from the cache)
+    seconds: float = 0.0  # time spent extracting
+
+
+def extract_features(model: nn.Module, preprocessing: Preprocessing, paths: Sequence[Path], cache: FeatureCache,
+                     batch_size: int = 32, workers: int | None = None, progress: bool = True,
+                     description: str = "features") -> Features:
+    """Pooled features for `paths`, from the cache where present; decode failures are reported, not raised."""
+    import time
+
+    hashes = [content_hash(p) for p in paths]
+    cached = cache.get_many([h for h in hashes if h is not None])
+    failures = [(Path(paths[i]), "cannot read file") for i, h in enumerate(hashes) if h is None]
+    todo = [i for i, h in enumerate(hashes) if h is not None and h not in cached]
+    start = time.perf_counter()
+    if todo:
+        model = model.eval().to(memory_format=torch.channels_last)
+        transform = preprocessing.eval_transform()
+        with _progress(progress) as bar, torch.inference_mode():
+            task = bar.add_task(f"extracting {description}", total=len(todo))
+            for batch in image_batches([paths[i] for i in todo], transform, batch_size, workers):
+                failures.extend((Path(paths[todo[j]]), reason) for j, reason in batch.errors)
+                if batch.indices:
+                    out = model(batch.pixels.contiguous(memory_format=torch.channels_last)).float().numpy()
+                    fresh = [(hashes[todo[j]], out[k]) for k, j in enumerate(batch.indices)]
+                    cache.put_many(fresh)
+                    cached.update(fresh)
+                bar.advance(task, len(batch.indices) + len(batch.errors))
+    seconds = time.perf_counter() - start
+    kept = np.array([i for i, h in enumerate(hashes) if h is not None and h in cached], dtype=np.int64)
+    dim = next(iter(cached.values())).shape[0] if cached else 0
+    vectors = np.stack([cached[hashes[i]] for i in kept]) if len(kept) else np.zeros((0, dim), np.float32)
+    failures.sort(key=lambda item: str(item[0]))
+    return Features(vectors, kept, failures, computed=len(todo), seconds=seconds)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=False)
