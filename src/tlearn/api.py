@@ -17,7 +17,7 @@ from tlearn.data import Dataset, DatasetError, find_dataset
 from tlearn.evaluate import classification_metrics
 from tlearn.features import FeatureCache, Features, extract_features, feature_key
 from tlearn.predict import Prediction, Unreadable, expand_paths, predict_files
-from tlearn.train import fit_head
+from tlearn.train import balanced_class_weight, fit_head
 
 
 class NotFittedError(RuntimeError):
@@ -52,9 +52,10 @@ class ImageClassifier:
         xs = {split: f.vectors for split, f in features.items()}
         ys = {split: dataset.labels(split)[f.kept] for split, f in features.items()}
         _check_trainable(dataset, ys)
-        fit = fit_head(xs["train"], ys["train"], xs["val"], ys["val"], len(dataset.classes), seed=self.seed)
-        state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-        state.update({f"head.{k}": v for k, v in fit.head.state_dict().items()})
+        class_weight = balanced_class_weight(ys["train"], len(dataset.classes))
+        fit = fit_head(xs["train"], ys["train"], xs["val"], ys["val"], len(dataset.classes), class_weight=class_weight)
+        classifier = Classifier(backbone, fit.head)
+        state = classifier.state_dict()
         failures = sorted({(str(p), r) for f in features.values() for p, r in f.failures})
         self.bundle_ = Bundle(
             classes=dataset.classes,
@@ -62,12 +63,13 @@ class ImageClassifier:
                       "feature_dim": int(xs["train"].shape[1]), "feature_key": key},
             preprocessing=spec.preprocessing, state=state,
             training={"recipe": "head", "seed": self.seed, "val_fraction": self.val_fraction,
-                      "test_fraction": self.test_fraction, "head": {"type": "linear-softmax", "C": fit.C,
-                                                                    "class_weight": "balanced", "search": fit.search},
+                      "test_fraction": self.test_fraction, "head": {"type": "linear-softmax on L2-normalised features", "C": fit.C,
+                                                                    "class_weight": class_weight.round(4).tolist(),
+                                                                    "search": fit.search},
                       "skipped_files": [{"path": p, "reason": r} for p, r in failures]},
             split=dataset.describe())
         with torch.no_grad():
-            logits = {split: fit.head(torch.from_numpy(x)).numpy() for split, x in xs.items()}
+            logits = {split: classifier.classify_features(torch.from_numpy(x)).numpy() for split, x in xs.items()}
         self.bundle_.metrics = {split: classification_metrics(ys[split], logits[split].argmax(1), dataset.classes)
                                 for split in ("val", "test") if split in xs}
         extracted = sum(f.computed for f in features.values())
@@ -115,7 +117,7 @@ class ImageClassifier:
             features = extract_features(self.model().backbone, bundle.preprocessing, dataset.paths(split), cache,
                                         self.batch_size, self.workers, self.progress, description=split)
         with torch.no_grad():
-            logits = self.model().head(torch.from_numpy(features.vectors)).numpy()
+            logits = self.model().classify_features(torch.from_numpy(features.vectors)).numpy()
         result = classification_metrics(dataset.labels(split)[features.kept], logits.argmax(1), bundle.classes)
         result["skipped_files"] = [{"path": str(p), "reason": r} for p, r in features.failures]
         return result
