@@ -53,7 +53,8 @@ class ImageClassifier:
         ys = {split: dataset.labels(split)[f.kept] for split, f in features.items()}
         _check_trainable(dataset, ys)
         class_weight = balanced_class_weight(ys["train"], len(dataset.classes))
-        fit = fit_head(xs["train"], ys["train"], xs["val"], ys["val"], len(dataset.classes), class_weight=class_weight)
+        fit = fit_head(xs["train"], ys["train"], xs["val"], ys["val"], len(dataset.classes),
+                       class_weight=class_weight, progress=self.progress)
         classifier = Classifier(backbone, fit.head)
         state = classifier.state_dict()
         failures = sorted({(str(p), r) for f in features.values() for p, r in f.failures})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rich.progress import track
 from torch import nn
 from torch.nn import functional as F
 
@@ -30,7 +31,8 @@ def normalise_features(features: torch.Tensor) -> torch.Tensor:
 
 
 def fit_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_classes: int,
-             c_grid: tuple[float, ...] = DEFAULT_C_GRID, class_weight: np.ndarray | None = None) -> HeadFit:
+             c_grid: tuple[float, ...] = DEFAULT_C_GRID, class_weight: np.ndarray | None = None,
+             progress: bool = False) -> HeadFit:
     """Fit the head for each C in `c_grid` and keep the best on val (accuracy, then log-loss)."""
     xt, xv = normalise_features(torch.from_numpy(x_train)), normalise_features(torch.from_numpy(x_val))
     yt, yv = torch.from_numpy(y_train).long(), torch.from_numpy(y_val).long()
@@ -38,7 +40,7 @@ def fit_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val:
     head = nn.Linear(xt.shape[1], n_classes)
     nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
     best, best_score, search = None, None, []
-    for C in sorted(c_grid):
+    for C in track(sorted(c_grid), description="fitting head", disable=not progress):
         _minimise(head, xt, yt, C, weight)
         with torch.no_grad():
             logits = head(xv)
