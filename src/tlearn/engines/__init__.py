@@ -10,12 +10,13 @@ import hashlib
 import json
 from importlib import metadata, util
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from torch import nn
 
 from tlearn.backbones import Preprocessing
+from tlearn.data.pipeline import PixelBatch, pixel_batches
 from tlearn.engines.export import export_onnx, quantise_int8
 from tlearn.engines.runtimes import EngineError, OnnxEngine, OpenVinoEngine, PixelsToOutputs, TorchEngine
 
@@ -31,7 +32,19 @@ REDUCED_MIN_COSINE = 0.95
 Calibration = Callable[[], Iterable[np.ndarray]]
 
 __all__ = ["ENGINES", "PRECISIONS", "EngineError", "PixelsToOutputs", "engine_key", "open_engine",
-           "export_onnx", "probe_pixels", "verify"]
+           "export_onnx", "probe_pixels", "verify", "stream_pixels", "TorchEngine"]
+
+
+def stream_pixels(paths: Sequence[Path], preprocessing: Preprocessing, batch_size: int = 32,
+                  workers: int | None = None, draft: bool = True) -> Iterator[PixelBatch]:
+    """uint8 batches of `paths` preprocessed exactly as in training (resize, centre crop; engines normalise).
+
+    With `draft`, JPEGs at least twice the resize target are decoded at a reduced scale first (DCT scaling).
+    """
+    transform = preprocessing.eval_transform(normalize=False)
+    draft_size = (preprocessing.resize_size(),) * 2 if draft else None
+    return pixel_batches(paths, lambda image: transform(image).numpy(), preprocessing.input_size, batch_size,
+                         workers, draft_size)
 
 
 def engine_key(model: nn.Module, preprocessing: Preprocessing) -> str:
