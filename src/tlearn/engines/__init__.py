@@ -39,10 +39,11 @@ def stream_pixels(paths: Sequence[Path], preprocessing: Preprocessing, batch_siz
                   workers: int | None = None, draft: bool = True) -> Iterator[PixelBatch]:
     """uint8 batches of `paths` preprocessed exactly as in training (resize, centre crop; engines normalise).
 
-    With `draft`, JPEGs at least twice the resize target are decoded at a reduced scale first (DCT scaling).
+    With `draft`, JPEGs at least four times the resize target are decoded at a reduced scale first (DCT scaling),
+    to no less than twice the target, so the bicubic resize after it still has pixels to average.
     """
     transform = preprocessing.eval_transform(normalize=False)
-    draft_size = (preprocessing.resize_size(),) * 2 if draft else None
+    draft_size = (2 * preprocessing.resize_size(),) * 2 if draft else None
     return pixel_batches(paths, lambda image: transform(image).numpy(), preprocessing.input_size, batch_size,
                          workers, draft_size)
 

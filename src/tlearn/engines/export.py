@@ -67,6 +67,7 @@ class _temporary_beside:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         os.close(fd)
+        os.chmod(self.tmp, 0o644)  # mkstemp's 0600 would hide a shared model folder's engines from other users
         return self.tmp
 
     def __exit__(self, *exc) -> None:
