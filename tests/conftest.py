@@ -9,7 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+# $TLEARN_DATASETS overrides the default place, ../shared/datasets beside the checkout (e.g. for a git worktree).
+SHARED = Path(os.environ.get("TLEARN_DATASETS") or Path(__file__).resolve().parents[1].parent / "shared" / "datasets")
 
 
 def shared_dataset(name: str) -> Path:

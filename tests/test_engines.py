@@ -6,7 +6,6 @@ Tolerances: fp32 engines give the same top-1 and class probabilities within 1e-3
 """
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import SHARED
 from tlearn.backbones import create_backbone, get_spec, weights_available
 from tlearn.bundle import Classifier
 from tlearn.data.decode import load_image
@@ -23,7 +23,7 @@ from tlearn.engines import EngineError, installed, open_engine, stream_pixels
 from tlearn.features import feature_key
 from tlearn.train import fit_head
 
-DATASETS = Path(os.environ.get("TLEARN_DATASETS", Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"))
+DATASETS = SHARED
 HYMENOPTERA = DATASETS / "hymenoptera" / "val"
 FP32_PROB_TOLERANCE = 1e-3
 DRAFT_PROB_TOLERANCE = 0.05
@@ -68,7 +68,7 @@ def pipeline_proba(model: Classifier, paths: list[Path], engine, draft: bool = T
     assert [i for b in batches for i in b.indices] == list(range(len(paths)))
     features = np.concatenate([engine(b.pixels) for b in batches])
     with torch.inference_mode():
-        return model.head(torch.from_numpy(features)).softmax(-1).numpy()
+        return model.classify_features(torch.from_numpy(features)).softmax(-1).numpy()
 
 
 @pytest.mark.parametrize("name", ["torch", "onnx", "openvino"])

@@ -62,7 +62,7 @@ def predict_files(model: Classifier, classes: list[str], preprocessing: Preproce
         for batch in stream_pixels(files, preprocessing, batch_size, workers):
             rows: dict[int, Prediction | Unreadable] = {i: Unreadable(str(files[i]), r) for i, r in batch.errors}
             if batch.indices:
-                proba = model.head(torch.from_numpy(engine(batch.pixels))).float().softmax(-1)
+                proba = model.classify_features(torch.from_numpy(engine(batch.pixels))).float().softmax(-1)
                 scores, labels = proba.topk(k, dim=-1)
                 for j, i in enumerate(batch.indices):
                     rows[i] = Prediction(str(files[i]), [(classes[c], float(s)) for c, s in
