@@ -35,7 +35,7 @@ class Format(str, Enum):
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -93,7 +93,7 @@ def _print_summary(clf: tlearn.ImageClassifier, out_dir: Path) -> None:
     if s["skipped_files"]:
         err.print(f"[yellow]skipped {len(s['skipped_files'])} unreadable file(s):[/]")
         for path, reason in s["skipped_files"]:
-            err.print(f"  {path}: {reason}", highlight=False)
+            err.print(f"  {path}: {reason}", highlight=False, soft_wrap=True)
 
 
 def _interval(m: dict, key: str) -> str:
@@ -194,7 +194,7 @@ def predict(
         if output:
             sink.close()
     for u in unreadable:
-        err.print(f"unreadable: {u.path}: {u.reason}", highlight=False)
+        err.print(f"unreadable: {u.path}: {u.reason}", highlight=False, soft_wrap=True)
 
 
 @app.command()
