@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -12,25 +11,22 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import shared_dataset
 from tlearn.cli import app
 from tlearn.data import find_dataset
-from tlearn.data.demo import make_demo_dataset
 from tlearn.data.doctor import examine_dataset, quarantine, quick_check
 
-# ../shared/datasets beside the repository; TLEARN_DATASETS points elsewhere (e.g. from a git worktree)
-DATASETS = Path(os.environ.get("TLEARN_DATASETS", Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"))
-HYMENOPTERA = DATASETS / "hymenoptera"
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data")
+@pytest.fixture
+def demo(demo_data) -> Path:
+    return demo_data
 
 
 @pytest.fixture
-def demo_copy(demo, tmp_path) -> Path:
-    return Path(shutil.copytree(demo, tmp_path / "data"))
+def demo_copy(demo_data, tmp_path) -> Path:
+    return Path(shutil.copytree(demo_data, tmp_path / "data"))
 
 
 def kinds(report) -> dict[str, list[list[str]]]:
@@ -134,15 +130,15 @@ def test_quick_check_finds_exact_duplicates_without_decoding(demo_copy):
     assert [f.kind for f in report.errors] == ["leakage"]
 
 
-@pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="../shared/datasets/hymenoptera is not here")
 def test_hymenoptera_placeholder_is_flagged(tmp_path):
+    hymenoptera = shared_dataset("hymenoptera")
     # a small copy: the placeholder, a few photos of each class (fast), plus a leak and a mislabelled copy
     for split, cls in (("train", "ants"), ("train", "bees"), ("val", "ants"), ("val", "bees")):
         folder = tmp_path / split / cls
         folder.mkdir(parents=True)
-        for path in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:5]:
+        for path in sorted((hymenoptera / split / cls).glob("*.jpg"))[:5]:
             shutil.copy(path, folder)
-    shutil.copy(HYMENOPTERA / "train/ants/imageNotFound.gif", tmp_path / "train/ants")
+    shutil.copy(hymenoptera / "train/ants/imageNotFound.gif", tmp_path / "train/ants")
     ant = next((tmp_path / "train/ants").glob("*.jpg"))
     shutil.copy(ant, tmp_path / "val/ants" / f"leaked_{ant.name}")
     bee = next((tmp_path / "train/bees").glob("*.jpg"))

@@ -176,9 +176,10 @@ class ImageClassifier:
         yield from predict_files(self.model(), bundle.classes, bundle.preprocessing, files, top_k,
                                  self.batch_size, self.workers, min_confidence)
 
-    def predict(self, paths: Sequence[str | Path], top_k: int = 1) -> list[Prediction | Unreadable]:
+    def predict(self, paths: Sequence[str | Path], top_k: int = 1,
+                min_confidence: float | None = None) -> list[Prediction | Unreadable]:
         """All predictions of `iter_predict` as a list."""
-        return list(self.iter_predict(paths, top_k))
+        return list(self.iter_predict(paths, top_k, min_confidence))
 
     def predict_proba(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Class probabilities (n_images, n_classes) in `classes_` order; raises if any image is unreadable."""

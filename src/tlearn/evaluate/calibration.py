@@ -65,8 +65,12 @@ def calibrate(scored: dict[str, ScoredSplit]) -> dict:
     The result is the bundle's "calibration" config section.
     """
     val = scored["val"]
-    temperature = fit_temperature(val.logits, val.labels)
-    return {"method": "temperature", "fitted_on": "val", "temperature": temperature, "bins": ECE_BINS,
+    # With no mistake on val, the likelihood only grows as T -> 0: the data cannot say how sure to be, so
+    # the model is left as it is rather than made (near) certain of everything.
+    errors = int((val.logits.argmax(1) != val.labels).sum())
+    temperature = fit_temperature(val.logits, val.labels) if errors else 1.0
+    return {"method": "temperature" if errors else "none (no mistakes on val to learn from)", "fitted_on": "val",
+            "temperature": temperature, "bins": ECE_BINS,
             "ece_before": {name: expected_calibration_error(s.proba(), s.labels) for name, s in scored.items()},
             "ece_after": {name: expected_calibration_error(s.proba(temperature), s.labels)
                           for name, s in scored.items()}}
