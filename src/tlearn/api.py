@@ -135,7 +135,7 @@ class ImageClassifier:
 
     def report(self, directory: str | Path, data: str | Path | None = None) -> Path:
         """Write DIRECTORY/report.html and the PNGs it shows; returns the HTML path."""
-        from tlearn.evaluate.report import ReportInputs, write_report
+        from tlearn.evaluate.report import ReportInputs, write_report  # matplotlib: only loaded when needed
 
         bundle = self._bundle()
         return write_report(directory, ReportInputs(

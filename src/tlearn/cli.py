@@ -129,8 +129,10 @@ def evaluate(
     if as_json:
         print(json.dumps(metrics, indent=1))
         return
-    out.print(f"[bold]{split}[/]: accuracy {metrics['accuracy']:.4f}, mean class accuracy "
-              f"{metrics['mean_class_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, n={metrics['n']}")
+    out.print(f"[bold]{split}[/]: accuracy {metrics['accuracy']:.4f} {_interval(metrics, 'accuracy')}, mean class "
+              f"accuracy {metrics['mean_class_accuracy']:.4f} {_interval(metrics, 'mean_class_accuracy')}, "
+              f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
+              f"n={metrics['n']} (brackets: bootstrap 95% CI)")
     table = Table("class", "precision", "recall", "f1", "n")
     for name, row in metrics["per_class"].items():
         table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
