@@ -20,7 +20,7 @@ from tlearn.evaluate.calibration import calibrate
 from tlearn.evaluate.metrics import ScoredSplit
 from tlearn.features import FeatureCache, Features, extract_features, feature_key
 from tlearn.predict import Prediction, Unreadable, expand_paths, predict_files
-from tlearn.train import fit_head
+from tlearn.train import balanced_class_weight, fit_head
 
 
 class NotFittedError(RuntimeError):
@@ -56,9 +56,11 @@ class ImageClassifier:
         xs = {split: f.vectors for split, f in features.items()}
         ys = {split: dataset.labels(split)[f.kept] for split, f in features.items()}
         _check_trainable(dataset, ys)
-        fit = fit_head(xs["train"], ys["train"], xs["val"], ys["val"], len(dataset.classes), seed=self.seed)
-        state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-        state.update({f"head.{k}": v for k, v in fit.head.state_dict().items()})
+        class_weight = balanced_class_weight(ys["train"], len(dataset.classes))
+        fit = fit_head(xs["train"], ys["train"], xs["val"], ys["val"], len(dataset.classes),
+                       class_weight=class_weight, progress=self.progress)
+        classifier = Classifier(backbone, fit.head)
+        state = classifier.state_dict()
         failures = sorted({(str(p), r) for f in features.values() for p, r in f.failures})
         self.bundle_ = Bundle(
             classes=dataset.classes,
@@ -66,12 +68,13 @@ class ImageClassifier:
                       "feature_dim": int(xs["train"].shape[1]), "feature_key": key},
             preprocessing=spec.preprocessing, state=state,
             training={"recipe": "head", "seed": self.seed, "val_fraction": self.val_fraction,
-                      "test_fraction": self.test_fraction, "head": {"type": "linear-softmax", "C": fit.C,
-                                                                    "class_weight": "balanced", "search": fit.search},
+                      "test_fraction": self.test_fraction, "head": {"type": "linear-softmax on L2-normalised features", "C": fit.C,
+                                                                    "class_weight": class_weight.round(4).tolist(),
+                                                                    "search": fit.search},
                       "skipped_files": [{"path": p, "reason": r} for p, r in failures]},
             split=dataset.describe())
         with torch.no_grad():
-            logits = {split: fit.head(torch.from_numpy(x)).numpy() for split, x in xs.items()}
+            logits = {split: classifier.classify_features(torch.from_numpy(x)).numpy() for split, x in xs.items()}
         self.bundle_.metrics = {split: classification_metrics(ys[split], logits[split].argmax(1), dataset.classes,
                                                               self.seed)
                                 for split in ("val", "test") if split in xs}
@@ -151,7 +154,7 @@ class ImageClassifier:
         dataset = find_dataset(data, training.get("seed", 0), training.get("val_fraction", 0.15),
                                training.get("test_fraction", 0.15))
         _check_same_classes(dataset, bundle.classes)
-        weight, bias = bundle.state["head.weight"].double().numpy(), bundle.state["head.bias"].double().numpy()
+        temperature = float(bundle.extra.get("calibration", {}).get("temperature", 1.0))
         scored, failures = {}, []
         with FeatureCache(bundle.backbone["feature_key"], self.cache_dir) as cache:
             for split in splits:
@@ -160,9 +163,11 @@ class ImageClassifier:
                 features = extract_features(self.model().backbone, bundle.preprocessing, dataset.paths(split),
                                             cache, self.batch_size, self.workers, self.progress, description=split)
                 failures += features.failures
+                with torch.no_grad():
+                    calibrated = self.model().classify_features(torch.from_numpy(features.vectors)).double().numpy()
+                # the model divides logits by the temperature (folded into its head): undo it for raw logits
                 scored[split] = ScoredSplit(split, [dataset.paths(split)[i] for i in features.kept],
-                                            dataset.labels(split)[features.kept],
-                                            features.vectors.astype(np.float64) @ weight.T + bias)
+                                            dataset.labels(split)[features.kept], calibrated * temperature)
         return scored, failures
 
     def iter_predict(self, paths: Iterable[str | Path], top_k: int = 1,
