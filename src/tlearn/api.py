@@ -18,7 +18,10 @@ from tlearn.backbones import create_backbone, get_spec
 from tlearn.bundle import Bundle, Classifier
 from tlearn.data import Dataset, DatasetError, find_dataset
 from tlearn.engines import engine_key, open_engine, stream_pixels
+from tlearn.data.doctor import quick_check
 from tlearn.evaluate import classification_metrics
+from tlearn.evaluate.calibration import calibrate
+from tlearn.evaluate.metrics import ScoredSplit
 from tlearn.features import FeatureCache, Features, extract_features, feature_key
 from tlearn.predict import Prediction, Unreadable, expand_paths, predict_files
 from tlearn.train import balanced_class_weight, fit_head
@@ -55,6 +58,7 @@ class ImageClassifier:
         get_spec(self.backbone)  # an unknown name fails before any work
         torch.manual_seed(self.seed)
         dataset = find_dataset(data, self.seed, self.val_fraction, self.test_fraction)
+        checks = quick_check(dataset)
         spec = get_spec(self.backbone)
         backbone, weights_info = create_backbone(self.backbone, self.weights)
         precision = self.precision or "fp32"
@@ -83,8 +87,13 @@ class ImageClassifier:
             split=dataset.describe())
         with torch.no_grad():
             logits = {split: classifier.classify_features(torch.from_numpy(x)).numpy() for split, x in xs.items()}
-        self.bundle_.metrics = {split: classification_metrics(ys[split], logits[split].argmax(1), dataset.classes)
+        self.bundle_.metrics = {split: classification_metrics(ys[split], logits[split].argmax(1), dataset.classes,
+                                                              self.seed)
                                 for split in ("val", "test") if split in xs}
+        self._scored = {split: ScoredSplit(split, [dataset.paths(split)[i] for i in features[split].kept], ys[split],
+                                           logits[split]) for split in ("val", "test") if split in xs}
+        self.bundle_.extra["calibration"] = calibrate(self._scored)
+        self.bundle_.extra["data_checks"] = checks.to_dict()
         extracted = sum(f.computed for f in features.values())
         extract_seconds = sum(f.seconds for f in features.values())
         self.summary_ = {
@@ -94,7 +103,7 @@ class ImageClassifier:
             "extracted": extracted, "from_cache": sum(len(f.kept) for f in features.values()) - extracted,
             "extract_seconds": extract_seconds,
             "images_per_second": extracted / extract_seconds if extracted and extract_seconds else None,
-            "C": fit.C, "seconds": time.perf_counter() - start,
+            "C": fit.C, "seconds": time.perf_counter() - start, "data_checks": checks.to_dict(),
         }
         return self
 
@@ -135,6 +144,37 @@ class ImageClassifier:
 
     def evaluate(self, data: str | Path, split: str = "test") -> dict:
         """Metrics of the model on one split of `data` (features come from the cache when present)."""
+        scored, failures = self._score(data, (split,))
+        result = classification_metrics(scored[split].labels, scored[split].logits.argmax(1), self.classes_,
+                                        self.seed)
+        result["skipped_files"] = [{"path": str(p), "reason": r} for p, r in failures]
+        return result
+
+    def scored_splits(self, data: str | Path | None = None, splits: Sequence[str] = ("val", "test")
+                      ) -> dict[str, ScoredSplit]:
+        """Per-image labels and uncalibrated logits of the `splits` of `data` that exist (features from the cache).
+
+        Without `data`: the splits scored by `fit` in this session, else the training folder the bundle records."""
+        if data is None and getattr(self, "_scored", None):
+            return {name: s for name, s in self._scored.items() if name in splits}
+        data = data or self._bundle().extra.get("data_checks", {}).get("root")
+        if data is None or not Path(data).is_dir():
+            raise ValueError(f"the training data folder ({data}) is not there: give the dataset folder")
+        return self._score(data, splits)[0]
+
+    def report(self, directory: str | Path, data: str | Path | None = None) -> Path:
+        """Write DIRECTORY/report.html and the PNGs it shows; returns the HTML path."""
+        from tlearn.evaluate.report import ReportInputs, write_report  # matplotlib: only loaded when needed
+
+        bundle = self._bundle()
+        return write_report(directory, ReportInputs(
+            classes=bundle.classes, scored=self.scored_splits(data), seed=self.seed,
+            calibration=bundle.extra.get("calibration", {}), history=bundle.extra.get("history", []),
+            data_checks=bundle.extra.get("data_checks", {}),
+            facts={"backbone": bundle.backbone.get("name", bundle.backbone["architecture"]),
+                   "recipe": bundle.training.get("recipe", "?"), "layout": bundle.split.get("layout", "?")}))
+
+    def _score(self, data: str | Path, splits: Sequence[str]) -> tuple[dict[str, ScoredSplit], list]:
         bundle = self._bundle()
         training = bundle.training
         dataset = find_dataset(data, training.get("seed", 0), training.get("val_fraction", 0.15),
@@ -144,20 +184,30 @@ class ImageClassifier:
         if self.precision not in (None, precision):
             raise ValueError(f"this model's head was trained on {precision} features; evaluate it with "
                              f"--precision {precision}")
+        temperature = float(bundle.extra.get("calibration", {}).get("temperature", 1.0))
+        scored, failures = {}, []
         with FeatureCache(bundle.backbone["feature_key"], self.cache_dir) as cache:
             engine = self._engine_opener(self.model().backbone, bundle.preprocessing, self._engine_folder(cache),
                                          precision)
-            features = extract_features(self.model().backbone, bundle.preprocessing, dataset.paths(split), cache,
-                                        self.batch_size, self.workers, self.progress, description=split,
-                                        engine=engine)
-        with torch.no_grad():
-            logits = self.model().classify_features(torch.from_numpy(features.vectors)).numpy()
-        result = classification_metrics(dataset.labels(split)[features.kept], logits.argmax(1), bundle.classes)
-        result["skipped_files"] = [{"path": str(p), "reason": r} for p, r in features.failures]
-        return result
+            for split in splits:
+                if split not in dataset.splits and len(splits) > 1:
+                    continue  # e.g. no test split: score what there is
+                features = extract_features(self.model().backbone, bundle.preprocessing, dataset.paths(split),
+                                            cache, self.batch_size, self.workers, self.progress, description=split,
+                                            engine=engine)
+                failures += features.failures
+                with torch.no_grad():
+                    calibrated = self.model().classify_features(torch.from_numpy(features.vectors)).double().numpy()
+                # the model divides logits by the temperature (folded into its head): undo it for raw logits
+                scored[split] = ScoredSplit(split, [dataset.paths(split)[i] for i in features.kept],
+                                            dataset.labels(split)[features.kept], calibrated * temperature)
+        return scored, failures
 
-    def iter_predict(self, paths: Iterable[str | Path], top_k: int = 1) -> Iterator[Prediction | Unreadable]:
-        """Stream one Prediction (or Unreadable, with the reason) per image; folders are searched recursively."""
+    def iter_predict(self, paths: Iterable[str | Path], top_k: int = 1,
+                     min_confidence: float | None = None) -> Iterator[Prediction | Unreadable]:
+        """Stream one Prediction (or Unreadable, with the reason) per image; folders are searched recursively.
+
+        Probabilities are calibrated (the bundle's temperature); below `min_confidence` the label is "uncertain"."""
         files, missing = expand_paths(paths)
         yield from missing
         bundle = self._bundle()
@@ -166,7 +216,7 @@ class ImageClassifier:
             folder = self._engine_folder(cache)
         engine = self._engine_opener(self.model().backbone, bundle.preprocessing, folder, precision)()
         yield from predict_files(self.model(), bundle.classes, bundle.preprocessing, files, top_k,
-                                 self.batch_size, self.workers, engine)
+                                 self.batch_size, self.workers, engine, min_confidence)
 
     def _engine_folder(self, cache: FeatureCache) -> Path:
         """Exported engines live in the model folder (they travel with it) when it is writable, else the cache."""
@@ -175,9 +225,10 @@ class ImageClassifier:
             return Path(directory) / "engines"
         return cache.directory / "engines"
 
-    def predict(self, paths: Sequence[str | Path], top_k: int = 1) -> list[Prediction | Unreadable]:
+    def predict(self, paths: Sequence[str | Path], top_k: int = 1,
+                min_confidence: float | None = None) -> list[Prediction | Unreadable]:
         """All predictions of `iter_predict` as a list."""
-        return list(self.iter_predict(paths, top_k))
+        return list(self.iter_predict(paths, top_k, min_confidence))
 
     def predict_proba(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Class probabilities (n_images, n_classes) in `classes_` order; raises if any image is unreadable."""

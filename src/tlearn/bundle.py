@@ -101,7 +101,9 @@ class Bundle:
             raise BundleError(f"{directory / CONFIG_FILE} is incomplete or malformed ({exc!r})") from None
 
     def build_model(self) -> Classifier:
-        """The classifier with the bundle's weights, in eval mode; no network, no weights package needed."""
+        """The classifier with the bundle's weights, in eval mode; no network, no weights package needed.
+
+        A calibration temperature T (config "calibration") is folded into the head: logits / T, same argmax."""
         backbone = timm.create_model(self.backbone["architecture"], pretrained=False, num_classes=0)
         n_features, n_classes = self.state["head.weight"].shape[1], len(self.classes)
         model = Classifier(backbone, nn.Linear(n_features, n_classes))
@@ -110,6 +112,12 @@ class Bundle:
         except RuntimeError as exc:
             raise BundleError(f"model weights do not fit the {self.backbone['architecture']} architecture: "
                               f"{str(exc).splitlines()[0]} ...") from None
+        temperature = float(self.extra.get("calibration", {}).get("temperature", 1.0))
+        if temperature <= 0:
+            raise BundleError(f"calibration temperature must be positive, not {temperature}")
+        with torch.no_grad():
+            model.head.weight /= temperature
+            model.head.bias /= temperature
         return model.eval()
 
 

@@ -84,9 +84,11 @@ def train(
                                      cache_dir=cache_dir, progress=not quiet, engine=engine.value,
                                      precision=precision and precision.value).fit(data)
         clf.save(out_dir)
+        report = clf.report(out_dir / "report")
     except _USER_ERRORS as exc:
         _fail(exc)
     _print_summary(clf, out_dir)
+    out.print(f"report: {report}", highlight=False)
 
 
 def _print_summary(clf: tlearn.ImageClassifier, out_dir: Path) -> None:
@@ -100,15 +102,38 @@ def _print_summary(clf: tlearn.ImageClassifier, out_dir: Path) -> None:
                               f"{s['from_cache']} from cache")
     table.add_row("head", f"linear softmax, C={s['C']:g} (chosen on val)")
     for split, m in clf.metrics_.items():
-        table.add_row(f"{split} accuracy", f"{m['accuracy']:.4f}  (mean class {m['mean_class_accuracy']:.4f}, "
+        table.add_row(f"{split} accuracy", f"{m['accuracy']:.4f} {_interval(m, 'accuracy')} (mean class "
+                                           f"{m['mean_class_accuracy']:.4f} {_interval(m, 'mean_class_accuracy')}, "
                                            f"n={m['n']})")
+    calibration = clf.bundle_.extra.get("calibration")
+    if calibration:
+        ece = ", ".join(f"{split} {calibration['ece_before'][split]:.3f} -> {calibration['ece_after'][split]:.3f}"
+                        for split in calibration["ece_after"])
+        table.add_row("calibration", f"temperature {calibration['temperature']:.3f} (fitted on val); ECE {ece}")
     table.add_row("time", f"{s['seconds']:.1f}s")
     table.add_row("model", str(out_dir))
     out.print(table)
+    _print_data_warning(s.get("data_checks", {}))
     if s["skipped_files"]:
         err.print(f"[yellow]skipped {len(s['skipped_files'])} unreadable file(s):[/]")
         for path, reason in s["skipped_files"]:
             err.print(f"  {path}: {reason}", highlight=False, soft_wrap=True)
+
+
+def _interval(m: dict, key: str) -> str:
+    low_high = m.get("ci95", {}).get(key)
+    return f"[{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else ""
+
+
+def _print_data_warning(checks: dict) -> None:
+    errors = [f for f in checks.get("findings", []) if f["severity"] == "error"]
+    if errors:
+        err.print(f"[bold red on white] WARNING: {len(errors)} data problem(s) make these numbers untrustworthy "
+                  "[/]", highlight=False)
+        for finding in errors[:10]:
+            err.print(f"  [red]{finding['kind']}[/]: {finding['message']}: {', '.join(finding['paths'])}",
+                      highlight=False)
+        err.print("  run `tlearn doctor DATA` for the full list (it also checks near-duplicates).")
 
 
 @app.command()
@@ -131,8 +156,10 @@ def evaluate(
     if as_json:
         print(json.dumps(metrics, indent=1))
         return
-    out.print(f"[bold]{split}[/]: accuracy {metrics['accuracy']:.4f}, mean class accuracy "
-              f"{metrics['mean_class_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, n={metrics['n']}")
+    out.print(f"[bold]{split}[/]: accuracy {metrics['accuracy']:.4f} {_interval(metrics, 'accuracy')}, mean class "
+              f"accuracy {metrics['mean_class_accuracy']:.4f} {_interval(metrics, 'mean_class_accuracy')}, "
+              f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
+              f"n={metrics['n']} (brackets: bootstrap 95% CI)")
     table = Table("class", "precision", "recall", "f1", "n")
     for name, row in metrics["per_class"].items():
         table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
@@ -159,6 +186,8 @@ def predict(
     engine: Engine = EngineName.auto,
     precision: Precision = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    min_confidence: Annotated[Optional[float], typer.Option(
+        help="Label images whose (calibrated) top probability is below this 'uncertain'.", min=0.0, max=1.0)] = None,
 ) -> None:
     """Predict labels for images; unreadable files are listed on stderr, not fatal."""
     try:
@@ -172,7 +201,7 @@ def predict(
     sink = open(output, "w", newline="") if output else sys.stdout
     unreadable: list[Unreadable] = []
     try:
-        rows = clf.iter_predict(paths, top_k=k)
+        rows = clf.iter_predict(paths, top_k=k, min_confidence=min_confidence)
         if fmt is Format.csv:
             writer = csv.writer(sink)
             writer.writerow(["path", "label", "score"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")])
@@ -201,6 +230,68 @@ def predict(
             sink.close()
     for u in unreadable:
         err.print(f"unreadable: {u.path}: {u.reason}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def doctor(
+    data: Annotated[Path, typer.Argument(help="Dataset folder to check.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+    quarantine: Annotated[Optional[Path], typer.Option(help="MOVE flagged files into this folder (outside DATA), "
+                                                            "with reasons.csv; nothing is deleted.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the carved splits (as in `tlearn train`).")] = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Check a dataset: unreadable/odd files, duplicates, leakage between splits, conflicting labels, balance.
+
+    Exit code 1 when a problem would corrupt an evaluation (leakage, conflicting labels, unusable layout)."""
+    from tlearn.data.doctor import examine_dataset, quarantine as move_flagged
+
+    try:
+        report = examine_dataset(data, seed=seed, progress=not (quiet or as_json))
+        moved = move_flagged(report, quarantine) if quarantine else []
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({**report.to_dict(), "quarantined": moved}, indent=1))
+    else:
+        _print_doctor(report, moved, quarantine)
+    if report.errors:
+        raise typer.Exit(1)
+
+
+def _print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None:
+    out.print(f"[bold]tlearn doctor[/]: {report.root} ({report.layout or 'layout not usable'}), "
+              f"{report.files_checked} files", highlight=False)
+    table = Table("split", *report.classes, "imbalance", title="images per class", title_justify="left")
+    for split, counts in report.counts.items():
+        table.add_row(split, *[str(counts.get(c, 0)) for c in report.classes], f"{report.imbalance[split]:.2f}")
+    out.print(table)
+    for finding in report.findings:
+        colour = "red" if finding.severity == "error" else "yellow"
+        out.print(f"[{colour}]{finding.severity}[/] [bold]{finding.kind}[/]: {finding.message}", highlight=False)
+        for path in finding.paths:
+            out.print(f"    {path}", highlight=False)
+    if moved:
+        out.print(f"moved {len(moved)} file(s) to {quarantine} (reasons in {quarantine / 'reasons.csv'})")
+    verdict = (f"[bold red]{len(report.errors)} error(s)[/] that corrupt an evaluation" if report.errors
+               else "[green]no errors[/]")
+    out.print(f"{verdict}, {len(report.warnings)} warning(s)")
+
+
+@app.command()
+def report(
+    model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
+    data: Annotated[Optional[Path], typer.Argument(help="Dataset folder [default: the one it was trained on].")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder [default: MODEL/report].")] = None,
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
+) -> None:
+    """Write an HTML report (metrics with confidence intervals, confusion matrix, calibration, mistakes)."""
+    try:
+        path = tlearn.load(model, cache_dir=cache_dir, progress=not quiet).report(out_dir or model / "report", data)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    out.print(f"report: {path}", highlight=False)
 
 
 @app.command()

@@ -14,14 +14,18 @@ from tlearn.data.decode import is_image_path
 from tlearn.engines import PixelsToOutputs, TorchEngine, stream_pixels
 
 
+UNCERTAIN = "uncertain"  # the label of a prediction whose confidence is below the threshold asked for
+
+
 @dataclass
 class Prediction:
     path: str
     top: list[tuple[str, float]]  # (label, probability), best first
+    abstained: bool = False  # confidence below the min_confidence asked for
 
     @property
     def label(self) -> str:
-        return self.top[0][0]
+        return UNCERTAIN if self.abstained else self.top[0][0]
 
     @property
     def score(self) -> float:
@@ -50,12 +54,16 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Unreadab
 
 def predict_files(model: Classifier, classes: list[str], preprocessing: Preprocessing, files: list[Path],
                   top_k: int = 1, batch_size: int = 32, workers: int | None = None,
-                  engine: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[Prediction | Unreadable]:
+                  engine: Callable[[np.ndarray], np.ndarray] | None = None,
+                  min_confidence: float | None = None) -> Iterator[Prediction | Unreadable]:
     """Yield one Prediction or Unreadable per file, in input order, as batches complete.
 
     `engine` runs `model.backbone` (see tlearn.engines.open_engine; default eager torch fp32); the linear head runs
-    in torch. Decoding of the next batches overlaps the forward pass of this one.
+    in torch. Decoding of the next batches overlaps the forward pass of this one. A prediction whose top
+    probability is below `min_confidence` is marked abstained (label "uncertain").
     """
+    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"min_confidence must be between 0 and 1, not {min_confidence}")
     k = max(1, min(top_k, len(classes)))
     engine = engine or TorchEngine(PixelsToOutputs(model.backbone, preprocessing))
     with torch.inference_mode():
@@ -65,6 +73,6 @@ def predict_files(model: Classifier, classes: list[str], preprocessing: Preproce
                 proba = model.classify_features(torch.from_numpy(engine(batch.pixels))).float().softmax(-1)
                 scores, labels = proba.topk(k, dim=-1)
                 for j, i in enumerate(batch.indices):
-                    rows[i] = Prediction(str(files[i]), [(classes[c], float(s)) for c, s in
-                                                         zip(labels[j].tolist(), scores[j].tolist())])
+                    top = [(classes[c], float(s)) for c, s in zip(labels[j].tolist(), scores[j].tolist())]
+                    rows[i] = Prediction(str(files[i]), top, min_confidence is not None and top[0][1] < min_confidence)
             yield from (rows[i] for i in sorted(rows))

@@ -1,0 +1,76 @@
+"""Probabilities that mean what they say: temperature scaling, expected calibration error, abstention curves.
+
+The temperature is fitted on the validation split only; the test split is only ever measured.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+
+from tlearn.evaluate.metrics import ScoredSplit
+
+ECE_BINS = 15
+COVERAGE_THRESHOLDS = tuple(np.round(np.linspace(0.0, 0.95, 20), 2))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T > 0 minimising the negative log-likelihood of softmax(logits / T) (Guo et al., 2017)."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(labels)), labels].mean())
+
+    # searched on log T so the bounds (1/20 .. 20) are symmetric around "no change"
+    result = minimize_scalar(nll, bounds=(-np.log(20), np.log(20)), method="bounded")
+    return float(np.exp(result.x))
+
+
+def reliability_bins(proba: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
+    """Per confidence bin (equal width on [0, 1]): its range, images, mean confidence and accuracy."""
+    confidence, hit = proba.max(axis=1), proba.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        inside = which == b
+        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(inside.sum()),
+                     "confidence": float(confidence[inside].mean()) if inside.any() else None,
+                     "accuracy": float(hit[inside].mean()) if inside.any() else None})
+    return rows
+
+
+def expected_calibration_error(proba: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Image-weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    rows = reliability_bins(proba, labels, bins)
+    total = sum(r["n"] for r in rows)
+    return float(sum(r["n"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["n"]) / max(1, total))
+
+
+def accuracy_coverage(proba: np.ndarray, labels: np.ndarray,
+                      thresholds: tuple[float, ...] = COVERAGE_THRESHOLDS) -> list[dict]:
+    """For each threshold: share of images answered (confidence >= threshold) and accuracy on those."""
+    confidence, hit = proba.max(axis=1), proba.argmax(axis=1) == labels
+    rows = []
+    for t in thresholds:
+        answered = confidence >= t
+        rows.append({"threshold": float(t), "coverage": float(answered.mean()),
+                     "accuracy": float(hit[answered].mean()) if answered.any() else None})
+    return rows
+
+
+def calibrate(scored: dict[str, ScoredSplit]) -> dict:
+    """Fit the temperature on scored['val'] and measure ECE before/after on every split given.
+
+    The result is the bundle's "calibration" config section.
+    """
+    val = scored["val"]
+    # With no mistake on val, the likelihood only grows as T -> 0: the data cannot say how sure to be, so
+    # the model is left as it is rather than made (near) certain of everything.
+    errors = int((val.logits.argmax(1) != val.labels).sum())
+    temperature = fit_temperature(val.logits, val.labels) if errors else 1.0
+    return {"method": "temperature" if errors else "none (no mistakes on val to learn from)", "fitted_on": "val",
+            "temperature": temperature, "bins": ECE_BINS,
+            "ece_before": {name: expected_calibration_error(s.proba(), s.labels) for name, s in scored.items()},
+            "ece_after": {name: expected_calibration_error(s.proba(temperature), s.labels)
+                          for name, s in scored.items()}}

@@ -1,0 +1,95 @@
+"""Open a local HTML file in a real headless Chromium (over the DevTools protocol) as a person's browser would.
+
+Used by tests/test_report.py and bench/report_render.py. Debian's `chromium` is installed when missing and we are
+root; otherwise the caller gets None from `chromium_binary()` and skips.
+"""
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from websockets.sync.client import connect
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+         "--window-size=1200,1600"]
+IMAGES_JS = ("JSON.stringify(Array.from(document.images).map(i => ({src: i.getAttribute('src'), "
+             "complete: i.complete, width: i.naturalWidth})))")
+
+
+def chromium_binary() -> str | None:
+    """Path of chromium, installing Debian's package first when it is missing and we may (root)."""
+    found = shutil.which("chromium")
+    if found or os.geteuid() != 0:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "-o", "DPkg::Lock::Timeout=600", "chromium"], check=True,
+                   env=env, capture_output=True)
+    return shutil.which("chromium")
+
+
+def render(html_path: Path, screenshot: Path, binary: str = "chromium", timeout: float = 60) -> list[dict]:
+    """Load `html_path`, save a full-page PNG screenshot, return every <img> with its naturalWidth."""
+    with tempfile.TemporaryDirectory(prefix="tlearn-chromium-") as profile:
+        browser = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
+                                    "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            port = _devtools_port(Path(profile), browser, timeout)
+            pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout))
+            page = next(p for p in pages if p["type"] == "page")
+            with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout) as ws:
+                call = _caller(ws, timeout)
+                call("Page.enable")
+                call("Page.navigate", url=Path(html_path).resolve().as_uri())
+                _wait_for_event(ws, "Page.loadEventFired", timeout)
+                images = json.loads(call("Runtime.evaluate", expression=IMAGES_JS)["result"]["value"])
+                shot = call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+                screenshot.write_bytes(base64.b64decode(shot["data"]))
+            return images
+        finally:
+            browser.terminate()
+            browser.wait(timeout=30)
+
+
+def _devtools_port(profile: Path, browser: subprocess.Popen, timeout: float) -> int:
+    marker, deadline = profile / "DevToolsActivePort", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker.exists() and marker.read_text().strip():
+            return int(marker.read_text().splitlines()[0])
+        if browser.poll() is not None:
+            raise RuntimeError(f"chromium exited with code {browser.returncode} before opening DevTools")
+        time.sleep(0.1)
+    raise TimeoutError("chromium did not open its DevTools port")
+
+
+def _caller(ws, timeout: float):
+    ids = itertools.count(1)
+
+    def call(method: str, **params) -> dict:
+        message_id = next(ids)
+        ws.send(json.dumps({"id": message_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(ws.recv(timeout=timeout))
+            if reply.get("id") == message_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    return call
+
+
+def _wait_for_event(ws, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if json.loads(ws.recv(timeout=timeout)).get("method") == name:
+            return
+    raise TimeoutError(f"no {name} within {timeout}s")

@@ -1,0 +1,113 @@
+"""Calibration in the bundle and in predict, the train-time data check, and the HTML report in a real Chromium."""
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import tlearn
+from chromium_page import chromium_binary, render
+from tlearn.cli import app
+from tlearn.evaluate.report import ReportInputs, write_report
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def saved_model(demo_model, tmp_path_factory) -> Path:
+    return demo_model.save(tmp_path_factory.mktemp("model") / "demo-model")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("chromium is not installed and we are not root to apt-get install it")
+    return binary
+
+
+def test_fit_records_calibration_and_data_checks(demo_model):
+    calibration = demo_model.bundle_.extra["calibration"]
+    assert calibration["fitted_on"] == "val" and calibration["temperature"] > 0
+    assert set(calibration["ece_before"]) == {"val", "test"}
+    checks = demo_model.bundle_.extra["data_checks"]
+    assert checks["errors"] == 0 and checks["files_checked"] == 84
+    assert demo_model.summary_["data_checks"] == checks
+
+
+def test_predict_applies_the_saved_temperature(saved_model, demo_data, cache_dir):
+    clf = tlearn.load(saved_model, cache_dir=cache_dir, progress=False)
+    clf.bundle_.extra["calibration"] = {"temperature": 3.0}  # a clearly non-trivial temperature
+    clf._model = None
+    val = clf.scored_splits(demo_data, splits=("val",))["val"]
+    proba = clf.predict_proba(val.paths)
+    assert np.allclose(proba, val.proba(3.0), atol=2e-3)
+    assert not np.allclose(proba, val.proba(1.0), atol=2e-3)
+    assert (proba.argmax(1) == val.logits.argmax(1)).all()
+
+
+def test_min_confidence_labels_unsure_images_uncertain(saved_model, demo_data):
+    clf = tlearn.load(saved_model, progress=False)
+    scores = sorted(p.score for p in clf.predict([demo_data / "test"]))
+    threshold = scores[len(scores) // 2]
+    rows = clf.predict([demo_data / "test"], min_confidence=threshold)
+    for row in rows:
+        assert row.abstained == (row.score < threshold)
+        assert (row.label == "uncertain") == row.abstained
+    result = runner.invoke(app, ["predict", str(saved_model), str(demo_data / "test"), "--min-confidence",
+                                 str(scores[-1])])
+    assert result.exit_code == 0
+    labels = [r["label"] for r in csv.DictReader(io.StringIO(result.stdout))]
+    assert labels.count("uncertain") == sum(s < scores[-1] for s in scores)
+    assert runner.invoke(app, ["predict", str(saved_model), str(demo_data), "--min-confidence", "1.5"]).exit_code != 0
+
+
+def test_train_warns_loudly_about_leakage(demo_data, tmp_path, cache_dir):
+    data = Path(shutil.copytree(demo_data, tmp_path / "data"))
+    shutil.copy(data / "train/grass/grass_00.png", data / "test/grass/leaked.png")
+    result = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "model"), "--cache-dir",
+                                 str(cache_dir), "-q"])
+    assert result.exit_code == 0
+    assert "WARNING" in result.stderr and "leakage" in result.stderr
+    page = (tmp_path / "model" / "report" / "report.html").read_text()
+    assert "corrupt the evaluation" in page and "leaked.png" in page
+
+
+def test_report_renders_in_chromium_with_every_image_loaded(demo_model, tmp_path, chromium):
+    html = demo_model.report(tmp_path / "report")
+    for name in ("confusion_counts.png", "confusion_normalised.png", "per_class.png", "reliability.png",
+                 "coverage.png"):
+        assert (html.parent / name).is_file()
+    screenshot = tmp_path / "report.png"
+    images = render(html, screenshot, chromium)
+    assert len(images) >= 5
+    assert [i for i in images if not (i["complete"] and i["width"] > 0)] == []
+    pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=float)
+    assert pixels.shape[0] > 1000 and pixels.std() > 20  # a long page with content, not a blank one
+
+
+def test_report_command_with_training_curves_and_mistakes(saved_model, demo_data, demo_model, tmp_path, chromium,
+                                                          cache_dir):
+    result = runner.invoke(app, ["report", str(saved_model), str(demo_data), "--out", str(tmp_path / "r"),
+                                 "--cache-dir", str(cache_dir), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "report.html").is_file()
+    # a model with per-epoch history and some confident mistakes: curves and thumbnails are drawn and load
+    scored = demo_model.scored_splits()
+    wrong = scored["test"]
+    wrong.labels = (wrong.labels + 1) % 3  # every test image now a mistake
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_accuracy": 1 - 0.3 / e, "lr": 1e-3}
+               for e in range(1, 6)]
+    html = write_report(tmp_path / "h", ReportInputs(demo_model.classes_, {"val": scored["val"], "test": wrong},
+                                                      history=history, calibration={"temperature": 1.0}))
+    assert (tmp_path / "h" / "training_curves.png").is_file()
+    assert len(list((tmp_path / "h" / "gallery").glob("*.jpg"))) == 12
+    images = render(html, tmp_path / "h.png", chromium)
+    assert [i["src"] for i in images if not i["width"]] == []
+    assert sum(i["src"].startswith("gallery/") for i in images) == 12
