@@ -1,6 +1,7 @@
 """Decode one image file into an RGB PIL image, or say exactly why it cannot be decoded."""
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -50,6 +51,15 @@ def decode_bytes(content: bytes, path: str | Path = "<bytes>", draft_size: tuple
         raise DecodeError(path, f"image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError(path, f"corrupt or truncated image ({exc})") from None
+
+
+def content_hash(path: str | Path) -> str | None:
+    """SHA-256 of a file's bytes (what identifies an image for caches and duplicate checks), None if unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 def load_image(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image:

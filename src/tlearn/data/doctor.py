@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from rich.progress import Progress
 
-from tlearn.data.decode import DecodeError, decode_bytes, is_image_path
+from tlearn.data.decode import DecodeError, content_hash, decode_bytes, is_image_path
 from tlearn.data.layout import SPLIT_FOLDERS, Dataset, DatasetError, find_dataset
 
 ERROR, WARNING = "error", "warning"
@@ -104,7 +104,7 @@ def quick_check(dataset: Dataset) -> DoctorReport:
     files = [_File(s.path, split, dataset.classes[s.label]) for split, samples in dataset.splits.items()
              for s in samples]
     for f in files:
-        f.sha256 = _sha256(f.path)
+        f.sha256 = content_hash(f.path)
     findings = _duplicate_findings(files, lambda f: f.sha256, "exact")
     return _report(dataset.root, dataset.layout, files, findings, decoded=False)
 
@@ -229,14 +229,6 @@ def _flat_share(image: Image.Image) -> float:
     small = np.asarray(image.resize((64, 64), Image.Resampling.NEAREST), dtype=np.int64)
     codes = (small[..., 0] << 16) | (small[..., 1] << 8) | small[..., 2]
     return float(np.unique(codes, return_counts=True)[1].max() / codes.size)
-
-
-def _sha256(path: Path) -> str | None:
-    try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-    except OSError:
-        return None
 
 
 # ---- across files -------------------------------------------------------------------------------------------

@@ -5,12 +5,13 @@ vectors are stored as raw float32 bytes, never pickled.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 from pathlib import Path
 
 import numpy as np
+
+from tlearn.data.decode import content_hash  # noqa: F401  (re-exported: the cache's key for a file)
 
 
 def default_cache_dir() -> Path:
@@ -19,15 +20,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ["TLEARN_CACHE"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
     return base / "tlearn"
-
-
-def content_hash(path: Path) -> str | None:
-    """SHA-256 of a file's bytes, or None when it cannot be read."""
-    try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-    except OSError:
-        return None
 
 
 class FeatureCache:
