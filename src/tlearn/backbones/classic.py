@@ -22,7 +22,8 @@ import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from safetensors import SafetensorError
-from timm.models import load_state_dict
+from safetensors.torch import load_file
+from timm.models import clean_state_dict
 from timm.models.vgg import _filter_fn as vgg_torchvision_to_timm
 from torch import nn
 
@@ -63,16 +64,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     try:
-        state = load_state_dict(str(path), use_ema=False, weights_only=True)
+        if path.suffix == ".safetensors":
+            content = load_file(path)
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
         kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch state dict (.pth/.pt/.bin)"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise WeightsFileError(f"{path} is not a readable {kind} file: {first_line}") from None
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise WeightsFileError(f"{path} holds a {type(state).__name__}, not a state dict of named tensors; save "
+    if isinstance(content, dict):  # training checkpoints keep the weights under one of these
+        content = next((content[k] for k in ("state_dict", "model") if isinstance(content.get(k), dict)), content)
+    if not isinstance(content, dict) or not content or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in content.items()):
+        raise WeightsFileError(f"{path} holds a {type(content).__name__}, not a state dict of named tensors; save "
                                "the weights with torch.save(model.state_dict(), ...) or safetensors")
-    return state
+    return clean_state_dict(content)  # drops DataParallel / torch.compile prefixes
 
 
 def check_keys(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
