@@ -18,7 +18,7 @@ import timm
 import torch
 import torchvision
 from huggingface_hub import constants as hub_constants
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import tlearn
@@ -37,14 +37,14 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    """train 2 + val 1 + test 1 images of each of two demo classes (real photo crops)."""
+    """One train, one val and one test image of each of two demo classes (real photo crops)."""
     demo = make_demo_dataset(tmp_path_factory.mktemp("demo"))
     root = tmp_path_factory.mktemp("tiny")
-    for split, count in (("train", 2), ("val", 1), ("test", 1)):
+    for split in ("train", "val", "test"):
         for cls in ("brick", "grass"):
             (root / split / cls).mkdir(parents=True)
-            for src in sorted((demo / split / cls).iterdir())[:count]:
-                shutil.copy(src, root / split / cls / src.name)
+            src = sorted((demo / split / cls).iterdir())[0]
+            shutil.copy(src, root / split / cls / src.name)
     return root
 
 
@@ -126,7 +126,7 @@ def test_train_predict_reload_with_weights_files(name, tiny_data, scratch, monke
     assert result.exit_code == 0, result.output
     size = INPUT_SIZE[name]
     assert shapes and all(s[1:] == (3, size, size) for s in shapes)
-    assert sum(s[0] for s in shapes) == 8
+    assert sum(s[0] for s in shapes) == 6
     config = json.loads((model_dir / "config.json").read_text())
     assert config["preprocessing"]["input_size"] == size
     assert config["backbone"]["architecture"] == get_spec(name).architecture
@@ -142,8 +142,9 @@ def test_train_predict_reload_with_weights_files(name, tiny_data, scratch, monke
 
     # Reloaded, the model carries the given weights (not a fresh init) and predicts what the CLI printed.
     reloaded = tlearn.load(model_dir, progress=False)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded.model().backbone(x), expected, rtol=1e-4, atol=1e-4)
+    given = load_file(timm_layout)
+    for key, tensor in reloaded.model().backbone.state_dict().items():
+        assert torch.equal(tensor, given[key]), key
     proba = reloaded.predict_proba([r["path"] for r in rows])
     for row, p in zip(rows, proba):
         assert p[reloaded.classes_.index(row["label"])] == pytest.approx(row["score"], abs=1e-5)

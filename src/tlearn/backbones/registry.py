@@ -143,8 +143,8 @@ def file_sha256(path: Path) -> str:
 def create_backbone(name: str, weights: Path | None = None, imagenet_head: bool = False) -> tuple[nn.Module, WeightsInfo]:
     """Build backbone `name` with its pretrained weights, in eval mode.
 
-    Without `imagenet_head` the model returns pooled features (its classifier removed). `weights` overrides the
-    registry's own weights file.
+    Without `imagenet_head` the model returns pooled features (its classifier removed). Weights come from, in
+    order: the file `weights`, the registry's place on this machine (package or local cache), the hub when online.
     """
     spec = get_spec(name)
     path, origin = _find_weights(spec, weights)
@@ -171,6 +171,9 @@ def _find_weights(spec: BackboneSpec, weights: Path | None) -> tuple[Path, str]:
     path = spec.locate_weights()
     if path is not None and path.is_file():
         return path, spec.weights_origin
+    if spec.fetch_weights is None:
+        raise WeightsUnavailable(f"no ImageNet weights for {spec.name} on this machine; to get them: "
+                                 f"{spec.weights_hint}")
     return fetch_weights(spec.name), "hub"
 
 
@@ -178,7 +181,7 @@ def fetch_weights(name: str) -> Path:
     """Download backbone `name`'s weights into the local cache; WeightsUnavailable (fast) when that is impossible."""
     spec = get_spec(name)
     if spec.fetch_weights is None:
-        raise WeightsUnavailable(f"no ImageNet weights for {name} on this machine; to get them: {spec.weights_hint}")
+        raise WeightsUnavailable(f"{name}'s weights do not come from the model hub; to get them: {spec.weights_hint}")
     try:
         return spec.fetch_weights()
     except classic.HubUnavailable as exc:
