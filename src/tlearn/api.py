@@ -4,6 +4,9 @@ The CLI and the server call this and nothing below it.
 """
 from __future__ import annotations
 
+import functools
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -14,10 +17,14 @@ import torch
 from tlearn.backbones import create_backbone, get_spec
 from tlearn.bundle import Bundle, Classifier
 from tlearn.data import Dataset, DatasetError, find_dataset
+from tlearn.engines import engine_key, open_engine, stream_pixels
 from tlearn.evaluate import classification_metrics
 from tlearn.features import FeatureCache, Features, extract_features, feature_key
 from tlearn.predict import Prediction, Unreadable, expand_paths, predict_files
-from tlearn.train import fit_head
+from tlearn.train import balanced_class_weight, fit_head
+
+
+CALIBRATION_IMAGES = 128  # int8 activation ranges: enough images to cover the classes, few enough to be quick
 
 
 class NotFittedError(RuntimeError):
@@ -32,8 +39,12 @@ class ImageClassifier:
 
     def __init__(self, backbone: str = "efficientnet_lite0", *, weights: str | Path | None = None, seed: int = 0,
                  val_fraction: float = 0.15, test_fraction: float = 0.15, batch_size: int = 32,
-                 workers: int | None = None, cache_dir: str | Path | None = None, progress: bool = True):
+                 workers: int | None = None, cache_dir: str | Path | None = None, progress: bool = True,
+                 engine: str = "auto", precision: str | None = None):
         self.backbone, self.weights, self.seed = backbone, weights, seed
+        # engine: auto|openvino|onnx|torch; precision of the frozen-backbone forward: fp32|bf16|int8
+        # (None: fp32 when fitting, the bundle's own when loaded).
+        self.engine, self.precision = engine, precision
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.batch_size, self.workers, self.cache_dir, self.progress = batch_size, workers, cache_dir, progress
 
@@ -46,28 +57,32 @@ class ImageClassifier:
         dataset = find_dataset(data, self.seed, self.val_fraction, self.test_fraction)
         spec = get_spec(self.backbone)
         backbone, weights_info = create_backbone(self.backbone, self.weights)
-        key = feature_key(spec.architecture, weights_info.sha256, spec.preprocessing)
+        precision = self.precision or "fp32"
+        key = feature_key(spec.architecture, weights_info.sha256, spec.preprocessing, precision)
         self._model = None
-        features = self._split_features(dataset, backbone, spec.preprocessing, key)
+        features = self._split_features(dataset, backbone, spec.preprocessing, key, precision)
         xs = {split: f.vectors for split, f in features.items()}
         ys = {split: dataset.labels(split)[f.kept] for split, f in features.items()}
         _check_trainable(dataset, ys)
-        fit = fit_head(xs["train"], ys["train"], xs["val"], ys["val"], len(dataset.classes), seed=self.seed)
-        state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-        state.update({f"head.{k}": v for k, v in fit.head.state_dict().items()})
+        class_weight = balanced_class_weight(ys["train"], len(dataset.classes))
+        fit = fit_head(xs["train"], ys["train"], xs["val"], ys["val"], len(dataset.classes),
+                       class_weight=class_weight, progress=self.progress)
+        classifier = Classifier(backbone, fit.head)
+        state = classifier.state_dict()
         failures = sorted({(str(p), r) for f in features.values() for p, r in f.failures})
         self.bundle_ = Bundle(
             classes=dataset.classes,
             backbone={"name": spec.name, "architecture": spec.architecture, "weights": weights_info.to_dict(),
-                      "feature_dim": int(xs["train"].shape[1]), "feature_key": key},
+                      "feature_dim": int(xs["train"].shape[1]), "feature_key": key, "precision": precision},
             preprocessing=spec.preprocessing, state=state,
             training={"recipe": "head", "seed": self.seed, "val_fraction": self.val_fraction,
-                      "test_fraction": self.test_fraction, "head": {"type": "linear-softmax", "C": fit.C,
-                                                                    "class_weight": "balanced", "search": fit.search},
+                      "test_fraction": self.test_fraction, "head": {"type": "linear-softmax on L2-normalised features", "C": fit.C,
+                                                                    "class_weight": class_weight.round(4).tolist(),
+                                                                    "search": fit.search},
                       "skipped_files": [{"path": p, "reason": r} for p, r in failures]},
             split=dataset.describe())
         with torch.no_grad():
-            logits = {split: fit.head(torch.from_numpy(x)).numpy() for split, x in xs.items()}
+            logits = {split: classifier.classify_features(torch.from_numpy(x)).numpy() for split, x in xs.items()}
         self.bundle_.metrics = {split: classification_metrics(ys[split], logits[split].argmax(1), dataset.classes)
                                 for split in ("val", "test") if split in xs}
         extracted = sum(f.computed for f in features.values())
@@ -83,11 +98,25 @@ class ImageClassifier:
         }
         return self
 
-    def _split_features(self, dataset: Dataset, backbone, preprocessing, key: str) -> dict[str, Features]:
+    def _split_features(self, dataset: Dataset, backbone, preprocessing, key: str,
+                        precision: str) -> dict[str, Features]:
         with FeatureCache(key, self.cache_dir) as cache:
+            engine = self._engine_opener(backbone, preprocessing, cache.directory / "engines", precision,
+                                         dataset.paths("train"))
             return {split: extract_features(backbone, preprocessing, dataset.paths(split), cache, self.batch_size,
-                                            self.workers, self.progress, description=split)
+                                            self.workers, self.progress, description=split, engine=engine)
                     for split in dataset.splits}
+
+    def _engine_opener(self, backbone, preprocessing, folder: Path, precision: str,
+                       calibration_paths: Sequence[Path] = ()):
+        """Opens the engine once, on first use; int8 calibrates on up to 128 training images (seeded sample)."""
+        def calibration():
+            order = np.random.default_rng(self.seed).permutation(len(calibration_paths))[:CALIBRATION_IMAGES]
+            sample = [calibration_paths[i] for i in sorted(order)]
+            return (b.pixels for b in stream_pixels(sample, preprocessing, 16, self.workers) if len(b.indices))
+
+        return functools.cache(lambda: open_engine(backbone, preprocessing, folder, self.engine, precision,
+                                                   calibration if len(calibration_paths) else None))
 
     # ---- using a fitted model ---------------------------------------------------------------------------------
     @property
@@ -111,11 +140,18 @@ class ImageClassifier:
         dataset = find_dataset(data, training.get("seed", 0), training.get("val_fraction", 0.15),
                                training.get("test_fraction", 0.15))
         _check_same_classes(dataset, bundle.classes)
+        precision = bundle.backbone.get("precision", "fp32")
+        if self.precision not in (None, precision):
+            raise ValueError(f"this model's head was trained on {precision} features; evaluate it with "
+                             f"--precision {precision}")
         with FeatureCache(bundle.backbone["feature_key"], self.cache_dir) as cache:
+            engine = self._engine_opener(self.model().backbone, bundle.preprocessing, self._engine_folder(cache),
+                                         precision)
             features = extract_features(self.model().backbone, bundle.preprocessing, dataset.paths(split), cache,
-                                        self.batch_size, self.workers, self.progress, description=split)
+                                        self.batch_size, self.workers, self.progress, description=split,
+                                        engine=engine)
         with torch.no_grad():
-            logits = self.model().head(torch.from_numpy(features.vectors)).numpy()
+            logits = self.model().classify_features(torch.from_numpy(features.vectors)).numpy()
         result = classification_metrics(dataset.labels(split)[features.kept], logits.argmax(1), bundle.classes)
         result["skipped_files"] = [{"path": str(p), "reason": r} for p, r in features.failures]
         return result
@@ -125,8 +161,19 @@ class ImageClassifier:
         files, missing = expand_paths(paths)
         yield from missing
         bundle = self._bundle()
+        precision = self.precision or bundle.backbone.get("precision", "fp32")
+        with FeatureCache(bundle.backbone["feature_key"], self.cache_dir) as cache:
+            folder = self._engine_folder(cache)
+        engine = self._engine_opener(self.model().backbone, bundle.preprocessing, folder, precision)()
         yield from predict_files(self.model(), bundle.classes, bundle.preprocessing, files, top_k,
-                                 self.batch_size, self.workers)
+                                 self.batch_size, self.workers, engine)
+
+    def _engine_folder(self, cache: FeatureCache) -> Path:
+        """Exported engines live in the model folder (they travel with it) when it is writable, else the cache."""
+        directory = getattr(self, "directory_", None)
+        if directory is not None and os.access(directory, os.W_OK):
+            return Path(directory) / "engines"
+        return cache.directory / "engines"
 
     def predict(self, paths: Sequence[str | Path], top_k: int = 1) -> list[Prediction | Unreadable]:
         """All predictions of `iter_predict` as a list."""
@@ -146,8 +193,18 @@ class ImageClassifier:
         return proba
 
     def save(self, directory: str | Path) -> Path:
-        """Write the model folder (safetensors weights, config.json, metrics.json)."""
-        return self._bundle().save(directory)
+        """Write the model folder (safetensors weights, config.json, metrics.json, and an int8 engine if used)."""
+        directory = self._bundle().save(directory)
+        if self._bundle().backbone.get("precision") == "int8":
+            # The int8 model was calibrated on the training images, which predict may not have: ship it.
+            key = engine_key(self.model().backbone, self._bundle().preprocessing)
+            with FeatureCache(self._bundle().backbone["feature_key"], self.cache_dir) as cache:
+                source = cache.directory / "engines" / key / "model-int8.onnx"
+            if source.exists():
+                (directory / "engines" / key).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, directory / "engines" / key / source.name)
+        self.directory_ = directory
+        return directory
 
     def _bundle(self) -> Bundle:
         if not hasattr(self, "bundle_"):
@@ -160,7 +217,7 @@ def load(directory: str | Path, **settings) -> ImageClassifier:
     bundle = Bundle.load(directory)
     clf = ImageClassifier(bundle.backbone.get("name", bundle.backbone["architecture"]),
                           seed=bundle.training.get("seed", 0), **settings)
-    clf.bundle_ = bundle
+    clf.bundle_, clf.directory_ = bundle, Path(directory)
     return clf
 
 

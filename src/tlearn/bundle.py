@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tlearn.backbones import Preprocessing
+from tlearn.train import normalise_features
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.json", "metrics.json"
@@ -30,14 +31,18 @@ class BundleError(ValueError):
 
 
 class Classifier(nn.Module):
-    """Backbone (pooled features) followed by a linear head: images in, logits out."""
+    """Backbone (pooled features), L2 normalisation, then a linear head: images in, logits out."""
 
     def __init__(self, backbone: nn.Module, head: nn.Linear):
         super().__init__()
         self.backbone, self.head = backbone, head
 
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from pooled backbone features (as cached by tlearn.features)."""
+        return self.head(normalise_features(features))
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(pixels))
+        return self.classify_features(self.backbone(pixels))
 
 
 @dataclass

@@ -16,6 +16,7 @@ import tlearn
 from tlearn.backbones import BACKBONES, WeightsUnavailable, fetch_weights, parameter_count, weights_available
 from tlearn.bundle import BundleError
 from tlearn.data import DatasetError
+from tlearn.engines import EngineError
 from tlearn.predict import Unreadable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,17 +30,37 @@ CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder [de
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
+class EngineName(str, Enum):
+    auto = "auto"
+    openvino = "openvino"
+    onnx = "onnx"
+    torch = "torch"
+
+
+class PrecisionName(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    int8 = "int8"
+
+
+Engine = Annotated[EngineName, typer.Option(help="Inference engine for the backbone; auto: the fastest installed "
+                                                 "one that agrees with torch on this model.")]
+Precision = Annotated[Optional[PrecisionName], typer.Option(
+    help="Precision of the frozen-backbone forward (int8 is calibrated on training images) "
+         "[default: fp32 for train, the model's own otherwise].")]
+
+
 class Format(str, Enum):
     csv = "csv"
     json = "json"
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
-_USER_ERRORS = (DatasetError, BundleError, WeightsUnavailable, ValueError, FileNotFoundError)
+_USER_ERRORS = (DatasetError, BundleError, WeightsUnavailable, ValueError, FileNotFoundError, EngineError)
 
 
 @app.command()
@@ -53,12 +74,15 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
+    engine: Engine = EngineName.auto,
+    precision: Precision = None,
 ) -> None:
     """Train a classifier on DATA and write a model folder."""
     out_dir = out_dir or Path(f"{data.resolve().name}-model")
     try:
         clf = tlearn.ImageClassifier(backbone, weights=weights, seed=seed, batch_size=batch_size,
-                                     cache_dir=cache_dir, progress=not quiet).fit(data)
+                                     cache_dir=cache_dir, progress=not quiet, engine=engine.value,
+                                     precision=precision and precision.value).fit(data)
         clf.save(out_dir)
     except _USER_ERRORS as exc:
         _fail(exc)
@@ -84,7 +108,7 @@ def _print_summary(clf: tlearn.ImageClassifier, out_dir: Path) -> None:
     if s["skipped_files"]:
         err.print(f"[yellow]skipped {len(s['skipped_files'])} unreadable file(s):[/]")
         for path, reason in s["skipped_files"]:
-            err.print(f"  {path}: {reason}", highlight=False)
+            err.print(f"  {path}: {reason}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -95,10 +119,13 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
+    engine: Engine = EngineName.auto,
+    precision: Precision = None,
 ) -> None:
     """Measure a trained model on one split of DATA."""
     try:
-        metrics = tlearn.load(model, cache_dir=cache_dir, progress=not (quiet or as_json)).evaluate(data, split)
+        metrics = tlearn.load(model, cache_dir=cache_dir, progress=not (quiet or as_json), engine=engine.value,
+                              precision=precision and precision.value).evaluate(data, split)
     except _USER_ERRORS as exc:
         _fail(exc)
     if as_json:
@@ -129,10 +156,14 @@ def predict(
     top_k: Annotated[int, typer.Option(help="How many labels per image, best first.")] = 1,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.csv,
     output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output.")] = None,
+    engine: Engine = EngineName.auto,
+    precision: Precision = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
 ) -> None:
     """Predict labels for images; unreadable files are listed on stderr, not fatal."""
     try:
-        clf = tlearn.load(model, progress=False)
+        clf = tlearn.load(model, progress=False, engine=engine.value, precision=precision and precision.value,
+                          batch_size=batch_size)
     except _USER_ERRORS as exc:
         _fail(exc)
     if top_k < 1:
@@ -163,11 +194,13 @@ def predict(
             json.dump({"predictions": predictions,
                        "unreadable": [{"path": u.path, "reason": u.reason} for u in unreadable]}, sink, indent=1)
             sink.write("\n")
+    except _USER_ERRORS as exc:
+        _fail(exc)
     finally:
         if output:
             sink.close()
     for u in unreadable:
-        err.print(f"unreadable: {u.path}: {u.reason}", highlight=False)
+        err.print(f"unreadable: {u.path}: {u.reason}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
-from torch import nn
 
 from tlearn.backbones import Preprocessing
+from tlearn.bundle import Classifier
 from tlearn.data.decode import is_image_path
-from tlearn.data.loader import image_batches
+from tlearn.engines import PixelsToOutputs, TorchEngine, stream_pixels
 
 
 @dataclass
@@ -47,16 +48,21 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Unreadab
     return files, missing
 
 
-def predict_files(model: nn.Module, classes: list[str], preprocessing: Preprocessing, files: list[Path],
-                  top_k: int = 1, batch_size: int = 32, workers: int | None = None) -> Iterator[Prediction | Unreadable]:
-    """Yield one Prediction or Unreadable per file, in input order, as batches complete."""
+def predict_files(model: Classifier, classes: list[str], preprocessing: Preprocessing, files: list[Path],
+                  top_k: int = 1, batch_size: int = 32, workers: int | None = None,
+                  engine: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[Prediction | Unreadable]:
+    """Yield one Prediction or Unreadable per file, in input order, as batches complete.
+
+    `engine` runs `model.backbone` (see tlearn.engines.open_engine; default eager torch fp32); the linear head runs
+    in torch. Decoding of the next batches overlaps the forward pass of this one.
+    """
     k = max(1, min(top_k, len(classes)))
-    model = model.eval().to(memory_format=torch.channels_last)
+    engine = engine or TorchEngine(PixelsToOutputs(model.backbone, preprocessing))
     with torch.inference_mode():
-        for batch in image_batches(files, preprocessing.eval_transform(), batch_size, workers):
+        for batch in stream_pixels(files, preprocessing, batch_size, workers):
             rows: dict[int, Prediction | Unreadable] = {i: Unreadable(str(files[i]), r) for i, r in batch.errors}
             if batch.indices:
-                proba = model(batch.pixels.contiguous(memory_format=torch.channels_last)).float().softmax(-1)
+                proba = model.head(torch.from_numpy(engine(batch.pixels))).float().softmax(-1)
                 scores, labels = proba.topk(k, dim=-1)
                 for j, i in enumerate(batch.indices):
                     rows[i] = Prediction(str(files[i]), [(classes[c], float(s)) for c, s in

@@ -45,11 +45,20 @@ class Preprocessing:
         return cls(int(data["input_size"]), str(data["interpolation"]), float(data["crop_pct"]),
                    tuple(map(float, data["mean"])), tuple(map(float, data["std"])))
 
-    def eval_transform(self) -> Callable:
-        """PIL RGB image -> normalised float tensor (3, size, size), through timm's own eval transform."""
+    def eval_transform(self, normalize: bool = True) -> Callable:
+        """PIL RGB image -> normalised float tensor (3, size, size), through timm's own eval transform.
+
+        Without `normalize`: the uint8 tensor after resize and centre crop; `normalise` finishes the job.
+        """
         return timm.data.create_transform(
             input_size=(3, self.input_size, self.input_size), is_training=False, interpolation=self.interpolation,
-            mean=self.mean, std=self.std, crop_pct=self.crop_pct, crop_mode="center")
+            mean=self.mean, std=self.std, crop_pct=self.crop_pct, crop_mode="center", normalize=normalize)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (n, 3, H, W) -> float32, the same arithmetic as eval_transform's ToTensor + Normalize."""
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return pixels.float().div(255).sub(mean).div(std)
 
     def resize_size(self) -> int:
         """Shorter side after the resize, before the centre crop."""

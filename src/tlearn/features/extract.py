@@ -3,25 +3,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from tlearn.backbones import Preprocessing
-from tlearn.data.loader import image_batches
+from tlearn.engines import PixelsToOutputs, TorchEngine, stream_pixels
 from tlearn.features.cache import FeatureCache, content_hash
 
 FEATURE_FORMAT = 1  # bump when the way features are computed changes, so old cache entries are not reused
 
 
-def feature_key(architecture: str, weights_sha256: str, preprocessing: Preprocessing) -> str:
-    """Cache key of a backbone configuration: architecture, exact weights and preprocessing."""
-    blob = json.dumps([FEATURE_FORMAT, architecture, weights_sha256, preprocessing.to_dict()], sort_keys=True)
+def feature_key(architecture: str, weights_sha256: str, preprocessing: Preprocessing, precision: str = "fp32") -> str:
+    """Cache key of a backbone configuration: architecture, exact weights, preprocessing and forward precision.
+
+    fp32 engines agree with torch to 1e-3 (checked when opened), so they share one key; bf16 and int8 features
+    differ and get their own.
+    """
+    parts = [FEATURE_FORMAT, architecture, weights_sha256, preprocessing.to_dict()]
+    blob = json.dumps(parts + ([precision] if precision != "fp32" else []), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -38,9 +43,12 @@ class Features:
 
 def extract_features(model: nn.Module, preprocessing: Preprocessing, paths: Sequence[Path], cache: FeatureCache,
                      batch_size: int = 32, workers: int | None = None, progress: bool = True,
-                     description: str = "features") -> Features:
-    """Pooled features for `paths`, from the cache where present; decode failures are reported, not raised."""
-    import time
+                     description: str = "features", engine: Callable[[], Callable] | None = None) -> Features:
+    """Pooled features for `paths`, from the cache where present; decode failures are reported, not raised.
+
+    `engine` opens the inference engine that runs `model` (see tlearn.engines.open_engine); it is called only when
+    something is left to extract, and the cache key must then include its precision. Default: eager torch fp32.
+    """
 
     hashes = [content_hash(p) for p in paths]
     cached = cache.get_many([h for h in hashes if h is not None])
@@ -48,14 +56,13 @@ def extract_features(model: nn.Module, preprocessing: Preprocessing, paths: Sequ
     todo = [i for i, h in enumerate(hashes) if h is not None and h not in cached]
     start = time.perf_counter()
     if todo:
-        model = model.eval().to(memory_format=torch.channels_last)
-        transform = preprocessing.eval_transform()
-        with _progress(progress) as bar, torch.inference_mode():
+        run = engine() if engine is not None else TorchEngine(PixelsToOutputs(model, preprocessing))
+        with _progress(progress) as bar:
             task = bar.add_task(f"extracting {description}", total=len(todo))
-            for batch in image_batches([paths[i] for i in todo], transform, batch_size, workers):
+            for batch in stream_pixels([paths[i] for i in todo], preprocessing, batch_size, workers):
                 failures.extend((Path(paths[todo[j]]), reason) for j, reason in batch.errors)
                 if batch.indices:
-                    out = model(batch.pixels.contiguous(memory_format=torch.channels_last)).float().numpy()
+                    out = run(batch.pixels)
                     fresh = [(hashes[todo[j]], out[k]) for k, j in enumerate(batch.indices)]
                     cache.put_many(fresh)
                     cached.update(fresh)

@@ -1,72 +1,81 @@
 """Stage 1 of every recipe: a softmax-regression head on frozen, cached features.
 
-The L2 strength is chosen on the validation split; the features' standardisation is folded into the final
-linear layer, so the head is one `nn.Linear` that runs on raw backbone features.
+Features are L2-normalised (the Classifier does the same in front of its head), then an L2-regularised
+multinomial logistic regression is fitted for each strength on a path from strong to weak regularisation, each
+fit warm-started from the previous one; the strength is chosen on the validation split.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss
-from sklearn.preprocessing import StandardScaler
+from rich.progress import track
 from torch import nn
+from torch.nn import functional as F
 
-DEFAULT_C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+# Inverse regularisation strengths tried, strongest first (C as in scikit-learn: penalty ||W||^2 / (2 C n)).
+DEFAULT_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 @dataclass
 class HeadFit:
-    head: nn.Linear
+    head: nn.Linear  # acts on L2-normalised features
     C: float  # chosen inverse regularisation strength
     search: list[dict]  # val accuracy and log-loss of each C tried
 
 
+def normalise_features(features: torch.Tensor) -> torch.Tensor:
+    """The feature normalisation every head sees, in training and in prediction."""
+    return F.normalize(features.float(), dim=-1)
+
+
 def fit_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_classes: int,
-             c_grid: tuple[float, ...] = DEFAULT_C_GRID, seed: int = 0) -> HeadFit:
-    """Fit a linear softmax head for each C in `c_grid`; keep the best on val (accuracy, then log-loss)."""
-    scaler = StandardScaler().fit(x_train)
-    xt, xv = scaler.transform(x_train), scaler.transform(x_val)
+             c_grid: tuple[float, ...] = DEFAULT_C_GRID, class_weight: np.ndarray | None = None,
+             progress: bool = False) -> HeadFit:
+    """Fit the head for each C in `c_grid` and keep the best on val (accuracy, then log-loss)."""
+    xt, xv = normalise_features(torch.from_numpy(x_train)), normalise_features(torch.from_numpy(x_val))
+    yt, yv = torch.from_numpy(y_train).long(), torch.from_numpy(y_val).long()
+    weight = torch.as_tensor(class_weight, dtype=torch.float32) if class_weight is not None else None
+    head = nn.Linear(xt.shape[1], n_classes)
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
     best, best_score, search = None, None, []
-    for C in c_grid:
-        clf = LogisticRegression(C=C, max_iter=3000, class_weight="balanced", random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(xt, y_train)
-        proba = _full_proba(clf, xv, n_classes)
-        acc = float((proba.argmax(1) == y_val).mean())
-        loss = float(log_loss(y_val, proba, labels=list(range(n_classes))))
+    for C in track(sorted(c_grid), description="fitting head", disable=not progress):
+        _minimise(head, xt, yt, C, weight)
+        with torch.no_grad():
+            logits = head(xv)
+        acc = float((logits.argmax(1) == yv).float().mean())
+        loss = float(F.cross_entropy(logits, yv))
         search.append({"C": C, "val_accuracy": acc, "val_log_loss": loss})
-        score = (acc, -loss)
-        if best_score is None or score > best_score:
-            best, best_score = clf, score
-    return HeadFit(_fold(best, scaler, n_classes), float(best.C), search)
+        if best_score is None or (acc, -loss) > best_score:
+            best, best_score = _copy(head), (acc, -loss)
+    return HeadFit(best, _chosen_c(search, best_score), search)
 
 
-def _full_proba(clf: LogisticRegression, x: np.ndarray, n_classes: int) -> np.ndarray:
-    """Probabilities over all n_classes (a class absent from train gets a column of zeros)."""
-    proba = np.zeros((len(x), n_classes))
-    proba[:, clf.classes_] = clf.predict_proba(x)
-    return proba / proba.sum(axis=1, keepdims=True)
+def balanced_class_weight(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """n / (k * count) per class, as scikit-learn's class_weight='balanced'; all ones when balanced."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    return np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
 
 
-def _fold(clf: LogisticRegression, scaler: StandardScaler, n_classes: int) -> nn.Linear:
-    """One linear layer on raw features computing the logits of `clf` on standardised features."""
-    coef, intercept = clf.coef_, clf.intercept_
-    if coef.shape[0] == 1:  # binary: sigmoid(z) == softmax([-z/2, z/2])
-        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-    weight = np.full((n_classes, coef.shape[1]), 0.0)
-    bias = np.full(n_classes, -1e4)  # classes never seen in training are never predicted
-    weight[clf.classes_], bias[clf.classes_] = coef, intercept
-    scale = np.where(scaler.scale_ == 0, 1.0, scaler.scale_)
-    folded_w = weight / scale
-    folded_b = bias - folded_w @ scaler.mean_
-    head = nn.Linear(weight.shape[1], n_classes)
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(folded_w).float())
-        head.bias.copy_(torch.from_numpy(folded_b).float())
-    return head
+def _minimise(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, C: float, weight: torch.Tensor | None) -> None:
+    optimiser = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=300, history_size=20, tolerance_grad=1e-6,
+                                  tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        loss = F.cross_entropy(head(x), y, weight=weight) + head.weight.pow(2).sum() / (2 * C * len(x))
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+
+
+def _copy(head: nn.Linear) -> nn.Linear:
+    clone = nn.Linear(head.in_features, head.out_features)
+    clone.load_state_dict(head.state_dict())
+    return clone
+
+
+def _chosen_c(search: list[dict], score: tuple[float, float]) -> float:
+    return next(s["C"] for s in search if (s["val_accuracy"], -s["val_log_loss"]) == score)

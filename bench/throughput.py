@@ -1,0 +1,147 @@
+"""Prediction throughput: tlearn's pipeline vs the naive loop, in one run, each in its own process (own peak RSS).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/throughput.py [--images 2000] [--naive-images 2000] [--engine auto]
+
+Images: every JPEG under ../shared/datasets (1,756), repeated to --images. Model: EfficientNet-Lite0 + a linear head
+(2 classes). naive = PIL decode one by one + timm eval transform + eager torch fp32, batches of 32, one process.
+tlearn = tlearn.predict.predict_files (threaded decode, engine forward overlapped). forward-only = the engine on one
+pre-decoded batch of 32, repeated: the ceiling the end-to-end figure is compared to.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATASETS = Path(os.environ.get("TLEARN_DATASETS", Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"))
+
+
+def jpegs(count: int) -> list[Path]:
+    files = sorted(p for p in DATASETS.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not files:
+        sys.exit(f"no JPEGs under {DATASETS} (set TLEARN_DATASETS)")
+    return [files[i % len(files)] for i in range(count)]
+
+
+def classifier():
+    import torch
+
+    from tlearn.backbones import create_backbone
+    from tlearn.bundle import Classifier
+
+    backbone, _ = create_backbone("efficientnet_lite0")
+    torch.manual_seed(0)
+    return Classifier(backbone, torch.nn.Linear(1280, 2)).eval()
+
+
+def run_naive(paths: list[Path]) -> int:
+    import torch
+
+    from tlearn.backbones import get_spec
+    from tlearn.data.decode import load_image
+
+    model, transform = classifier(), get_spec("efficientnet_lite0").preprocessing.eval_transform()
+    done = 0
+    with torch.inference_mode():
+        for start in range(0, len(paths), 32):
+            batch = torch.stack([transform(load_image(p)) for p in paths[start:start + 32]])
+            done += int(model(batch).softmax(-1).argmax(-1).numel())
+    return done
+
+
+def open_engine_for(model, engine: str, precision: str):
+    import tempfile
+
+    from tlearn.backbones import get_spec
+    from tlearn.engines import open_engine
+
+    folder = Path(os.environ.get("TLEARN_BENCH_ENGINES", Path(tempfile.gettempdir()) / "tlearn-bench-engines"))
+    return open_engine(model.backbone, get_spec("efficientnet_lite0").preprocessing, folder, engine, precision)
+
+
+def run_tlearn(paths: list[Path], engine: str, precision: str) -> int:
+    from tlearn.backbones import get_spec
+    from tlearn.predict import Prediction, predict_files
+
+    model = classifier()
+    run = open_engine_for(model, engine, precision)
+    rows = predict_files(model, ["a", "b"], get_spec("efficientnet_lite0").preprocessing, paths, engine=run)
+    return sum(isinstance(r, Prediction) for r in rows)
+
+
+def run_forward(paths: list[Path], engine: str, precision: str, seconds: float = 20.0) -> int:
+    from tlearn.backbones import get_spec
+    from tlearn.engines import stream_pixels
+
+    model = classifier()
+    run = open_engine_for(model, engine, precision)
+    pixels = next(iter(stream_pixels(paths[:32], get_spec("efficientnet_lite0").preprocessing))).pixels
+    run(pixels)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        run(pixels)
+        done += len(pixels)
+    return done
+
+
+def child(args) -> None:
+    """One measurement in this process; prints one JSON line."""
+    paths = jpegs(args.images)
+    engine = "eager torch fp32"
+    if args.mode != "naive":  # open (export, verify, compile) before the clock starts: it is cached on disk
+        opened = open_engine_for(classifier(), args.engine, args.precision)
+        engine = f"{opened.name} {opened.precision}"
+    start = time.perf_counter()
+    if args.mode == "naive":
+        done = run_naive(paths)
+    elif args.mode == "tlearn":
+        done = run_tlearn(paths, args.engine, args.precision)
+    else:
+        done = run_forward(paths, args.engine, args.precision)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"mode": args.mode, "engine": engine, "images": done, "seconds": seconds, "images_per_second": done / seconds,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def measure(mode: str, images: int, args) -> dict:
+    command = [sys.executable, __file__, "--child", mode, "--images", str(images), "--engine", args.engine,
+               "--precision", args.precision]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"{mode} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000, help="images for the tlearn pipeline")
+    parser.add_argument("--naive-images", type=int, default=None, help="images for the naive loop [= --images]")
+    parser.add_argument("--engine", default="auto")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--skip-naive", action="store_true", help="only tlearn (for the RSS check at 20,000)")
+    parser.add_argument("--child", choices=("naive", "tlearn", "forward"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.mode = args.child
+        return child(args)
+    print(f"load average at start: {os.getloadavg()}  cpus: {os.cpu_count()}", flush=True)
+    results = {"tlearn": measure("tlearn", args.images, args), "forward": measure("forward", 64, args)}
+    if not args.skip_naive:
+        results["naive"] = measure("naive", args.naive_images or args.images, args)
+    for name, r in results.items():
+        print(f"{name:8s} {r['engine']:16s} {r['images']:6d} images  {r['images_per_second']:7.1f} img/s  "
+              f"peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+    tlearn, forward = results["tlearn"]["images_per_second"], results["forward"]["images_per_second"]
+    print(f"tlearn end to end / engine forward-only: {tlearn / forward:.0%}")
+    if "naive" in results:
+        print(f"tlearn / naive: {tlearn / results['naive']['images_per_second']:.1f}x")
+    print(f"engine: {args.engine} {args.precision}; load average at end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

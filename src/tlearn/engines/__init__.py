@@ -1,0 +1,166 @@
+"""Inference engines behind one interface, chosen by name or `auto`, exported once and checked against torch.
+
+`open_engine(model, preprocessing, folder, engine, precision)` returns a callable: uint8 pixels (n, 3, H, W) ->
+float32 outputs. Exported files (ONNX, int8 ONNX, OpenVINO's compiled blobs) and the verification verdicts live in
+`folder` (the bundle's engines/ folder for prediction, the feature cache for extraction), keyed by the weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata, util
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from torch import nn
+
+from tlearn.backbones import Preprocessing
+from tlearn.data.pipeline import PixelBatch, pixel_batches
+from tlearn.engines.export import export_onnx, quantise_int8
+from tlearn.engines.runtimes import EngineError, OnnxEngine, OpenVinoEngine, PixelsToOutputs, TorchEngine
+
+ENGINES = ("auto", "openvino", "onnx", "torch")
+PRECISIONS = ("fp32", "bf16", "int8")
+FASTEST_FIRST = ("openvino", "onnx", "torch")  # measured, bench/README.md "Throughput"
+# Verification against eager torch fp32 on real photos: fp32 engines must agree to this absolute difference
+# (outputs are pooled features in [0, 6] or logits); reduced precisions must keep every output row this close in
+# direction (their cost in accuracy is measured separately, bench/precision.py).
+FP32_MAX_ABS_DIFF = 1e-3
+REDUCED_MIN_COSINE = 0.95
+
+Calibration = Callable[[], Iterable[np.ndarray]]
+
+__all__ = ["ENGINES", "PRECISIONS", "EngineError", "PixelsToOutputs", "engine_key", "open_engine",
+           "export_onnx", "probe_pixels", "verify", "stream_pixels", "TorchEngine"]
+
+
+def stream_pixels(paths: Sequence[Path], preprocessing: Preprocessing, batch_size: int = 32,
+                  workers: int | None = None, draft: bool = True) -> Iterator[PixelBatch]:
+    """uint8 batches of `paths` preprocessed exactly as in training (resize, centre crop; engines normalise).
+
+    With `draft`, JPEGs at least four times the resize target are decoded at a reduced scale first (DCT scaling),
+    to no less than twice the target, so the bicubic resize after it still has pixels to average.
+    """
+    transform = preprocessing.eval_transform(normalize=False)
+    draft_size = (2 * preprocessing.resize_size(),) * 2 if draft else None
+    return pixel_batches(paths, lambda image: transform(image).numpy(), preprocessing.input_size, batch_size,
+                         workers, draft_size)
+
+
+def engine_key(model: nn.Module, preprocessing: Preprocessing) -> str:
+    """Key of the exported files of `model`: its exact tensors and the preprocessing folded into the graph."""
+    digest = hashlib.sha256(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def installed(name: str) -> bool:
+    module = {"onnx": "onnxruntime", "openvino": "openvino", "torch": "torch"}[name]
+    return util.find_spec(module) is not None
+
+
+def open_engine(model: nn.Module, preprocessing: Preprocessing, folder: Path, engine: str = "auto",
+                precision: str = "fp32", calibration: Calibration | None = None, threads: int | None = None):
+    """The engine running `model` (normalisation included) at `precision`, verified against eager torch.
+
+    `auto` takes the fastest installed engine that runs `precision` and passes verification. int8 needs
+    `calibration` (uint8 batches of training images) the first time, to build the quantised model.
+    """
+    if engine not in ENGINES:
+        raise EngineError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise EngineError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    graph = PixelsToOutputs(model, preprocessing)
+    folder = Path(folder) / engine_key(model, preprocessing)
+    if engine != "auto":
+        return _open_verified(engine, graph, folder, precision, calibration, threads)
+    reasons = []
+    for name in FASTEST_FIRST:
+        if not installed(name):
+            reasons.append(f"{name}: not installed")
+            continue
+        try:
+            return _open_verified(name, graph, folder, precision, calibration, threads)
+        except EngineError as exc:
+            reasons.append(f"{name}: {exc}")
+    raise EngineError(f"no engine runs {precision} here ({'; '.join(reasons)})")
+
+
+def _open_verified(name: str, graph: PixelsToOutputs, folder: Path, precision: str, calibration: Calibration | None,
+                   threads: int | None):
+    if name == "torch":
+        return TorchEngine(graph, precision)
+    if not installed(name):
+        package = "onnxruntime" if name == "onnx" else "openvino"
+        raise EngineError(f"the {name} engine is not installed: pip install {package}")
+    runtime = OnnxEngine if name == "onnx" else OpenVinoEngine
+    if precision not in runtime.precisions:
+        raise EngineError(f"the {name} engine does not run {precision}")
+    model_file = _model_file(graph, folder, precision, calibration)
+    try:
+        if name == "onnx":
+            engine = OnnxEngine(model_file, precision, threads)
+        else:
+            engine = OpenVinoEngine(model_file, precision, threads, folder / "openvino-cache")
+    except EngineError:
+        raise
+    except Exception as exc:  # a runtime refusing the model must let `auto` try the next engine
+        raise EngineError(f"{name} cannot load {model_file.name} ({type(exc).__name__}: {exc})") from None
+    verdict = _cached_verdict(folder, name, precision, lambda: verify(engine, graph))
+    if not verdict["ok"]:
+        raise EngineError(f"{name} {precision} disagrees with torch on real photos ({verdict['detail']})")
+    return engine
+
+
+def _model_file(graph: PixelsToOutputs, folder: Path, precision: str, calibration: Calibration | None) -> Path:
+    fp32_file = folder / "model-fp32.onnx"
+    if not fp32_file.exists():
+        export_onnx(graph, fp32_file)
+    if precision != "int8":
+        return fp32_file  # bf16 is a compile-time setting of OpenVINO, not a different file
+    int8_file = folder / "model-int8.onnx"
+    if not int8_file.exists():
+        if calibration is None:
+            raise EngineError("no int8 model is built for these weights yet, and building one needs calibration "
+                              "images: train (or extract features) with --precision int8 first")
+        quantise_int8(fp32_file, int8_file, calibration())
+    return int8_file
+
+
+def _cached_verdict(folder: Path, name: str, precision: str, compute: Callable[[], dict]) -> dict:
+    record_file = folder / "verified.json"
+    key = f"{name}-{metadata.version('onnxruntime' if name == 'onnx' else name)}-{precision}"
+    try:
+        records = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        records = {}
+    if key not in records:
+        records[key] = compute()
+        record_file.write_text(json.dumps(records, indent=1))
+    return records[key]
+
+
+def verify(engine, graph: PixelsToOutputs) -> dict:
+    """Compare `engine` with eager torch fp32 on real photos: max abs difference and worst row cosine."""
+    pixels = probe_pixels(graph.preprocessing)
+    reference = TorchEngine(graph, "fp32")(pixels)
+    outputs = engine(pixels)
+    diff = float(np.abs(outputs - reference).max())
+    cosine = float(min(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)
+                       for a, b in zip(outputs, reference)))
+    ok = diff <= FP32_MAX_ABS_DIFF if engine.precision == "fp32" else cosine >= REDUCED_MIN_COSINE
+    return {"ok": bool(ok), "max_abs_diff": diff, "min_cosine": cosine,
+            "detail": f"max abs diff {diff:.2e}, worst cosine {cosine:.4f} on {len(pixels)} photos"}
+
+
+def probe_pixels(preprocessing: Preprocessing) -> np.ndarray:
+    """The colour photos scikit-image ships (always present, offline), preprocessed: uint8 (n, 3, H, W)."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    to_pixels = preprocessing.eval_transform(normalize=False)
+    photos = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "camera")
+    return np.stack([to_pixels(Image.fromarray(getattr(skdata, name)()).convert("RGB")).numpy() for name in photos])
