@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("backbone", choices=sorted(TORCHVISION))
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--engine", default="auto", help="tlearn train --engine (auto: the fastest installed)")
     args = parser.parse_args()
     if not HYMENOPTERA.is_dir():
         sys.exit(f"{HYMENOPTERA} is absent: this benchmark needs the shared hymenoptera dataset")
@@ -79,7 +80,7 @@ def main() -> None:
         weights = scratch / f"{args.backbone}.pth"
         torch.save(TORCHVISION[args.backbone](weights=None).state_dict(), weights)
         command = ["/usr/bin/time", "-v", str(Path(sys.executable).parent / "tlearn"), "train", str(data),
-                   "--backbone", args.backbone, "--weights", str(weights), "--batch-size", str(args.batch_size),
+                   "--backbone", args.backbone, "--weights", str(weights), "--batch-size", str(args.batch_size), "--engine", args.engine,
                    "--out", str(scratch / "model"), "--cache-dir", str(scratch / "cache"), "--quiet"]
         print("$", " ".join(command))
         run, peak_pss_kb = run_sampled(command)
@@ -88,7 +89,7 @@ def main() -> None:
             sys.exit(run.stderr)
         peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
         wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", run.stderr).group(1)
-        print(f"{args.backbone}: {args.images} images, batch {args.batch_size}: peak RSS {peak_kb / 1024**2:.2f} GiB "
+        print(f"{args.backbone}: {args.images} images, batch {args.batch_size}, engine {args.engine}: peak RSS {peak_kb / 1024**2:.2f} GiB "
               f"(largest single process), peak PSS of the whole process tree {peak_pss_kb / 1024**2:.2f} GiB, "
               f"wall {wall}")
 

@@ -122,7 +122,8 @@ def test_train_predict_reload_with_weights_files(name, tiny_data, scratch, monke
     monkeypatch.setattr(tlearn.api, "create_backbone", create_and_watch)
     model_dir = tmp_path / "model"
     result = runner.invoke(app, ["train", str(tiny_data), "--backbone", name, "--weights", str(timm_layout),
-                                 "--out", str(model_dir), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+                                 "--out", str(model_dir), "--cache-dir", str(tmp_path / "cache"), "--quiet",
+                                 "--engine", "torch"])  # eager torch: the hook sees every batch (engines: own tests)
     assert result.exit_code == 0, result.output
     size = INPUT_SIZE[name]
     assert shapes and all(s[1:] == (3, size, size) for s in shapes)
@@ -135,13 +136,13 @@ def test_train_predict_reload_with_weights_files(name, tiny_data, scratch, monke
                                              "origin": "file"}
 
     predicted = runner.invoke(app, ["predict", str(model_dir), str(tiny_data / "test"), "--format", "json",
-                                    "--top-k", "2"])
+                                    "--top-k", "2", "--engine", "torch"])
     assert predicted.exit_code == 0, predicted.output
     rows = json.loads(predicted.stdout)["predictions"]
     assert len(rows) == 2 and {r["label"] for r in rows} <= {"brick", "grass"}
 
     # Reloaded, the model carries the given weights (not a fresh init) and predicts what the CLI printed.
-    reloaded = tlearn.load(model_dir, progress=False)
+    reloaded = tlearn.load(model_dir, progress=False, engine="torch")
     given = load_file(timm_layout)
     for key, tensor in reloaded.model().backbone.state_dict().items():
         assert torch.equal(tensor, given[key]), key
@@ -233,7 +234,7 @@ def test_bad_weights_files_get_clear_errors(tmp_path):
         create_backbone("resnet50", hostile)
     assert not marker.exists()
 
-    with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
+    with pytest.raises(WeightsUnavailable, match="missing.pth for resnet50 does not exist"):
         create_backbone("resnet50", tmp_path / "missing.pth")
 
 

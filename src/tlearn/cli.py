@@ -206,7 +206,10 @@ def predict(
 @app.command()
 def backbones() -> None:
     """List the backbones, their input size, parameter count and whether their weights are on this machine."""
-    table = Table("name", "architecture (timm)", "input", "parameters", "weights offline")
+    table = Table()
+    table.add_column("name", no_wrap=True)  # the one column a narrow terminal must not cut: it is what you type
+    for title in ("architecture (timm)", "input", "parameters", "weights offline"):
+        table.add_column(title)
     for name, spec in BACKBONES.items():
         here = weights_available(name)
         table.add_row(name, spec.architecture, f"{spec.preprocessing.input_size}px",

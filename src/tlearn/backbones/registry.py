@@ -175,7 +175,7 @@ def _find_weights(spec: BackboneSpec, weights: Path | None) -> tuple[Path, str]:
     """In order: the file given, the registry's place on this machine, the hub (when online)."""
     if weights is not None:
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"weights file {weights} does not exist")
+            raise WeightsUnavailable(f"weights file {weights} for {spec.name} does not exist")
         return Path(weights), "file"
     path = spec.locate_weights()
     if path is not None and path.is_file():
