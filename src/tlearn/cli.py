@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 import tlearn
-from tlearn.backbones import BACKBONES, WeightsUnavailable, weights_available
+from tlearn.backbones import BACKBONES, WeightsUnavailable, fetch_weights, parameter_count, weights_available
 from tlearn.bundle import BundleError
 from tlearn.data import DatasetError
 from tlearn.engines import EngineError
@@ -296,13 +296,29 @@ def report(
 
 @app.command()
 def backbones() -> None:
-    """List the backbones, their input size and whether their weights are available offline."""
-    table = Table("name", "architecture (timm)", "input", "weights offline")
+    """List the backbones, their input size, parameter count and whether their weights are on this machine."""
+    table = Table()
+    table.add_column("name", no_wrap=True)  # the one column a narrow terminal must not cut: it is what you type
+    for title in ("architecture (timm)", "input", "parameters", "weights offline"):
+        table.add_column(title)
     for name, spec in BACKBONES.items():
         here = weights_available(name)
         table.add_row(name, spec.architecture, f"{spec.preprocessing.input_size}px",
+                      f"{parameter_count(name) / 1e6:.1f}M",
                       "[green]yes[/]" if here else f"[red]no[/] ({spec.weights_hint})")
     out.print(table)
+
+
+@app.command("fetch-weights")
+def fetch_weights_command(
+    name: Annotated[str, typer.Argument(help="Backbone name (see `tlearn backbones`).")],
+) -> None:
+    """Download a backbone's ImageNet weights into the local weights cache (needs network and HF_HUB_OFFLINE=0)."""
+    try:
+        path = fetch_weights(name)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    out.print(f"{name}: weights saved to {path}", highlight=False)
 
 
 @app.command()

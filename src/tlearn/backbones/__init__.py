@@ -5,9 +5,11 @@ from tlearn.backbones.registry import (
     Preprocessing,
     WeightsUnavailable,
     create_backbone,
+    fetch_weights,
     get_spec,
+    parameter_count,
     weights_available,
 )
 
-__all__ = ["BACKBONES", "BackboneSpec", "Preprocessing", "WeightsUnavailable", "create_backbone", "get_spec",
-           "weights_available"]
+__all__ = ["BACKBONES", "BackboneSpec", "Preprocessing", "WeightsUnavailable", "create_backbone", "fetch_weights",
+           "get_spec", "parameter_count", "weights_available"]

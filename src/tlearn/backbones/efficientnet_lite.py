@@ -49,4 +49,4 @@ def to_timm_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load shipped weights into a timm tf_efficientnet_lite model (1000-class head included), strictly."""
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(to_timm_keys(state_dict, model), strict=True)
+    model.load_state_dict(to_timm_keys(state_dict, model), strict=True, assign=True)

@@ -11,7 +11,7 @@ import timm
 import torch
 from torch import nn
 
-from tlearn.backbones import efficientnet_lite
+from tlearn.backbones import classic, efficientnet_lite
 
 
 class WeightsUnavailable(RuntimeError):
@@ -33,6 +33,12 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_timm(cls, architecture: str) -> "Preprocessing":
+        """The preprocessing the timm weights `architecture` (name.tag) were trained and evaluated with."""
+        cfg = timm.get_pretrained_cfg(architecture)
+        return cls(int(cfg.input_size[-1]), cfg.interpolation, float(cfg.crop_pct), tuple(cfg.mean), tuple(cfg.std))
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocessing":
@@ -67,16 +73,19 @@ class BackboneSpec:
     architecture: str  # timm model name
     preprocessing: Preprocessing
     locate_weights: Callable[[], Path | None]  # where the weights are on this machine, or None
-    load_weights: Callable[[nn.Module, Path], None]  # puts them into a timm model built with the ImageNet head
+    load_weights: Callable[[nn.Module, Path], None]  # assigns them to an empty (meta) timm model with ImageNet head
     weights_hint: str  # what to do when locate_weights finds nothing
     unfreeze_hint: str = ""  # which modules a fine-tune should open first (used by the fine-tuning recipe)
     extra: dict = field(default_factory=dict)
+    weights_origin: str = "package"  # what locate_weights finds: "package" (a pip package) or "cache"
+    fetch_weights: Callable[[], Path] | None = None  # downloads them when online; raises HubUnavailable when not
 
 
 @dataclass(frozen=True)
 class WeightsInfo:
-    source: str  # a file path
+    source: str  # the file the weights were read from
     sha256: str
+    origin: str = "file"  # "file" (given by the user), "cache", "hub" (downloaded now) or "package"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +106,31 @@ def _lite(variant: int, size: int) -> BackboneSpec:
     )
 
 
-BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (_lite(0, 224), _lite(1, 240), _lite(2, 260))}
+def _classic(name: str, architecture: str, unfreeze_hint: str, to_timm=classic.keep_layout) -> BackboneSpec:
+    return BackboneSpec(
+        name=name,
+        architecture=architecture,
+        preprocessing=Preprocessing.from_timm(architecture),
+        locate_weights=partial(classic.cached_weights, name, architecture),
+        load_weights=partial(classic.load_weights, to_timm=to_timm),
+        weights_hint=f"tlearn fetch-weights {name}",
+        unfreeze_hint=unfreeze_hint,
+        weights_origin="cache",
+        fetch_weights=partial(classic.fetch_weights, name, architecture),
+    )
+
+
+BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
+    _lite(0, 224), _lite(1, 240), _lite(2, 260),
+    # VGG: the convs of the top block, and fc6/fc7 (timm's pre_logits), whose output is the feature vector.
+    _classic("vgg16", "vgg16.tv_in1k", "features.24,features.26,features.28,pre_logits",
+             classic.vgg_torchvision_to_timm),
+    _classic("vgg19", "vgg19.tv_in1k", "features.28,features.30,features.32,features.34,pre_logits",
+             classic.vgg_torchvision_to_timm),
+    _classic("resnet50", "resnet50.tv_in1k", "layer4"),
+    _classic("inception_v3", "inception_v3.tv_in1k", "Mixed_7c", classic.drop_aux_logits),
+    _classic("inception_resnet_v2", "inception_resnet_v2.tf_in1k", "block8,conv2d_7b", classic.rename_last_linear),
+)}
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -119,22 +152,59 @@ def file_sha256(path: Path) -> str:
 def create_backbone(name: str, weights: Path | None = None, imagenet_head: bool = False) -> tuple[nn.Module, WeightsInfo]:
     """Build backbone `name` with its pretrained weights, in eval mode.
 
-    Without `imagenet_head` the model returns pooled features (its classifier removed). `weights` overrides the
-    registry's own weights file.
+    Without `imagenet_head` the model returns pooled features (its classifier removed). Weights come from, in
+    order: the file `weights`, the registry's place on this machine (package or local cache), the hub when online.
     """
     spec = get_spec(name)
-    path = Path(weights) if weights is not None else spec.locate_weights()
-    if path is None or not path.is_file():
-        raise WeightsUnavailable(f"no ImageNet weights for {name} on this machine; to get them: {spec.weights_hint}")
-    model = timm.create_model(spec.architecture, pretrained=False)
+    path, origin = _find_weights(spec, weights)
+    # Built empty and given the file's tensors (load_weights assigns them): no random init of 138M VGG
+    # parameters to throw away, and no second copy of them in memory.
+    with torch.device("meta"):
+        model = timm.create_model(spec.architecture, pretrained=False)
     spec.load_weights(model, path)
+    empty = [k for k, t in model.state_dict().items() if t.is_meta]
+    if empty:
+        raise RuntimeError(f"{spec.architecture}: the weights loader left {', '.join(empty[:5])} unset")
     if not imagenet_head:
         model.reset_classifier(0)
     model.eval()
-    return model, WeightsInfo(str(path), file_sha256(path))
+    return model, WeightsInfo(str(path), file_sha256(path), origin)
+
+
+def _find_weights(spec: BackboneSpec, weights: Path | None) -> tuple[Path, str]:
+    """In order: the file given, the registry's place on this machine, the hub (when online)."""
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise WeightsUnavailable(f"weights file {weights} for {spec.name} does not exist")
+        return Path(weights), "file"
+    path = spec.locate_weights()
+    if path is not None and path.is_file():
+        return path, spec.weights_origin
+    if spec.fetch_weights is None:
+        raise WeightsUnavailable(f"no ImageNet weights for {spec.name} on this machine; to get them: "
+                                 f"{spec.weights_hint}")
+    return fetch_weights(spec.name), "hub"
+
+
+def fetch_weights(name: str) -> Path:
+    """Download backbone `name`'s weights into the local cache; WeightsUnavailable (fast) when that is impossible."""
+    spec = get_spec(name)
+    if spec.fetch_weights is None:
+        raise WeightsUnavailable(f"{name}'s weights do not come from the model hub; to get them: {spec.weights_hint}")
+    try:
+        return spec.fetch_weights()
+    except classic.HubUnavailable as exc:
+        raise WeightsUnavailable(str(exc)) from None
 
 
 def weights_available(name: str) -> bool:
     path = get_spec(name).locate_weights()
     return path is not None and path.is_file()
+
+
+def parameter_count(name: str) -> int:
+    """Parameters of the backbone with its ImageNet head, counted on an empty (meta) model: no weights, no memory."""
+    with torch.device("meta"):
+        model = timm.create_model(get_spec(name).architecture, pretrained=False)
+    return sum(p.numel() for p in model.parameters())
 
