@@ -6,8 +6,9 @@ from tlearn.backbones.registry import (
     WeightsUnavailable,
     create_backbone,
     get_spec,
+    state_sha256,
     weights_available,
 )
 
 __all__ = ["BACKBONES", "BackboneSpec", "Preprocessing", "WeightsUnavailable", "create_backbone", "get_spec",
-           "weights_available"]
+           "state_sha256", "weights_available"]

@@ -107,6 +107,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Digest of a state dict's names and exact tensor bytes: identifies weights changed by fine-tuning."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def create_backbone(name: str, weights: Path | None = None, imagenet_head: bool = False) -> tuple[nn.Module, WeightsInfo]:
     """Build backbone `name` with its pretrained weights, in eval mode.
 
