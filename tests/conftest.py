@@ -9,7 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+# $TLEARN_SHARED_DATASETS lets a checkout elsewhere (e.g. a git worktree) point at the shared datasets
+SHARED = Path(os.environ.get("TLEARN_SHARED_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
 
 
 def shared_dataset(name: str) -> Path:

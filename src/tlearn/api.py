@@ -61,6 +61,10 @@ class ImageClassifier:
         get_spec(self.backbone)  # an unknown name fails before any work
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
+        if resume:  # before any work: a resume with nothing to resume from is a mistake
+            from tlearn.train.finetune import last_checkpoint
+
+            last_checkpoint(self.run_dir or "")
         torch.manual_seed(self.seed)
         dataset = find_dataset(data, self.seed, self.val_fraction, self.test_fraction)
         spec = get_spec(self.backbone)

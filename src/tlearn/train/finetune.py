@@ -210,6 +210,14 @@ class FinetuneModule(L.LightningModule):
         self.history = list(checkpoint.get("tlearn_history", []))
 
 
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint a resumed run continues from; FileNotFoundError when there is none."""
+    path = Path(run_dir) / "checkpoints" / LAST_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume: {path} does not exist (train without --resume to start afresh)")
+    return path
+
+
 def fine_tune(model: Classifier, preprocessing: Preprocessing, train: DecodedImages, val: DecodedImages,
               settings: FinetuneSettings, unfreeze_hint: str, run_dir: str | Path, *, resume: bool = False,
               seed: int = 0, progress: bool = True) -> FinetuneResult:
@@ -220,9 +228,8 @@ def fine_tune(model: Classifier, preprocessing: Preprocessing, train: DecodedIma
     """
     start = time.perf_counter()
     checkpoints = Path(run_dir) / "checkpoints"
-    if resume and not (checkpoints / LAST_CHECKPOINT).is_file():
-        raise FileNotFoundError(f"nothing to resume: {checkpoints / LAST_CHECKPOINT} does not exist (train without "
-                                "--resume to start afresh)")
+    if resume:
+        last_checkpoint(run_dir)
     if not resume and rank_zero_only.rank == 0 and checkpoints.exists():
         shutil.rmtree(checkpoints)  # a fresh run must not pick up an older run's best checkpoint
     L.seed_everything(seed, workers=True, verbose=False)
@@ -240,7 +247,7 @@ def fine_tune(model: Classifier, preprocessing: Preprocessing, train: DecodedIma
         warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
         warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen BatchNorm, on purpose
         warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")  # Lightning vs torch 2.14
-        trainer.fit(module, *loaders, ckpt_path=checkpoints / LAST_CHECKPOINT if resume else None, weights_only=True)
+        trainer.fit(module, *loaders, ckpt_path=last_checkpoint(run_dir) if resume else None, weights_only=True)
     best_path, rank = trainer.checkpoint_callback.best_model_path, trainer.global_rank
     module.trainer = None
     del trainer
