@@ -5,6 +5,7 @@ The CLI and the server call this and nothing below it.
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -126,10 +127,13 @@ class ImageClassifier:
                   for split in dataset.splits}
         run_dir = Path(self.run_dir) if self.run_dir else Path(tempfile.mkdtemp(prefix="tlearn-run-"))
         # copies: the stage-1 bundle shares its tensors with `backbone` and `head`, and must stay as it is
-        result = fine_tune(copy.deepcopy(Classifier(backbone, head)), spec.preprocessing, images["train"], images["val"], settings,
-                           spec.unfreeze_hint, run_dir, resume=resume, seed=self.seed, progress=self.progress)
+        result = fine_tune(copy.deepcopy(Classifier(backbone, head)), spec.preprocessing, images["train"],
+                           images["val"], settings, spec.unfreeze_hint, run_dir, resume=resume, seed=self.seed,
+                           progress=self.progress)
         logits = {split: predict_logits(result.model, images[split], spec.preprocessing, self.batch_size)
                   for split in ("val", "test") if split in images}
+        if not self.run_dir:  # nobody asked to keep checkpoints and logs
+            shutil.rmtree(run_dir, ignore_errors=True)
         bundle, classes = self.bundle_, dataset.classes
         stages = {"head": dict(bundle.metrics),
                   "finetune": {split: classification_metrics(images[split].labels, x.argmax(1), classes)
@@ -138,19 +142,13 @@ class ImageClassifier:
                   "finetune": _val_score(logits["val"], images["val"].labels)}
         chosen = "finetune" if scores["finetune"] > scores["head"] else "head"
         if chosen == "finetune":
-            state = result.model.state_dict()
-            bundle.state = {k: v.detach().clone() for k, v in state.items()}
-            tuned = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-            # features of a fine-tuned backbone are not the stage-1 ones: a new cache key
-            bundle.backbone["fine_tuned_sha256"] = state_sha256(tuned)
-            bundle.backbone["feature_key"] = feature_key(spec.architecture, bundle.backbone["fine_tuned_sha256"],
-                                                         spec.preprocessing)
+            _adopt_weights(bundle, result.model.state_dict())
         epochs = len(result.history)
         bundle.training["recipe"] = self.recipe
         bundle.training["finetune"] = {
             **settings.to_dict(), "chosen": chosen, "precision_used": result.precision, "unfrozen": result.unfrozen,
             "class_weights": result.class_weights, "best_epoch": result.best_epoch, "epochs_run": epochs,
-            "seconds": result.seconds, "run_dir": str(run_dir),
+            "seconds": result.seconds, "run_dir": str(self.run_dir) if self.run_dir else None,
             "val_score": {k: {"accuracy": a, "log_loss": -nl} for k, (a, nl) in scores.items()}}
         bundle.metrics = {**stages[chosen], "stages": stages}
         bundle.extra["history"] = result.history
@@ -236,6 +234,15 @@ def load(directory: str | Path, **settings) -> ImageClassifier:
                           seed=bundle.training.get("seed", 0), **settings)
     clf.bundle_ = bundle
     return clf
+
+
+def _adopt_weights(bundle: Bundle, state: dict[str, torch.Tensor]) -> None:
+    """Fine-tuned weights into the bundle, with a feature-cache key of their own (stage-1 features no longer fit)."""
+    bundle.state = {k: v.detach().clone() for k, v in state.items()}
+    tuned = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    bundle.backbone["fine_tuned_sha256"] = state_sha256(tuned)
+    bundle.backbone["feature_key"] = feature_key(bundle.backbone["architecture"], bundle.backbone["fine_tuned_sha256"],
+                                                 bundle.preprocessing)
 
 
 def _val_score(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
