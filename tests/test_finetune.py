@@ -83,14 +83,14 @@ def test_batchnorm_statistics_stay_frozen_while_top_blocks_learn(lite0, demo_ima
     trainable = {n.split(".")[1] for n, p in module.model.named_parameters() if p.requires_grad and
                  n.startswith("backbone.")}
     assert trainable == {"blocks", "conv_head", "bn2"}
-    assert not module.model.backbone.blocks[5][0].conv_pw.weight.requires_grad
+    assert not module.model.backbone.blocks[4][0].conv_pw.weight.requires_grad
     before = bn.running_mean.clone()
     transform = train_transform(SPEC.preprocessing, "flip")
     pixels = torch.stack([transform(p) for p in demo_images.pixels[:4]])
     module.training_step((pixels, torch.from_numpy(demo_images.labels[:4])), 0).backward()
     assert torch.equal(bn.running_mean, before)
     assert module.model.backbone.blocks[6][0].conv_pw.weight.grad is not None
-    assert module.model.backbone.blocks[5][0].conv_pw.weight.grad is None
+    assert module.model.backbone.blocks[4][0].conv_pw.weight.grad is None
 
 
 def test_unknown_module_to_unfreeze_is_named(lite0):
