@@ -4,9 +4,11 @@ The CLI and the server call this and nothing below it.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -14,7 +16,9 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from tlearn.backbones import create_backbone, get_spec
+from sklearn.metrics import log_loss
+
+from tlearn.backbones import create_backbone, get_spec, state_sha256
 from tlearn.bundle import Bundle, Classifier
 from tlearn.data import Dataset, DatasetError, find_dataset
 from tlearn.engines import engine_key, open_engine, stream_pixels
@@ -25,9 +29,15 @@ from tlearn.evaluate.metrics import ScoredSplit
 from tlearn.features import FeatureCache, Features, extract_features, feature_key
 from tlearn.predict import Prediction, Unreadable, expand_paths, predict_files
 from tlearn.train import balanced_class_weight, fit_head
+from tlearn.train.settings import FinetuneSettings
 
 
 CALIBRATION_IMAGES = 128  # int8 activation ranges: enough images to cover the classes, few enough to be quick
+
+
+RECIPES = ("head", "finetune", "auto")
+# "auto" fine-tunes when there is room above the head on val and enough images per class to learn from
+AUTO_MIN_TRAIN_PER_CLASS, AUTO_HEAD_GOOD_ENOUGH = 20, 0.995
 
 
 class NotFittedError(RuntimeError):
@@ -43,19 +53,31 @@ class ImageClassifier:
     def __init__(self, backbone: str = "efficientnet_lite0", *, weights: str | Path | None = None, seed: int = 0,
                  val_fraction: float = 0.15, test_fraction: float = 0.15, batch_size: int = 32,
                  workers: int | None = None, cache_dir: str | Path | None = None, progress: bool = True,
-                 engine: str = "auto", precision: str | None = None):
+                 engine: str = "auto", precision: str | None = None, recipe: str = "head",
+                 finetune: FinetuneSettings | None = None, run_dir: str | Path | None = None):
         self.backbone, self.weights, self.seed = backbone, weights, seed
         # engine: auto|openvino|onnx|torch; precision of the frozen-backbone forward: fp32|bf16|int8
         # (None: fp32 when fitting, the bundle's own when loaded).
         self.engine, self.precision = engine, precision
+        self.recipe, self.finetune, self.run_dir = recipe, finetune, run_dir
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.batch_size, self.workers, self.cache_dir, self.progress = batch_size, workers, cache_dir, progress
 
     # ---- learning -------------------------------------------------------------------------------------------
-    def fit(self, data: str | Path) -> "ImageClassifier":
-        """Find the dataset, extract (or reuse cached) features, fit the head and measure it on val and test."""
+    def fit(self, data: str | Path, resume: bool = False) -> "ImageClassifier":
+        """Find the dataset, extract (or reuse cached) features, fit the head and measure it on val and test.
+
+        Then, per `recipe`, fine-tune (stage 2) and keep the better stage on val; `resume` continues an
+        interrupted fine-tune from the last checkpoint in `run_dir`.
+        """
         start = time.perf_counter()
         get_spec(self.backbone)  # an unknown name fails before any work
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
+        if resume:  # before any work: a resume with nothing to resume from is a mistake
+            from tlearn.train.finetune import last_checkpoint
+
+            last_checkpoint(self.run_dir or "")
         torch.manual_seed(self.seed)
         dataset = find_dataset(data, self.seed, self.val_fraction, self.test_fraction)
         checks = quick_check(dataset)
@@ -103,9 +125,61 @@ class ImageClassifier:
             "extracted": extracted, "from_cache": sum(len(f.kept) for f in features.values()) - extracted,
             "extract_seconds": extract_seconds,
             "images_per_second": extracted / extract_seconds if extracted and extract_seconds else None,
-            "C": fit.C, "seconds": time.perf_counter() - start, "data_checks": checks.to_dict(),
+            "C": fit.C, "seconds": time.perf_counter() - start, "data_checks": checks.to_dict(), "recipe": "head",
         }
+        if self._wants_finetune(dataset):
+            self._fine_tune(dataset, backbone, fit.head, logits, ys, resume)
+            self.summary_["seconds"] = time.perf_counter() - start
         return self
+
+    def _wants_finetune(self, dataset: Dataset) -> bool:
+        if self.recipe != "auto":
+            return self.recipe == "finetune"
+        per_class = len(dataset.split("train")) / len(dataset.classes)
+        return per_class >= AUTO_MIN_TRAIN_PER_CLASS and self.bundle_.metrics["val"]["accuracy"] < AUTO_HEAD_GOOD_ENOUGH
+
+    def _fine_tune(self, dataset: Dataset, backbone, head, head_logits: dict, head_ys: dict, resume: bool) -> None:
+        """Stage 2 from the stage-1 head; the bundle becomes the better stage on val, both stages recorded."""
+        from tlearn.data.decoded import decode_resized
+        from tlearn.train.finetune import fine_tune, predict_logits
+
+        spec, settings = get_spec(self.backbone), self.finetune or FinetuneSettings(batch_size=self.batch_size)
+        images = {split: decode_resized(dataset.paths(split), dataset.labels(split), spec.preprocessing.resize_size(),
+                                        spec.preprocessing.interpolation, self.workers, self.progress, split)
+                  for split in dataset.splits}
+        run_dir = Path(self.run_dir) if self.run_dir else Path(tempfile.mkdtemp(prefix="tlearn-run-"))
+        # copies: the stage-1 bundle shares its tensors with `backbone` and `head`, and must stay as it is
+        result = fine_tune(copy.deepcopy(Classifier(backbone, head)), spec.preprocessing, images["train"],
+                           images["val"], settings, spec.unfreeze_hint, run_dir, resume=resume, seed=self.seed,
+                           progress=self.progress)
+        logits = {split: predict_logits(result.model, images[split], spec.preprocessing, self.batch_size)
+                  for split in ("val", "test") if split in images}
+        if not self.run_dir:  # nobody asked to keep checkpoints and logs
+            shutil.rmtree(run_dir, ignore_errors=True)
+        bundle, classes = self.bundle_, dataset.classes
+        stages = {"head": dict(bundle.metrics),
+                  "finetune": {split: classification_metrics(images[split].labels, x.argmax(1), classes)
+                               for split, x in logits.items()}}
+        scores = {"head": _val_score(head_logits["val"], head_ys["val"]),
+                  "finetune": _val_score(logits["val"], images["val"].labels)}
+        chosen = "finetune" if scores["finetune"] > scores["head"] else "head"
+        if chosen == "finetune":
+            _adopt_weights(bundle, result.model.state_dict())
+            # the temperature and the report's per-image results belong to the model that is kept
+            self._scored = {split: ScoredSplit(split, _decoded_paths(dataset.paths(split), images[split]),
+                                               images[split].labels, x) for split, x in logits.items()}
+            bundle.extra["calibration"] = calibrate(self._scored)
+        epochs = len(result.history)
+        bundle.training["recipe"] = self.recipe
+        bundle.training["finetune"] = {
+            **settings.to_dict(), "chosen": chosen, "precision_used": result.precision, "unfrozen": result.unfrozen,
+            "class_weights": result.class_weights, "best_epoch": result.best_epoch, "epochs_run": epochs,
+            "seconds": result.seconds, "run_dir": str(self.run_dir) if self.run_dir else None,
+            "val_score": {k: {"accuracy": a, "log_loss": -nl} for k, (a, nl) in scores.items()}}
+        bundle.metrics = {**stages[chosen], "stages": stages}
+        bundle.extra["history"] = result.history
+        self.summary_.update(recipe=chosen, finetune=bundle.training["finetune"])
+        self._model = None
 
     def _split_features(self, dataset: Dataset, backbone, preprocessing, key: str,
                         precision: str) -> dict[str, Features]:
@@ -270,6 +344,27 @@ def load(directory: str | Path, **settings) -> ImageClassifier:
                           seed=bundle.training.get("seed", 0), **settings)
     clf.bundle_, clf.directory_ = bundle, Path(directory)
     return clf
+
+
+def _adopt_weights(bundle: Bundle, state: dict[str, torch.Tensor]) -> None:
+    """Fine-tuned weights into the bundle, with a feature-cache key of their own (stage-1 features no longer fit)."""
+    bundle.state = {k: v.detach().clone() for k, v in state.items()}
+    tuned = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    bundle.backbone["fine_tuned_sha256"] = state_sha256(tuned)
+    bundle.backbone["feature_key"] = feature_key(bundle.backbone["architecture"], bundle.backbone["fine_tuned_sha256"],
+                                                 bundle.preprocessing, bundle.backbone.get("precision", "fp32"))
+
+
+def _decoded_paths(paths: Sequence[Path], images) -> list[Path]:
+    """The files of `paths` that decoded, in order (DecodedImages keeps the failures, not the successes)."""
+    failed = {Path(p) for p, _ in images.failures}
+    return [p for p in paths if Path(p) not in failed]
+
+
+def _val_score(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(accuracy, -log loss) on val: the stage with the larger score is kept."""
+    proba = torch.softmax(torch.from_numpy(np.asarray(logits, np.float64)), 1).numpy()
+    return float((proba.argmax(1) == y).mean()), -float(log_loss(y, proba, labels=list(range(proba.shape[1]))))
 
 
 def _check_trainable(dataset: Dataset, ys: dict[str, np.ndarray]) -> None:

@@ -18,6 +18,7 @@ from tlearn.bundle import BundleError
 from tlearn.data import DatasetError
 from tlearn.engines import EngineError
 from tlearn.predict import Unreadable
+from tlearn.train.settings import FinetuneSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate and use image classifiers by transfer learning, on CPU, offline.")
@@ -50,6 +51,12 @@ Precision = Annotated[Optional[PrecisionName], typer.Option(
          "[default: fp32 for train, the model's own otherwise].")]
 
 
+class Recipe(str, Enum):
+    head = "head"
+    finetune = "finetune"
+    auto = "auto"
+
+
 class Format(str, Enum):
     csv = "csv"
     json = "json"
@@ -76,13 +83,48 @@ def train(
     quiet: Quiet = False,
     engine: Engine = EngineName.auto,
     precision: Precision = None,
+    recipe: Annotated[Recipe, typer.Option(help="head: linear head on frozen features (seconds). finetune: then "
+                                           "unfreeze the top of the backbone and train it (minutes), keeping the "
+                                           "better stage on val. auto: fine-tune when there are >= 20 train images "
+                                           "per class and the head's val accuracy is below 0.995. The default, head, "
+                                           "makes a re-run on the same data take seconds (cached features).")
+                    ] = Recipe.head,
+    fine_tune: Annotated[bool, typer.Option("--fine-tune", help="Same as --recipe finetune.")] = False,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning: most epochs (early stopping may end sooner).")] = 10,
+    lr: Annotated[float, typer.Option(help="Fine-tuning: peak learning rate of the head and top layer.")] = 1e-3,
+    unfreeze: Annotated[str, typer.Option(help="Fine-tuning: 'top' (the backbone's top blocks), 'all', or module "
+                                          "names, e.g. blocks.5,blocks.6,conv_head,bn2.")] = "top",
+    augment: Annotated[str, typer.Option(help="Fine-tuning augmentation: none, flip (random resized crop + "
+                                         "flip), trivial (+TrivialAugment), randaugment.")] = "flip",
+    mixup: Annotated[float, typer.Option(help="Fine-tuning: MixUp alpha (0 = off).")] = 0.0,
+    cutmix: Annotated[float, typer.Option(help="Fine-tuning: CutMix alpha (0 = off).")] = 0.0,
+    patience: Annotated[int, typer.Option(help="Fine-tuning: stop after this many epochs without a better val "
+                                          "accuracy.")] = 4,
+    train_bn: Annotated[bool, typer.Option("--train-bn", help="Fine-tuning: update BatchNorm statistics of the "
+                                           "unfrozen layers (default: frozen).")] = False,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic torch algorithms.")] = False,
+    train_precision: Annotated[str, typer.Option(help="Fine-tuning: Lightning precision: auto (bf16-mixed on a CPU "
+                                                 "with bf16 "
+                                           "support, else 32-true), 32-true, bf16-mixed, 16-mixed.")] = "auto",
+    accelerator: Annotated[str, typer.Option(help="Lightning accelerator: cpu, gpu, tpu, auto.")] = "auto",
+    devices: Annotated[str, typer.Option(help="Lightning devices: a count, a list, or auto.")] = "1",
+    num_nodes: Annotated[int, typer.Option(help="Lightning: number of nodes.")] = 1,
+    strategy: Annotated[str, typer.Option(help="Lightning strategy, e.g. ddp.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted fine-tune from the last "
+                                         "checkpoint in OUT/run (same command otherwise).")] = False,
 ) -> None:
-    """Train a classifier on DATA and write a model folder."""
+    """Train a classifier on DATA and write a model folder (fine-tuning checkpoints and logs in OUT/run)."""
     out_dir = out_dir or Path(f"{data.resolve().name}-model")
+    settings = FinetuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, unfreeze=unfreeze, augment=augment,
+                                mixup=mixup, cutmix=cutmix, patience=patience, train_bn=train_bn,
+                                precision=train_precision, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                                strategy=strategy, deterministic=deterministic)
     try:
         clf = tlearn.ImageClassifier(backbone, weights=weights, seed=seed, batch_size=batch_size,
                                      cache_dir=cache_dir, progress=not quiet, engine=engine.value,
-                                     precision=precision and precision.value).fit(data)
+                                     precision=precision and precision.value,
+                                     recipe="finetune" if fine_tune else recipe.value, finetune=settings,
+                                     run_dir=out_dir / "run").fit(data, resume=resume)
         clf.save(out_dir)
         report = clf.report(out_dir / "report")
     except _USER_ERRORS as exc:
@@ -101,7 +143,14 @@ def _print_summary(clf: tlearn.ImageClassifier, out_dir: Path) -> None:
     table.add_row("features", f"{s['extracted']} extracted in {s['extract_seconds']:.1f}s{rate}, "
                               f"{s['from_cache']} from cache")
     table.add_row("head", f"linear softmax, C={s['C']:g} (chosen on val)")
-    for split, m in clf.metrics_.items():
+    if "finetune" in s:
+        ft = s["finetune"]
+        table.add_row("fine-tune", f"{ft['epochs_run']} epoch(s) in {ft['seconds']:.0f}s, best {ft['best_epoch']}, "
+                                   f"{ft['precision_used']}, unfrozen {','.join(ft['unfrozen']) or 'all'}")
+        for stage, m in clf.metrics_["stages"].items():
+            table.add_row(f"{stage} val / test", " / ".join(f"{m[k]['accuracy']:.4f}" for k in m))
+        table.add_row("kept", f"{ft['chosen']} (better on val)")
+    for split, m in ((k, v) for k, v in clf.metrics_.items() if k != "stages"):
         table.add_row(f"{split} accuracy", f"{m['accuracy']:.4f} {_interval(m, 'accuracy')} (mean class "
                                            f"{m['mean_class_accuracy']:.4f} {_interval(m, 'mean_class_accuracy')}, "
                                            f"n={m['n']})")

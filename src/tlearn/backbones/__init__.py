@@ -8,8 +8,9 @@ from tlearn.backbones.registry import (
     fetch_weights,
     get_spec,
     parameter_count,
+    state_sha256,
     weights_available,
 )
 
 __all__ = ["BACKBONES", "BackboneSpec", "Preprocessing", "WeightsUnavailable", "create_backbone", "fetch_weights",
-           "get_spec", "parameter_count", "weights_available"]
+           "get_spec", "parameter_count", "state_sha256", "weights_available"]

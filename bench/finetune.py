@@ -1,0 +1,74 @@
+"""Issue 3 bars: `tlearn train --fine-tune` on the shared datasets and on a far-from-ImageNet set, head vs fine-tuned.
+
+    .venv/bin/python bench/finetune.py oxford17flowers [--precision auto] [-- extra tlearn train flags]
+    .venv/bin/python bench/finetune.py hymenoptera
+    .venv/bin/python bench/finetune.py digits        # scikit-learn's 8x8 handwritten digits, upscaled to 64x64 PNGs
+
+One real `tlearn train` process per run, with a fresh feature cache (wall time includes feature extraction, the
+decode of every image and both stages). Prints one JSON line: wall time, per-stage val/test accuracy, epochs, time
+per epoch, CPU seconds (the 2 cores are shared), the precision used and the per-epoch history.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(os.environ.get("TLEARN_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" /
+                             "datasets"))
+
+
+def make_digits(root: Path) -> Path:
+    """ROOT/<digit>/*.png: the 1797 digits scikit-learn ships, 8x8 greyscale upscaled to 64x64 (nearest)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for k, (image, label) in enumerate(zip(digits.images, digits.target)):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image / 16 * 255).astype(np.uint8)
+        Image.fromarray(pixels).resize((64, 64), Image.NEAREST).save(folder / f"{k:04d}.png")
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dataset")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--keep", type=Path, help="write the model here instead of a temporary folder")
+    parser.add_argument("extra", nargs="*", help="more `tlearn train` flags (after --)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = make_digits(tmp / "digits") if args.dataset == "digits" else SHARED / args.dataset
+        out = args.keep or tmp / "model"
+        command = [str(Path(sys.executable).with_name("tlearn")), "train", str(data), "--out", str(out), "-q",
+                   "--cache-dir", str(tmp / "cache"), "--fine-tune", "--precision", args.precision, *args.extra]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        wall = time.perf_counter() - start
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        metrics = json.loads((out / "metrics.json").read_text())
+        config = json.loads((out / "config.json").read_text())
+    ft = config["training"]["finetune"]
+    print(json.dumps({
+        "dataset": args.dataset, "command": " ".join(command[1:]), "wall_seconds": round(wall, 1),
+        # the machine is shared: CPU seconds / 2 cores estimates the wall time on an idle machine
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+        "stages": {stage: {split: m[split]["accuracy"] for split in m} for stage, m in metrics["stages"].items()},
+        "kept": ft["chosen"], "precision": ft["precision_used"], "epochs_run": ft["epochs_run"],
+        "best_epoch": ft["best_epoch"], "finetune_seconds": round(ft["seconds"], 1),
+        "seconds_per_epoch": round(ft["seconds"] / max(1, ft["epochs_run"]), 1),
+        "load_average": os.getloadavg(), "history": config["history"]}))
+
+
+if __name__ == "__main__":
+    main()
