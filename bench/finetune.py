@@ -42,7 +42,7 @@ def make_digits(root: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dataset")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", default="auto", help="Lightning precision of the fine-tune (--train-precision)")
     parser.add_argument("--keep", type=Path, help="write the model here instead of a temporary folder")
     parser.add_argument("extra", nargs="*", help="more `tlearn train` flags (after --)")
     args = parser.parse_args()
@@ -51,7 +51,7 @@ def main() -> None:
         data = make_digits(tmp / "digits") if args.dataset == "digits" else SHARED / args.dataset
         out = args.keep or tmp / "model"
         command = [str(Path(sys.executable).with_name("tlearn")), "train", str(data), "--out", str(out), "-q",
-                   "--cache-dir", str(tmp / "cache"), "--fine-tune", "--precision", args.precision, *args.extra]
+                   "--cache-dir", str(tmp / "cache"), "--fine-tune", "--train-precision", args.precision, *args.extra]
         start = time.perf_counter()
         subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         wall = time.perf_counter() - start

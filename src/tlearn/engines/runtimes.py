@@ -43,7 +43,7 @@ class TorchEngine:
 
     def __init__(self, graph: PixelsToOutputs, precision: str = "fp32"):
         _check_precision(self, precision)
-        _keep_freed_memory()
+        keep_freed_memory()
         self.graph, self.precision = graph.eval().to(memory_format=torch.channels_last), precision
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
@@ -104,7 +104,7 @@ def _check_precision(engine, precision: str) -> None:
                           f"{', '.join(engine.precisions)} (openvino runs fp32, bf16 and int8)")
 
 
-def _keep_freed_memory() -> None:
+def keep_freed_memory() -> None:
     """Stop glibc from unmapping and re-faulting torch's activation buffers on every forward pass.
 
     Equivalent to MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set before start (up to 4x faster at large

@@ -33,6 +33,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tlearn.backbones import Preprocessing
 from tlearn.bundle import Classifier
 from tlearn.data.decoded import DecodedImages
+from tlearn.engines.runtimes import keep_freed_memory
 from tlearn.train.settings import FinetuneSettings  # noqa: F401  (part of this module's interface)
 from tlearn.train.augment import batch_mixer, eval_transform, train_transform
 
@@ -199,6 +200,7 @@ def fine_tune(model: Classifier, preprocessing: Preprocessing, train: DecodedIma
     strategy, the processes other than rank 0 end (SystemExit 0) once training is done.
     """
     start = time.perf_counter()
+    keep_freed_memory()  # training allocates the same activation buffers every step: keep them mapped
     checkpoints = Path(run_dir) / "checkpoints"
     if resume:
         last_checkpoint(run_dir)
