@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import shutil
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -21,7 +23,8 @@ from sklearn.metrics import log_loss
 from tlearn.backbones import create_backbone, get_spec, state_sha256
 from tlearn.bundle import Bundle, Classifier
 from tlearn.data import Dataset, DatasetError, find_dataset
-from tlearn.engines import engine_key, open_engine, stream_pixels
+from tlearn.engines import engine_key, open_engine, probe_pixels, stream_pixels
+from tlearn.engines.export import ExportCheck, export_classifier
 from tlearn.data.doctor import quick_check
 from tlearn.evaluate import classification_metrics
 from tlearn.evaluate.calibration import calibrate
@@ -33,6 +36,7 @@ from tlearn.train.settings import FinetuneSettings
 
 
 CALIBRATION_IMAGES = 128  # int8 activation ranges: enough images to cover the classes, few enough to be quick
+EXPORT_CHECK_IMAGES = 64  # held-out images an export is verified on
 
 
 RECIPES = ("head", "finetune", "auto")
@@ -193,13 +197,15 @@ class ImageClassifier:
     def _engine_opener(self, backbone, preprocessing, folder: Path, precision: str,
                        calibration_paths: Sequence[Path] = ()):
         """Opens the engine once, on first use; int8 calibrates on up to 128 training images (seeded sample)."""
-        def calibration():
-            order = np.random.default_rng(self.seed).permutation(len(calibration_paths))[:CALIBRATION_IMAGES]
-            sample = [calibration_paths[i] for i in sorted(order)]
-            return (b.pixels for b in stream_pixels(sample, preprocessing, 16, self.workers) if len(b.indices))
-
+        calibration = functools.partial(self._calibration_batches, calibration_paths, preprocessing)
         return functools.cache(lambda: open_engine(backbone, preprocessing, folder, self.engine, precision,
                                                    calibration if len(calibration_paths) else None))
+
+    def _calibration_batches(self, paths: Sequence[Path], preprocessing) -> Iterator[np.ndarray]:
+        """uint8 batches of a seeded sample of up to 128 of `paths`: int8 activation ranges are fitted on them."""
+        order = np.random.default_rng(self.seed).permutation(len(paths))[:CALIBRATION_IMAGES]
+        sample = [paths[i] for i in sorted(order)]
+        return (b.pixels for b in stream_pixels(sample, preprocessing, 16, self.workers) if len(b.indices))
 
     # ---- using a fitted model ---------------------------------------------------------------------------------
     @property
@@ -331,6 +337,56 @@ class ImageClassifier:
         self.directory_ = directory
         return directory
 
+    def export(self, path: str | Path, *, int8: bool = False,
+               images: Sequence[str | Path] | None = None) -> ExportCheck:
+        """Write the whole classifier as one self-contained ONNX file and verify it against the torch model.
+
+        Input "pixels": uint8 RGB (n, 3, H, W), resized and centre-cropped as the metadata says (normalisation is
+        inside); output "probabilities": calibrated class probabilities. Classes and preprocessing are in its
+        metadata_props. Verified with onnxruntime on `images` (default: up to 64 of the model's own test or val
+        images, else scikit-image's photos); `int8` quantises the backbone, calibrated on 128 training images.
+        Outside tolerance nothing is written and EngineError says by how much.
+        """
+        bundle = self._bundle()
+        pixels, source = self._export_check_pixels(images)
+        calibration = None
+        if int8:
+            train = self._recorded_split("train")
+            if not train:
+                raise ValueError("an int8 export calibrates on the model's training images, and they are no longer "
+                                 f"where it was trained ({bundle.extra.get('data_checks', {}).get('root')}); "
+                                 "export without --int8, or put the dataset back")
+            calibration = self._calibration_batches(train, bundle.preprocessing)
+        return export_classifier(self.model(), bundle.preprocessing, Path(path),
+                                 _export_properties(bundle, "int8" if int8 else "fp32"), pixels, source, calibration)
+
+    def _export_check_pixels(self, images: Sequence[str | Path] | None) -> tuple[np.ndarray, str]:
+        preprocessing = self._bundle().preprocessing
+        if images:
+            paths, missing = expand_paths(images)
+            if missing or not paths:
+                raise FileNotFoundError(f"no image to verify the export on: {missing[0].path if missing else images}")
+            source = f"{len(paths)} image(s) given"
+        else:
+            split = "test" if self._recorded_split("test") else "val"
+            recorded = self._recorded_split(split)
+            paths = recorded[::max(1, len(recorded) // EXPORT_CHECK_IMAGES)][:EXPORT_CHECK_IMAGES]
+            source = f"{len(paths)} images of the model's {split} split"
+            if not paths:
+                return probe_pixels(preprocessing), "scikit-image's sample photos (the training data is not here)"
+        batches = list(stream_pixels(paths, preprocessing, self.batch_size, self.workers))
+        errors = [(paths[i], reason) for b in batches for i, reason in b.errors]
+        if errors:
+            raise ValueError(f"cannot read {errors[0][0]}: {errors[0][1]}")
+        return np.concatenate([b.pixels for b in batches]), source
+
+    def _recorded_split(self, split: str) -> list[Path]:
+        """The files of `split` the model was trained with, if they are still where they were."""
+        bundle = self._bundle()
+        root = bundle.extra.get("data_checks", {}).get("root")
+        files = [Path(root) / relative for relative, _ in bundle.split.get("files", {}).get(split, [])] if root else []
+        return files if files and all(f.is_file() for f in files) else []
+
     def _bundle(self) -> Bundle:
         if not hasattr(self, "bundle_"):
             raise NotFittedError("this ImageClassifier is not trained: call fit(data) or tlearn.load(folder)")
@@ -365,6 +421,25 @@ def _val_score(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(accuracy, -log loss) on val: the stage with the larger score is kept."""
     proba = torch.softmax(torch.from_numpy(np.asarray(logits, np.float64)), 1).numpy()
     return float((proba.argmax(1) == y).mean()), -float(log_loss(y, proba, labels=list(range(proba.shape[1]))))
+
+
+def _export_properties(bundle: Bundle, precision: str) -> dict[str, str]:
+    """What a consumer of the exported ONNX file needs to know, as its metadata_props."""
+    prep, size = bundle.preprocessing, bundle.preprocessing.input_size
+    temperature = float(bundle.extra.get("calibration", {}).get("temperature", 1.0))
+    return {
+        "producer": f"tlearn {metadata.version('tlearn')}",
+        "classes": json.dumps(bundle.classes),
+        "input": f"pixels: uint8 RGB (batch, 3, {size}, {size}), the image resized ({prep.interpolation}, shorter "
+                 f"side to {prep.resize_size()}) and centre-cropped to {size}x{size}; mean/std are applied inside",
+        "output": f"probabilities: float32 (batch, {len(bundle.classes)}), calibrated class probabilities "
+                  f"(softmax of logits / temperature {temperature:.4g}) in the order of `classes`",
+        "preprocessing": json.dumps({**prep.to_dict(), "resize_shorter_side": prep.resize_size(),
+                                     "crop": "centre", "channels": "RGB", "layout": "NCHW", "dtype": "uint8"}),
+        "temperature": repr(temperature),
+        "precision": precision,
+        "backbone": json.dumps({k: bundle.backbone.get(k) for k in ("name", "architecture", "precision")}),
+    }
 
 
 def _check_trainable(dataset: Dataset, ys: dict[str, np.ndarray]) -> None:

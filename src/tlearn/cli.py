@@ -344,6 +344,33 @@ def report(
 
 
 @app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="ONNX file to write "
+                                                     "[default: MODEL/model.onnx, or model-int8.onnx].")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Quantise the backbone to int8 (static, calibrated on the "
+                                                      "training images); looser verification tolerance.")] = False,
+    images: Annotated[Optional[list[Path]], typer.Option(
+        help="Images or folders to verify on [default: the model's test/val images].")] = None,
+) -> None:
+    """Export the whole classifier as one ONNX file (pixels in, calibrated probabilities out), verified against
+    the torch model."""
+    out_file = out_file or model / ("model-int8.onnx" if int8 else "model.onnx")
+    try:
+        check = tlearn.load(model, progress=False).export(out_file, int8=int8, images=images)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    out.print(f"wrote {check.path} ({Path(check.path).stat().st_size / 1e6:.1f} MB, {check.precision}): input "
+              "uint8 pixels, output calibrated class probabilities; classes and preprocessing in its metadata",
+              highlight=False)
+    bound = check.tolerance
+    out.print(f"verified with onnxruntime against torch on {check.image_source}: probabilities differ by at most "
+              f"{check.max_abs_diff:.2e} (tolerance {bound['max_abs_diff']:g}), mean {check.mean_abs_diff:.2e} "
+              f"(tolerance {bound['mean_abs_diff']:g}); top-1 agreement {check.top1_agreement:.1%} "
+              f"(tolerance >= {bound['top1_agreement']:.0%})", highlight=False)
+
+
+@app.command()
 def backbones() -> None:
     """List the backbones, their input size, parameter count and whether their weights are on this machine."""
     table = Table()

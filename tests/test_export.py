@@ -1,0 +1,112 @@
+"""`tlearn export`: one ONNX file, pixels in, calibrated probabilities out, that agrees with the torch model.
+
+The file is run with onnxruntime on real hymenoptera images preprocessed from its own metadata only (PIL resize
+and centre crop, no tlearn code), and compared with tlearn.load(...).predict_proba. Tolerances: fp32 within 1e-3
+with the same top-1; int8 (calibrated on the training images) within the looser bounds stated in
+tlearn.engines.export.EXPORT_TOLERANCE.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import tlearn
+from tlearn.backbones import weights_available
+from tlearn.cli import app
+from tlearn.engines import EngineError
+from tlearn.engines import export as export_module
+
+ort = pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.skipif(not weights_available("efficientnet_lite0"), reason="no EfficientNet-Lite0 weights")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(hymenoptera_small, cache_dir, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("export") / "model"
+    tlearn.ImageClassifier(cache_dir=cache_dir, progress=False).fit(hymenoptera_small).save(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def images(hymenoptera_small) -> list[Path]:
+    return sorted((hymenoptera_small / "val").rglob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir) -> tuple[Path, str]:
+    result = runner.invoke(app, ["export", str(model_dir)])
+    assert result.exit_code == 0, result.output
+    return model_dir / "model.onnx", result.output
+
+
+def run_onnx_file(path: Path, images: list[Path]) -> tuple[np.ndarray, dict]:
+    """Probabilities from the ONNX file alone: preprocessing as its metadata describes, onnxruntime forward."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    props = session.get_modelmeta().custom_metadata_map
+    prep = json.loads(props["preprocessing"])
+    size, short = prep["input_size"], prep["resize_shorter_side"]
+    assert prep["interpolation"] == "bicubic" and prep["crop"] == "centre"
+    batch = []
+    for path_ in images:
+        image = Image.open(path_).convert("RGB")
+        scale = short / min(image.size)
+        width, height = (short, int(scale * image.height)) if image.width <= image.height else \
+            (int(scale * image.width), short)
+        image = image.resize((width, height), Image.BICUBIC)
+        left, top = int(round((width - size) / 2)), int(round((height - size) / 2))
+        batch.append(np.asarray(image.crop((left, top, left + size, top + size))).transpose(2, 0, 1))
+    (probabilities,) = session.run(["probabilities"], {"pixels": np.stack(batch)})
+    return probabilities, props
+
+
+def test_exported_file_alone_matches_predict_proba(exported, model_dir, images):
+    path, output = exported
+    got, props = run_onnx_file(path, images)
+    expected = tlearn.load(model_dir, progress=False).predict_proba(images)
+    assert json.loads(props["classes"]) == ["ants", "bees"] and props["precision"] == "fp32"
+    assert "calibrated class probabilities" in props["output"]
+    assert float(props["temperature"]) == json.loads((model_dir / "config.json").read_text())["calibration"][
+        "temperature"]
+    assert np.allclose(got.sum(1), 1, atol=1e-5)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    assert np.abs(got - expected).max() <= 1e-3
+    verification = json.loads(props["verification"])
+    assert verification["ok"] and verification["images"] == len(images)
+    assert "top-1 agreement 100.0%" in " ".join(output.split())
+
+
+def test_export_outside_tolerance_writes_nothing(model_dir, monkeypatch, tmp_path):
+    impossible = {"fp32": {"max_abs_diff": -1.0, "mean_abs_diff": 1.0, "top1_agreement": 0.0}}
+    monkeypatch.setattr(export_module, "EXPORT_TOLERANCE", impossible)
+    with pytest.raises(EngineError, match="disagrees with torch.*was not written"):
+        tlearn.load(model_dir, progress=False).export(tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary
+
+
+def test_int8_export_is_quantised_and_close(model_dir, images, tmp_path):
+    check = tlearn.load(model_dir, progress=False).export(tmp_path / "model-int8.onnx", int8=True)
+    assert check.ok and check.precision == "int8"
+    got, props = run_onnx_file(tmp_path / "model-int8.onnx", images)
+    expected = tlearn.load(model_dir, progress=False).predict_proba(images)
+    ops = {node.op_type for node in onnx.load(tmp_path / "model-int8.onnx").graph.node}
+    assert props["precision"] == "int8" and "QuantizeLinear" in ops
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.75
+    assert np.abs(got - expected).mean() <= 0.05
+
+
+def test_int8_export_needs_the_training_images(model_dir, tmp_path):
+    moved = shutil.copytree(model_dir, tmp_path / "model")
+    config = json.loads((moved / "config.json").read_text())
+    config["data_checks"]["root"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["export", str(moved), "--int8"])
+    assert result.exit_code == 2 and "calibrates on the model's training images" in result.output
+    assert not (moved / "model-int8.onnx").exists()
