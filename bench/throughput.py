@@ -32,7 +32,7 @@ def classifier():
     import torch
 
     from tlearn.backbones import create_backbone
-    from tlearn.bundle import Classifier
+    from tlearn.classifier import Classifier
 
     backbone, _ = create_backbone("efficientnet_lite0")
     torch.manual_seed(0)

@@ -42,6 +42,23 @@ def test_second_fit_uses_the_cache_and_gives_the_same_model(demo_model, demo_dat
     assert again.metrics_ == demo_model.metrics_
 
 
+def test_retrain_on_cached_features_imports_no_torch_and_writes_the_same_model(demo_model, demo_data, cache_dir,
+                                                                             tmp_path):
+    """The head is numpy and the backbone's tensors are cached with its features: a re-train builds no network."""
+    first = demo_model.save(tmp_path / "first")
+    script = (f"import sys, tlearn\n"
+              f"tlearn.ImageClassifier(cache_dir={str(cache_dir)!r}, progress=False).fit({str(demo_data)!r})"
+              f".save({str(tmp_path / 'again')!r})\n"
+              "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+    again = tlearn.load(tmp_path / "again")
+    assert again.metrics_ == demo_model.metrics_
+    files = sorted((demo_data / "test").rglob("*.png"))[:3]
+    assert (again.predict_proba(files) == demo_model.predict_proba(files)).all()
+
+
 def test_cli_train_evaluate_predict_with_bad_files(hymenoptera_small, tmp_path, cache_dir):
     data = link_subset(hymenoptera_small, tmp_path / "data", {"train": 6, "val": 4})
     (data / "train/ants/truncated.jpg").write_bytes((hymenoptera_small / "train/ants").iterdir().__next__()

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from tlearn.backbones import BACKBONES, WeightsUnavailable, create_backbone, get_spec
+from tlearn.backbones import BACKBONES, Preprocessing, WeightsUnavailable, create_backbone, get_spec
 
 
 def _imagenet_top1(model, spec, photo: np.ndarray) -> int:
@@ -35,6 +35,13 @@ def test_registry_sizes_and_normalisation():
     sizes = {name: spec.preprocessing.input_size for name, spec in BACKBONES.items()}
     assert sizes["efficientnet_lite0"] == 224 and sizes["efficientnet_lite2"] == 260
     assert get_spec("efficientnet_lite0").preprocessing.mean == pytest.approx((127 / 255,) * 3)
+
+
+@pytest.mark.parametrize("name", [n for n in BACKBONES if not n.startswith("efficientnet_lite")])
+def test_classic_preprocessing_is_the_one_timm_publishes(name):
+    """The registry writes it out (so a re-train need not import timm); it must be what the weights expect."""
+    spec = get_spec(name)
+    assert spec.preprocessing == Preprocessing.from_timm(spec.architecture)
 
 
 def test_unknown_backbone_names_the_known_ones():

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import SHARED
 from tlearn.backbones import create_backbone, get_spec, weights_available
-from tlearn.bundle import Classifier
+from tlearn.classifier import Classifier
 from tlearn.data.decode import load_image
 from tlearn.data.pipeline import pixel_batches
 from tlearn.engines import EngineError, installed, open_engine, stream_pixels
@@ -46,7 +46,7 @@ def classifier() -> Classifier:
               for name, paths in split.items()}
     ys = {name: np.repeat([0, 1], len(paths) // 2) for name, paths in split.items()}
     head = fit_head(xs["train"], ys["train"], xs["val"], ys["val"], 2).head
-    return Classifier(backbone, head).eval()
+    return Classifier.from_head(backbone, head).eval()
 
 
 @pytest.fixture(scope="module")

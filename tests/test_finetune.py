@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tlearn.backbones import create_backbone, get_spec, state_sha256
-from tlearn.bundle import Classifier
+from tlearn.classifier import Classifier
 from tlearn.data.decoded import decode_resized
 from tlearn.train.augment import eval_transform, train_transform
 from tlearn.train.finetune import (FinetuneModule, FinetuneSettings, class_weights, resolve_unfreeze, unfreeze,

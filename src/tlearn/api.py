@@ -4,7 +4,6 @@ The CLI and the server call this and nothing below it.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
@@ -13,26 +12,29 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 
-from sklearn.metrics import log_loss
-
-from tlearn.backbones import create_backbone, get_spec, state_sha256
-from tlearn.bundle import Bundle, Classifier
+from tlearn.backbones import create_backbone, get_spec, locate_weights, state_sha256
+from tlearn.bundle import Bundle
 from tlearn.data import Dataset, DatasetError, find_dataset
-from tlearn.engines import engine_key, open_engine, probe_pixels, stream_pixels
-from tlearn.engines.export import ExportCheck, export_classifier
+from tlearn.data.decode import content_hashes
 from tlearn.data.doctor import quick_check
+from tlearn.engines import engine_key, open_engine, probe_pixels, stream_pixels
 from tlearn.evaluate import classification_metrics
 from tlearn.evaluate.calibration import calibrate
 from tlearn.evaluate.metrics import ScoredSplit
 from tlearn.features import FeatureCache, Features, extract_features, feature_key
 from tlearn.predict import Prediction, Unreadable, expand_paths, predict_files
-from tlearn.train import balanced_class_weight, fit_head
+from tlearn.train import LinearHead, balanced_class_weight, fit_head
 from tlearn.train.settings import FinetuneSettings
+
+if TYPE_CHECKING:  # torch is imported only where images go through a network: a re-train on cached features
+    from torch import nn  # (the head is numpy, tlearn.train.head) never imports it
+
+    from tlearn.classifier import Classifier
+    from tlearn.engines.export import ExportCheck
 
 
 CALIBRATION_IMAGES = 128  # int8 activation ranges: enough images to cover the classes, few enough to be quick
@@ -75,30 +77,31 @@ class ImageClassifier:
         interrupted fine-tune from the last checkpoint in `run_dir`.
         """
         start = time.perf_counter()
-        get_spec(self.backbone)  # an unknown name fails before any work
+        spec = get_spec(self.backbone)  # an unknown name fails before any work
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
         if resume:  # before any work: a resume with nothing to resume from is a mistake
             from tlearn.train.finetune import last_checkpoint
 
             last_checkpoint(self.run_dir or "")
-        torch.manual_seed(self.seed)
         dataset = find_dataset(data, self.seed, self.val_fraction, self.test_fraction)
-        checks = quick_check(dataset)
-        spec = get_spec(self.backbone)
-        backbone, weights_info = create_backbone(self.backbone, self.weights)
+        hashes = content_hashes([s.path for samples in dataset.splits.values() for s in samples])  # read once
+        checks = quick_check(dataset, hashes)
+        weights_info = locate_weights(self.backbone, self.weights)
         precision = self.precision or "fp32"
         key = feature_key(spec.architecture, weights_info.sha256, spec.preprocessing, precision)
         self._model = None
-        features = self._split_features(dataset, backbone, spec.preprocessing, key, precision)
+        # the network is built only if something is left to extract (or to fine-tune)
+        build_backbone = functools.cache(lambda: create_backbone(self.backbone, self.weights)[0])
+        features = self._split_features(dataset, build_backbone, spec.preprocessing, key, precision, hashes)
         xs = {split: f.vectors for split, f in features.items()}
         ys = {split: dataset.labels(split)[f.kept] for split, f in features.items()}
         _check_trainable(dataset, ys)
         class_weight = balanced_class_weight(ys["train"], len(dataset.classes))
         fit = fit_head(xs["train"], ys["train"], xs["val"], ys["val"], len(dataset.classes),
                        class_weight=class_weight, progress=self.progress)
-        classifier = Classifier(backbone, fit.head)
-        state = classifier.state_dict()
+        state = {**{f"backbone.{k}": v for k, v in self._backbone_state(build_backbone, key).items()},
+                 **{f"head.{k}": v for k, v in fit.head.state().items()}}
         failures = sorted({(str(p), r) for f in features.values() for p, r in f.failures})
         self.bundle_ = Bundle(
             classes=dataset.classes,
@@ -111,8 +114,7 @@ class ImageClassifier:
                                                                     "search": fit.search},
                       "skipped_files": [{"path": p, "reason": r} for p, r in failures]},
             split=dataset.describe())
-        with torch.no_grad():
-            logits = {split: classifier.classify_features(torch.from_numpy(x)).numpy() for split, x in xs.items()}
+        logits = {split: fit.head.logits(x) for split, x in xs.items()}
         self.bundle_.metrics = {split: classification_metrics(ys[split], logits[split].argmax(1), dataset.classes,
                                                               self.seed)
                                 for split in ("val", "test") if split in xs}
@@ -132,7 +134,7 @@ class ImageClassifier:
             "C": fit.C, "seconds": time.perf_counter() - start, "data_checks": checks.to_dict(), "recipe": "head",
         }
         if self._wants_finetune(dataset):
-            self._fine_tune(dataset, backbone, fit.head, logits, ys, resume)
+            self._fine_tune(dataset, build_backbone(), fit.head, logits, ys, resume)
             self.summary_["seconds"] = time.perf_counter() - start
         return self
 
@@ -142,8 +144,10 @@ class ImageClassifier:
         per_class = len(dataset.split("train")) / len(dataset.classes)
         return per_class >= AUTO_MIN_TRAIN_PER_CLASS and self.bundle_.metrics["val"]["accuracy"] < AUTO_HEAD_GOOD_ENOUGH
 
-    def _fine_tune(self, dataset: Dataset, backbone, head, head_logits: dict, head_ys: dict, resume: bool) -> None:
+    def _fine_tune(self, dataset: Dataset, backbone: nn.Module, head: LinearHead, head_logits: dict, head_ys: dict,
+                   resume: bool) -> None:
         """Stage 2 from the stage-1 head; the bundle becomes the better stage on val, both stages recorded."""
+        from tlearn.classifier import Classifier
         from tlearn.data.decoded import decode_resized
         from tlearn.train.finetune import fine_tune, predict_logits
 
@@ -152,8 +156,8 @@ class ImageClassifier:
                                         spec.preprocessing.interpolation, self.workers, self.progress, split)
                   for split in dataset.splits}
         run_dir = Path(self.run_dir) if self.run_dir else Path(tempfile.mkdtemp(prefix="tlearn-run-"))
-        # copies: the stage-1 bundle shares its tensors with `backbone` and `head`, and must stay as it is
-        result = fine_tune(copy.deepcopy(Classifier(backbone, head)), spec.preprocessing, images["train"],
+        # the stage-1 bundle holds copies of the tensors (numpy), so fine-tuning `backbone` in place leaves it as it is
+        result = fine_tune(Classifier.from_head(backbone, head), spec.preprocessing, images["train"],
                            images["val"], settings, spec.unfreeze_hint, run_dir, resume=resume, seed=self.seed,
                            progress=self.progress)
         logits = {split: predict_logits(result.model, images[split], spec.preprocessing, self.batch_size)
@@ -168,7 +172,7 @@ class ImageClassifier:
                   "finetune": _val_score(logits["val"], images["val"].labels)}
         chosen = "finetune" if scores["finetune"] > scores["head"] else "head"
         if chosen == "finetune":
-            _adopt_weights(bundle, result.model.state_dict())
+            _adopt_weights(bundle, result.model.numpy_state())
             # the temperature and the report's per-image results belong to the model that is kept
             self._scored = {split: ScoredSplit(split, _decoded_paths(dataset.paths(split), images[split]),
                                                images[split].labels, x) for split, x in logits.items()}
@@ -185,20 +189,32 @@ class ImageClassifier:
         self.summary_.update(recipe=chosen, finetune=bundle.training["finetune"])
         self._model = None
 
-    def _split_features(self, dataset: Dataset, backbone, preprocessing, key: str,
-                        precision: str) -> dict[str, Features]:
+    def _split_features(self, dataset: Dataset, build_backbone: Callable[[], nn.Module], preprocessing, key: str,
+                        precision: str, hashes: dict[Path, str | None]) -> dict[str, Features]:
         with FeatureCache(key, self.cache_dir) as cache:
-            engine = self._engine_opener(backbone, preprocessing, cache.directory / "engines", precision,
+            engine = self._engine_opener(build_backbone, preprocessing, cache.directory / "engines", precision,
                                          dataset.paths("train"))
-            return {split: extract_features(backbone, preprocessing, dataset.paths(split), cache, self.batch_size,
-                                            self.workers, self.progress, description=split, engine=engine)
+            return {split: extract_features(None, preprocessing, dataset.paths(split), cache, self.batch_size,
+                                            self.workers, self.progress, description=split, engine=engine,
+                                            hashes=[hashes[p] for p in dataset.paths(split)])
                     for split in dataset.splits}
 
-    def _engine_opener(self, backbone, preprocessing, folder: Path, precision: str,
+    def _backbone_state(self, build_backbone: Callable[[], nn.Module], key: str) -> dict[str, np.ndarray]:
+        """The backbone's tensors for the bundle (copies). When every feature came from the cache no network was
+        built, and they are read from the cache, stored there the first time: a re-train never imports torch."""
+        with FeatureCache(key, self.cache_dir) as cache:
+            state = None if build_backbone.cache_info().currsize else cache.backbone_state()
+            if state is None:
+                state = {k: v.detach().cpu().numpy().copy() for k, v in build_backbone().state_dict().items()}
+                cache.put_backbone_state(state)
+        return state
+
+    def _engine_opener(self, build_backbone: Callable[[], nn.Module], preprocessing, folder: Path, precision: str,
                        calibration_paths: Sequence[Path] = ()):
-        """Opens the engine once, on first use; int8 calibrates on up to 128 training images (seeded sample)."""
+        """Opens the engine once, on first use (the backbone is built then); int8 calibrates on up to 128 training
+        images (seeded sample)."""
         calibration = functools.partial(self._calibration_batches, calibration_paths, preprocessing)
-        return functools.cache(lambda: open_engine(backbone, preprocessing, folder, self.engine, precision,
+        return functools.cache(lambda: open_engine(build_backbone(), preprocessing, folder, self.engine, precision,
                                                    calibration if len(calibration_paths) else None))
 
     def _calibration_batches(self, paths: Sequence[Path], preprocessing) -> Iterator[np.ndarray]:
@@ -264,23 +280,20 @@ class ImageClassifier:
         if self.precision not in (None, precision):
             raise ValueError(f"this model's head was trained on {precision} features; evaluate it with "
                              f"--precision {precision}")
-        temperature = float(bundle.extra.get("calibration", {}).get("temperature", 1.0))
         scored, failures = {}, []
         with FeatureCache(bundle.backbone["feature_key"], self.cache_dir) as cache:
-            engine = self._engine_opener(self.model().backbone, bundle.preprocessing, self._engine_folder(cache),
-                                         precision)
+            engine = self._engine_opener(lambda: self.model().backbone, bundle.preprocessing,
+                                         self._engine_folder(cache), precision)
             for split in splits:
                 if split not in dataset.splits and len(splits) > 1:
                     continue  # e.g. no test split: score what there is
-                features = extract_features(self.model().backbone, bundle.preprocessing, dataset.paths(split),
-                                            cache, self.batch_size, self.workers, self.progress, description=split,
+                features = extract_features(None, bundle.preprocessing, dataset.paths(split), cache,
+                                            self.batch_size, self.workers, self.progress, description=split,
                                             engine=engine)
                 failures += features.failures
-                with torch.no_grad():
-                    calibrated = self.model().classify_features(torch.from_numpy(features.vectors)).double().numpy()
-                # the model divides logits by the temperature (folded into its head): undo it for raw logits
                 scored[split] = ScoredSplit(split, [dataset.paths(split)[i] for i in features.kept],
-                                            dataset.labels(split)[features.kept], calibrated * temperature)
+                                            dataset.labels(split)[features.kept],
+                                            bundle.head().logits(features.vectors).astype(np.float64))
         return scored, failures
 
     def iter_predict(self, paths: Iterable[str | Path], top_k: int = 1,
@@ -294,7 +307,7 @@ class ImageClassifier:
         precision = self.precision or bundle.backbone.get("precision", "fp32")
         with FeatureCache(bundle.backbone["feature_key"], self.cache_dir) as cache:
             folder = self._engine_folder(cache)
-        engine = self._engine_opener(self.model().backbone, bundle.preprocessing, folder, precision)()
+        engine = self._engine_opener(lambda: self.model().backbone, bundle.preprocessing, folder, precision)()
         yield from predict_files(self.model(), bundle.classes, bundle.preprocessing, files, top_k,
                                  self.batch_size, self.workers, engine, min_confidence)
 
@@ -347,6 +360,8 @@ class ImageClassifier:
         images, else scikit-image's photos); `int8` quantises the backbone, calibrated on 128 training images.
         Outside tolerance nothing is written and EngineError says by how much.
         """
+        from tlearn.engines.export import export_classifier
+
         bundle = self._bundle()
         pixels, source = self._export_check_pixels(images)
         calibration = None
@@ -402,9 +417,9 @@ def load(directory: str | Path, **settings) -> ImageClassifier:
     return clf
 
 
-def _adopt_weights(bundle: Bundle, state: dict[str, torch.Tensor]) -> None:
+def _adopt_weights(bundle: Bundle, state: dict[str, np.ndarray]) -> None:
     """Fine-tuned weights into the bundle, with a feature-cache key of their own (stage-1 features no longer fit)."""
-    bundle.state = {k: v.detach().clone() for k, v in state.items()}
+    bundle.state = dict(state)
     tuned = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     bundle.backbone["fine_tuned_sha256"] = state_sha256(tuned)
     bundle.backbone["feature_key"] = feature_key(bundle.backbone["architecture"], bundle.backbone["fine_tuned_sha256"],
@@ -419,14 +434,17 @@ def _decoded_paths(paths: Sequence[Path], images) -> list[Path]:
 
 def _val_score(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(accuracy, -log loss) on val: the stage with the larger score is kept."""
-    proba = torch.softmax(torch.from_numpy(np.asarray(logits, np.float64)), 1).numpy()
+    from scipy.special import softmax
+    from sklearn.metrics import log_loss
+
+    proba = softmax(np.asarray(logits, np.float64), axis=1)
     return float((proba.argmax(1) == y).mean()), -float(log_loss(y, proba, labels=list(range(proba.shape[1]))))
 
 
 def _export_properties(bundle: Bundle, precision: str) -> dict[str, str]:
     """What a consumer of the exported ONNX file needs to know, as its metadata_props."""
     prep, size = bundle.preprocessing, bundle.preprocessing.input_size
-    temperature = float(bundle.extra.get("calibration", {}).get("temperature", 1.0))
+    temperature = bundle.temperature()
     return {
         "producer": f"tlearn {metadata.version('tlearn')}",
         "classes": json.dumps(bundle.classes),

@@ -1,6 +1,7 @@
 """A trained model on disk: `model.safetensors` + `config.json` + `metrics.json`. The only module that knows it.
 
 Nothing in a bundle is a pickle and loading one never unpickles: tensors come from safetensors, the rest is JSON.
+Tensors are numpy arrays here; torch is imported only to build the network (`build_model`).
 """
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import timm
-import torch
+import numpy as np
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.numpy import load_file, save_file
 
 from tlearn.backbones import Preprocessing
-from tlearn.train import normalise_features
+from tlearn.train.head import LinearHead
+
+if TYPE_CHECKING:
+    from tlearn.classifier import Classifier
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.json", "metrics.json"
@@ -30,21 +33,6 @@ class BundleError(ValueError):
     """A folder that is not a usable tlearn model, with what is wrong with it."""
 
 
-class Classifier(nn.Module):
-    """Backbone (pooled features), L2 normalisation, then a linear head: images in, logits out."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Linear):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits from pooled backbone features (as cached by tlearn.features)."""
-        return self.head(normalise_features(features))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.classify_features(self.backbone(pixels))
-
-
 @dataclass
 class Bundle:
     """Everything needed to predict, and to trace how the model was made."""
@@ -52,7 +40,7 @@ class Bundle:
     classes: list[str]
     backbone: dict  # name, architecture, weights {source, sha256}, feature_dim, feature_key
     preprocessing: Preprocessing
-    state: dict[str, torch.Tensor]  # "backbone.*" and "head.*" tensors
+    state: dict[str, np.ndarray]  # "backbone.*" and "head.*" tensors
     training: dict = field(default_factory=dict)  # recipe settings and what was chosen
     split: dict = field(default_factory=dict)  # the files of each split actually used
     metrics: dict = field(default_factory=dict)
@@ -67,7 +55,7 @@ class Bundle:
                   "training": self.training, "split": self.split, **self.extra,
                   "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         _atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.state.items()}, tmp, metadata={"format": "tlearn"}))
+            {k: np.ascontiguousarray(v) for k, v in self.state.items()}, tmp, metadata={"format": "tlearn"}))
         _atomic(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
         _atomic(directory / METRICS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(self.metrics, indent=1)))
         return directory
@@ -100,21 +88,36 @@ class Bundle:
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{directory / CONFIG_FILE} is incomplete or malformed ({exc!r})") from None
 
+    def temperature(self) -> float:
+        """The calibration temperature (config "calibration"); 1 when there is none."""
+        temperature = float(self.extra.get("calibration", {}).get("temperature", 1.0))
+        if temperature <= 0:
+            raise BundleError(f"calibration temperature must be positive, not {temperature}")
+        return temperature
+
+    def head(self) -> LinearHead:
+        """The linear head on cached features, uncalibrated: logits as the head was trained (numpy, no torch)."""
+        return LinearHead(self.state["head.weight"], self.state["head.bias"])
+
     def build_model(self) -> Classifier:
         """The classifier with the bundle's weights, in eval mode; no network, no weights package needed.
 
         A calibration temperature T (config "calibration") is folded into the head: logits / T, same argmax."""
+        import timm
+        import torch
+        from torch import nn
+
+        from tlearn.classifier import Classifier
+
         backbone = timm.create_model(self.backbone["architecture"], pretrained=False, num_classes=0)
         n_features, n_classes = self.state["head.weight"].shape[1], len(self.classes)
         model = Classifier(backbone, nn.Linear(n_features, n_classes))
         try:
-            model.load_state_dict(self.state, strict=True)
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in self.state.items()}, strict=True)
         except RuntimeError as exc:
             raise BundleError(f"model weights do not fit the {self.backbone['architecture']} architecture: "
                               f"{str(exc).splitlines()[0]} ...") from None
-        temperature = float(self.extra.get("calibration", {}).get("temperature", 1.0))
-        if temperature <= 0:
-            raise BundleError(f"calibration temperature must be positive, not {temperature}")
+        temperature = self.temperature()
         with torch.no_grad():
             model.head.weight /= temperature
             model.head.bias /= temperature

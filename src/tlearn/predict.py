@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
-import torch
 
 from tlearn.backbones import Preprocessing
-from tlearn.bundle import Classifier
 from tlearn.data.decode import is_image_path
-from tlearn.engines import PixelsToOutputs, TorchEngine, stream_pixels
+
+if TYPE_CHECKING:
+    from tlearn.classifier import Classifier
 
 
 UNCERTAIN = "uncertain"  # the label of a prediction whose confidence is below the threshold asked for
@@ -64,6 +64,10 @@ def predict_files(model: Classifier, classes: list[str], preprocessing: Preproce
     """
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise ValueError(f"min_confidence must be between 0 and 1, not {min_confidence}")
+    import torch
+
+    from tlearn.engines import PixelsToOutputs, TorchEngine, stream_pixels
+
     k = max(1, min(top_k, len(classes)))
     engine = engine or TorchEngine(PixelsToOutputs(model.backbone, preprocessing))
     with torch.inference_mode():

@@ -7,10 +7,11 @@ from tlearn.backbones.registry import (
     create_backbone,
     fetch_weights,
     get_spec,
+    locate_weights,
     parameter_count,
     state_sha256,
     weights_available,
 )
 
 __all__ = ["BACKBONES", "BackboneSpec", "Preprocessing", "WeightsUnavailable", "create_backbone", "fetch_weights",
-           "get_spec", "parameter_count", "state_sha256", "weights_available"]
+           "get_spec", "locate_weights", "parameter_count", "state_sha256", "weights_available"]

@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-import timm
-import torch
+from typing import TYPE_CHECKING
+
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from timm.models import clean_state_dict
-from timm.models.vgg import _filter_fn as vgg_torchvision_to_timm
-from torch import nn
+
+if TYPE_CHECKING:  # torch and timm are imported where weights are read, not when the registry is (see registry.py)
+    import torch
+    from torch import nn
 
 HUB_FILE = "model.safetensors"  # what timm publishes for each architecture on the hub
 HUB_PROBE_SECONDS = 3.0  # huggingface_hub retries an unreachable host for ~25 s; we ask once, briefly
@@ -52,6 +50,13 @@ def rename_last_linear(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
             for k, v in state_dict.items()}
 
 
+def vgg_torchvision_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision VGG -> timm: the classifier's fc6/fc7 become timm's pre_logits convolutions (timm's own mapping)."""
+    from timm.models.vgg import _filter_fn
+
+    return _filter_fn(state_dict)
+
+
 def keep_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """torchvision ResNet-50 keys are timm's already."""
     return state_dict
@@ -60,6 +65,11 @@ def keep_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---- reading and loading -----------------------------------------------------------------------------------
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file or a PyTorch state dict (optionally under "state_dict"/"model")."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from timm.models import clean_state_dict
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
@@ -121,6 +131,8 @@ def cached_weights(name: str, architecture: str) -> Path | None:
         path = weights_dir() / f"{name}{suffix}"
         if path.is_file():
             return path
+    from huggingface_hub import try_to_load_from_cache
+
     found = try_to_load_from_cache(_hub_id(architecture), HUB_FILE)
     return Path(found) if isinstance(found, str) else None
 
@@ -134,6 +146,8 @@ def how_to_get(name: str, architecture: str) -> str:
 
 def fetch_weights(name: str, architecture: str) -> Path:
     """Download the hub weights into the weights cache and return the file; fail within seconds when offline."""
+    from huggingface_hub import hf_hub_download
+
     offline = _hub_offline_reason()
     if offline:
         raise _unavailable(name, architecture, offline)
@@ -153,6 +167,8 @@ def hub_endpoint() -> str:
 
 
 def _hub_id(architecture: str) -> str:
+    import timm
+
     return timm.get_pretrained_cfg(architecture).hf_hub_id
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where the weights are read (see registry.py on why)
+    import torch
+    from torch import nn
 
 _TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # Inside a block: with an expansion conv the block is timm's InvertedResidual, without it a DepthwiseSeparableConv.
@@ -48,5 +50,7 @@ def to_timm_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load shipped weights into a timm tf_efficientnet_lite model (1000-class head included), strictly."""
+    import torch
+
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(to_timm_keys(state_dict, model), strict=True, assign=True)

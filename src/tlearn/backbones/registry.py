@@ -1,17 +1,23 @@
-"""The table of backbones tlearn knows, and the one call that builds any of them with its weights."""
+"""The table of backbones tlearn knows, and the one call that builds any of them with its weights.
+
+Importing this module imports neither torch nor timm (timm brings torchvision and torch._dynamo: seconds on a
+2-core machine): a re-train on cached features needs the table, not a network, and must not pay for one.
+"""
 from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import timm
-import torch
-from torch import nn
+import numpy as np
 
 from tlearn.backbones import classic, efficientnet_lite
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class WeightsUnavailable(RuntimeError):
@@ -37,6 +43,8 @@ class Preprocessing:
     @classmethod
     def from_timm(cls, architecture: str) -> "Preprocessing":
         """The preprocessing the timm weights `architecture` (name.tag) were trained and evaluated with."""
+        import timm
+
         cfg = timm.get_pretrained_cfg(architecture)
         return cls(int(cfg.input_size[-1]), cfg.interpolation, float(cfg.crop_pct), tuple(cfg.mean), tuple(cfg.std))
 
@@ -50,12 +58,16 @@ class Preprocessing:
 
         Without `normalize`: the uint8 tensor after resize and centre crop; `normalise` finishes the job.
         """
-        return timm.data.create_transform(
+        from timm.data import create_transform
+
+        return create_transform(
             input_size=(3, self.input_size, self.input_size), is_training=False, interpolation=self.interpolation,
             mean=self.mean, std=self.std, crop_pct=self.crop_pct, crop_mode="center", normalize=normalize)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (n, 3, H, W) -> float32, the same arithmetic as eval_transform's ToTensor + Normalize."""
+        import torch
+
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
         return pixels.float().div(255).sub(mean).div(std)
@@ -106,11 +118,16 @@ def _lite(variant: int, size: int) -> BackboneSpec:
     )
 
 
-def _classic(name: str, architecture: str, unfreeze_hint: str, to_timm=classic.keep_layout) -> BackboneSpec:
+_IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+_INCEPTION = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def _classic(name: str, architecture: str, preprocessing: Preprocessing, unfreeze_hint: str,
+             to_timm=classic.keep_layout) -> BackboneSpec:
     return BackboneSpec(
         name=name,
         architecture=architecture,
-        preprocessing=Preprocessing.from_timm(architecture),
+        preprocessing=preprocessing,  # timm's pretrained config for `architecture` (a test checks they agree)
         locate_weights=partial(classic.cached_weights, name, architecture),
         load_weights=partial(classic.load_weights, to_timm=to_timm),
         weights_hint=f"tlearn fetch-weights {name}",
@@ -123,13 +140,15 @@ def _classic(name: str, architecture: str, unfreeze_hint: str, to_timm=classic.k
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     _lite(0, 224), _lite(1, 240), _lite(2, 260),
     # VGG: the convs of the top block, and fc6/fc7 (timm's pre_logits), whose output is the feature vector.
-    _classic("vgg16", "vgg16.tv_in1k", "features.24,features.26,features.28,pre_logits",
-             classic.vgg_torchvision_to_timm),
-    _classic("vgg19", "vgg19.tv_in1k", "features.28,features.30,features.32,features.34,pre_logits",
-             classic.vgg_torchvision_to_timm),
-    _classic("resnet50", "resnet50.tv_in1k", "layer4"),
-    _classic("inception_v3", "inception_v3.tv_in1k", "Mixed_7c", classic.drop_aux_logits),
-    _classic("inception_resnet_v2", "inception_resnet_v2.tf_in1k", "block8,conv2d_7b", classic.rename_last_linear),
+    _classic("vgg16", "vgg16.tv_in1k", Preprocessing(224, "bilinear", 0.875, **_IMAGENET),
+             "features.24,features.26,features.28,pre_logits", classic.vgg_torchvision_to_timm),
+    _classic("vgg19", "vgg19.tv_in1k", Preprocessing(224, "bilinear", 0.875, **_IMAGENET),
+             "features.28,features.30,features.32,features.34,pre_logits", classic.vgg_torchvision_to_timm),
+    _classic("resnet50", "resnet50.tv_in1k", Preprocessing(224, "bilinear", 0.875, **_IMAGENET), "layer4"),
+    _classic("inception_v3", "inception_v3.tv_in1k", Preprocessing(299, "bicubic", 0.875, **_INCEPTION),
+             "Mixed_7c", classic.drop_aux_logits),
+    _classic("inception_resnet_v2", "inception_resnet_v2.tf_in1k", Preprocessing(299, "bicubic", 0.8975, **_INCEPTION),
+             "block8,conv2d_7b", classic.rename_last_linear),
 )}
 
 
@@ -149,12 +168,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def state_sha256(state: dict[str, torch.Tensor]) -> str:
+def state_sha256(state: dict[str, np.ndarray]) -> str:
     """Digest of a state dict's names and exact tensor bytes: identifies weights changed by fine-tuning."""
     digest = hashlib.sha256()
     for name in sorted(state):
         digest.update(name.encode())
-        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(np.ascontiguousarray(state[name]).reshape(-1).view(np.uint8).tobytes())
     return digest.hexdigest()
 
 
@@ -164,8 +183,11 @@ def create_backbone(name: str, weights: Path | None = None, imagenet_head: bool 
     Without `imagenet_head` the model returns pooled features (its classifier removed). Weights come from, in
     order: the file `weights`, the registry's place on this machine (package or local cache), the hub when online.
     """
-    spec = get_spec(name)
-    path, origin = _find_weights(spec, weights)
+    import timm  # late: see the module docstring
+    import torch
+
+    spec, info = get_spec(name), locate_weights(name, weights)
+    path = Path(info.source)
     # Built empty and given the file's tensors (load_weights assigns them): no random init of 138M VGG
     # parameters to throw away, and no second copy of them in memory.
     with torch.device("meta"):
@@ -177,7 +199,13 @@ def create_backbone(name: str, weights: Path | None = None, imagenet_head: bool 
     if not imagenet_head:
         model.reset_classifier(0)
     model.eval()
-    return model, WeightsInfo(str(path), file_sha256(path), origin)
+    return model, info
+
+
+def locate_weights(name: str, weights: Path | None = None) -> WeightsInfo:
+    """Where backbone `name`'s weights are (see create_backbone for the order) and their SHA-256; builds nothing."""
+    path, origin = _find_weights(get_spec(name), weights)
+    return WeightsInfo(str(path), file_sha256(path), origin)
 
 
 def _find_weights(spec: BackboneSpec, weights: Path | None) -> tuple[Path, str]:
@@ -213,6 +241,9 @@ def weights_available(name: str) -> bool:
 
 def parameter_count(name: str) -> int:
     """Parameters of the backbone with its ImageNet head, counted on an empty (meta) model: no weights, no memory."""
+    import timm
+    import torch
+
     with torch.device("meta"):
         model = timm.create_model(get_spec(name).architecture, pretrained=False)
     return sum(p.numel() for p in model.parameters())

@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -60,6 +62,12 @@ def content_hash(path: str | Path) -> str | None:
             return hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError:
         return None
+
+
+def content_hashes(paths: Sequence[str | Path], workers: int = 2) -> dict[Path, str | None]:
+    """content_hash of each file, keyed by path; hashing releases the GIL, so threads read and hash in parallel."""
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip(paths, pool.map(content_hash, paths)))
 
 
 def load_image(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from rich.progress import Progress
 
-from tlearn.data.decode import DecodeError, content_hash, decode_bytes, is_image_path
+from tlearn.data.decode import DecodeError, content_hashes, decode_bytes, is_image_path
 from tlearn.data.layout import SPLIT_FOLDERS, Dataset, DatasetError, find_dataset
 
 ERROR, WARNING = "error", "warning"
@@ -99,12 +99,15 @@ def examine_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.15,
     return _report(Path(root).expanduser(), layout, files, findings, decoded=True)
 
 
-def quick_check(dataset: Dataset) -> DoctorReport:
-    """The checks that need no decoding: class counts and exact duplicates (content hash) across splits/classes."""
+def quick_check(dataset: Dataset, hashes: dict[Path, str | None] | None = None) -> DoctorReport:
+    """The checks that need no decoding: class counts and exact duplicates (content hash) across splits/classes.
+
+    `hashes` (path -> content hash, see content_hashes) saves reading the files again when the caller has them."""
     files = [_File(s.path, split, dataset.classes[s.label]) for split, samples in dataset.splits.items()
              for s in samples]
+    hashes = hashes if hashes is not None else content_hashes([f.path for f in files])
     for f in files:
-        f.sha256 = content_hash(f.path)
+        f.sha256 = hashes[f.path]
     findings = _duplicate_findings(files, lambda f: f.sha256, "exact")
     return _report(dataset.root, dataset.layout, files, findings, decoded=False)
 

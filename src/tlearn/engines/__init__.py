@@ -3,6 +3,9 @@
 `open_engine(model, preprocessing, folder, engine, precision)` returns a callable: uint8 pixels (n, 3, H, W) ->
 float32 outputs. Exported files (ONNX, int8 ONNX, OpenVINO's compiled blobs) and the verification verdicts live in
 `folder` (the bundle's engines/ folder for prediction, the feature cache for extraction), keyed by the weights.
+
+Importing this package does not import torch (the runtimes and exporters are loaded on first use): a re-train on
+cached features and the command line's start-up do not pay for it.
 """
 from __future__ import annotations
 
@@ -10,15 +13,22 @@ import hashlib
 import json
 from importlib import metadata, util
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from torch import nn
 
 from tlearn.backbones import Preprocessing
 from tlearn.data.pipeline import PixelBatch, pixel_batches
-from tlearn.engines.export import export_onnx, quantise_int8
-from tlearn.engines.runtimes import EngineError, OnnxEngine, OpenVinoEngine, PixelsToOutputs, TorchEngine
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tlearn.engines.runtimes import PixelsToOutputs
+
+
+class EngineError(RuntimeError):
+    """An engine cannot run this model at this precision here; the message says why and what to use instead."""
+
 
 ENGINES = ("auto", "openvino", "onnx", "torch")
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -33,6 +43,17 @@ Calibration = Callable[[], Iterable[np.ndarray]]
 
 __all__ = ["ENGINES", "PRECISIONS", "EngineError", "PixelsToOutputs", "engine_key", "open_engine",
            "export_onnx", "probe_pixels", "verify", "stream_pixels", "TorchEngine"]
+_LAZY = {"PixelsToOutputs": "runtimes", "TorchEngine": "runtimes", "OnnxEngine": "runtimes",
+         "OpenVinoEngine": "runtimes", "export_onnx": "export", "quantise_int8": "export"}
+
+
+def __getattr__(name: str):
+    """The torch-based parts, imported on first use (PEP 562)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"tlearn.engines.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def stream_pixels(paths: Sequence[Path], preprocessing: Preprocessing, batch_size: int = 32,
@@ -73,6 +94,8 @@ def open_engine(model: nn.Module, preprocessing: Preprocessing, folder: Path, en
         raise EngineError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
     if precision not in PRECISIONS:
         raise EngineError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    from tlearn.engines.runtimes import PixelsToOutputs
+
     graph = PixelsToOutputs(model, preprocessing)
     folder = Path(folder) / engine_key(model, preprocessing)
     if engine != "auto":
@@ -91,6 +114,8 @@ def open_engine(model: nn.Module, preprocessing: Preprocessing, folder: Path, en
 
 def _open_verified(name: str, graph: PixelsToOutputs, folder: Path, precision: str, calibration: Calibration | None,
                    threads: int | None):
+    from tlearn.engines.runtimes import OnnxEngine, OpenVinoEngine, TorchEngine
+
     if name == "torch":
         return TorchEngine(graph, precision)
     if not installed(name):
@@ -116,6 +141,8 @@ def _open_verified(name: str, graph: PixelsToOutputs, folder: Path, precision: s
 
 
 def _model_file(graph: PixelsToOutputs, folder: Path, precision: str, calibration: Calibration | None) -> Path:
+    from tlearn.engines.export import export_onnx, quantise_int8
+
     fp32_file = folder / "model-fp32.onnx"
     if not fp32_file.exists():
         export_onnx(graph, fp32_file)
@@ -145,6 +172,8 @@ def _cached_verdict(folder: Path, name: str, precision: str, compute: Callable[[
 
 def verify(engine, graph: PixelsToOutputs) -> dict:
     """Compare `engine` with eager torch fp32 on real photos: max abs difference and worst row cosine."""
+    from tlearn.engines.runtimes import TorchEngine
+
     pixels = probe_pixels(graph.preprocessing)
     reference = TorchEngine(graph, "fp32")(pixels)
     outputs = engine(pixels)

@@ -14,10 +14,7 @@ import torch
 from torch import nn
 
 from tlearn.backbones import Preprocessing
-
-
-class EngineError(RuntimeError):
-    """An engine cannot run this model at this precision here; the message says why and what to use instead."""
+from tlearn.engines import EngineError  # noqa: F401  (raised here, defined where it is light to import)
 
 
 def default_threads() -> int:

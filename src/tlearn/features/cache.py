@@ -52,6 +52,33 @@ class FeatureCache:
                 "INSERT OR REPLACE INTO features (model, content, dim, vector) VALUES (?, ?, ?, ?)",
                 [(self.key, h, int(v.shape[0]), np.ascontiguousarray(v, dtype=np.float32).tobytes()) for h, v in items])
 
+    def backbone_state(self) -> dict[str, np.ndarray] | None:
+        """The backbone tensors stored with these features by `put_backbone_state`, or None."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(self._backbone_file())
+        except (FileNotFoundError, SafetensorError, OSError):
+            return None
+
+    def put_backbone_state(self, state: dict[str, np.ndarray]) -> None:
+        """Keep the backbone's tensors beside its features: a re-train on cached features then builds no network."""
+        from safetensors.numpy import save_file
+
+        path = self._backbone_file()
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp)
+            os.replace(tmp, path)
+
+    def _backbone_file(self) -> Path:
+        # The tensor names are timm's: another timm version may name them differently.
+        from importlib.metadata import version
+
+        return self.directory / "backbones" / f"{self.key}-timm{version('timm')}.safetensors"
+
     def close(self) -> None:
         self._db.close()
 

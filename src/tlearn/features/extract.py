@@ -6,15 +6,16 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch import nn
 
 from tlearn.backbones import Preprocessing
-from tlearn.engines import PixelsToOutputs, TorchEngine, stream_pixels
 from tlearn.features.cache import FeatureCache, content_hash
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FEATURE_FORMAT = 1  # bump when the way features are computed changes, so old cache entries are not reused
 
@@ -41,21 +42,25 @@ class Features:
     seconds: float = 0.0  # time spent extracting
 
 
-def extract_features(model: nn.Module, preprocessing: Preprocessing, paths: Sequence[Path], cache: FeatureCache,
-                     batch_size: int = 32, workers: int | None = None, progress: bool = True,
-                     description: str = "features", engine: Callable[[], Callable] | None = None) -> Features:
+def extract_features(model: nn.Module | None, preprocessing: Preprocessing, paths: Sequence[Path],
+                     cache: FeatureCache, batch_size: int = 32, workers: int | None = None, progress: bool = True,
+                     description: str = "features", engine: Callable[[], Callable] | None = None,
+                     hashes: Sequence[str | None] | None = None) -> Features:
     """Pooled features for `paths`, from the cache where present; decode failures are reported, not raised.
 
-    `engine` opens the inference engine that runs `model` (see tlearn.engines.open_engine); it is called only when
-    something is left to extract, and the cache key must then include its precision. Default: eager torch fp32.
+    `engine` opens the inference engine that runs the backbone (see tlearn.engines.open_engine); it is called only
+    when something is left to extract, and the cache key must then include its precision. Without it, `model` runs
+    in eager torch fp32. `hashes` are the files' content hashes when the caller has them already (None: unreadable).
+    Nothing here imports torch unless something is left to extract.
     """
-
-    hashes = [content_hash(p) for p in paths]
+    hashes = [content_hash(p) for p in paths] if hashes is None else list(hashes)
     cached = cache.get_many([h for h in hashes if h is not None])
     failures = [(Path(paths[i]), "cannot read file") for i, h in enumerate(hashes) if h is None]
     todo = [i for i, h in enumerate(hashes) if h is not None and h not in cached]
     start = time.perf_counter()
     if todo:
+        from tlearn.engines import PixelsToOutputs, TorchEngine, stream_pixels
+
         run = engine() if engine is not None else TorchEngine(PixelsToOutputs(model, preprocessing))
         with _progress(progress) as bar:
             task = bar.add_task(f"extracting {description}", total=len(todo))

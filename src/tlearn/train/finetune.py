@@ -31,7 +31,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from tlearn.backbones import Preprocessing
-from tlearn.bundle import Classifier
+from tlearn.classifier import Classifier
 from tlearn.data.decoded import DecodedImages
 from tlearn.engines.runtimes import keep_freed_memory
 from tlearn.train.settings import FinetuneSettings  # noqa: F401  (part of this module's interface)

@@ -1,0 +1,41 @@
+"""The classifier as one torch network: backbone (pooled features) -> L2 normalisation -> linear head.
+
+Used where images go through torch: fine-tuning, eager prediction, export. Training the head and everything done
+on cached features stay in numpy (tlearn.train.head), so they never import torch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tlearn.train.head import LinearHead
+
+
+class Classifier(nn.Module):
+    """Backbone (pooled features), L2 normalisation, then a linear head: images in, logits out."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    @classmethod
+    def from_head(cls, backbone: nn.Module, head: LinearHead) -> "Classifier":
+        """The network of `backbone` with a head fitted on its cached features (tlearn.train.fit_head)."""
+        linear = nn.Linear(head.weight.shape[1], head.weight.shape[0])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(np.asarray(head.weight, np.float32)))
+            linear.bias.copy_(torch.from_numpy(np.asarray(head.bias, np.float32)))
+        return cls(backbone, linear)
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from pooled backbone features (as cached by tlearn.features)."""
+        return self.head(F.normalize(features.float(), dim=-1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.classify_features(self.backbone(pixels))
+
+    def numpy_state(self) -> dict[str, np.ndarray]:
+        """The state dict as numpy arrays, copied (what a bundle stores)."""
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.state_dict().items()}
