@@ -5,12 +5,9 @@ The CLI and the server call this and nothing below it.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
-import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
@@ -21,7 +18,7 @@ from tlearn.bundle import Bundle
 from tlearn.data import Dataset, DatasetError, find_dataset
 from tlearn.data.decode import content_hashes
 from tlearn.data.doctor import quick_check
-from tlearn.engines import engine_key, open_engine, probe_pixels, stream_pixels
+from tlearn.engines import engine_key, open_engine, stream_pixels
 from tlearn.evaluate import classification_metrics
 from tlearn.evaluate.calibration import calibrate
 from tlearn.evaluate.metrics import ScoredSplit
@@ -38,7 +35,6 @@ if TYPE_CHECKING:  # torch is imported only where images go through a network: a
 
 
 CALIBRATION_IMAGES = 128  # int8 activation ranges: enough images to cover the classes, few enough to be quick
-EXPORT_CHECK_IMAGES = 64  # held-out images an export is verified on
 
 
 RECIPES = ("head", "finetune", "auto")
@@ -147,35 +143,25 @@ class ImageClassifier:
     def _fine_tune(self, dataset: Dataset, backbone: nn.Module, head: LinearHead, head_logits: dict, head_ys: dict,
                    resume: bool) -> None:
         """Stage 2 from the stage-1 head; the bundle becomes the better stage on val, both stages recorded."""
-        from tlearn.classifier import Classifier
-        from tlearn.data.decoded import decode_resized
-        from tlearn.train.finetune import fine_tune, predict_logits
+        from tlearn.train.recipe import fine_tune_stage, val_score
 
-        spec, settings = get_spec(self.backbone), self.finetune or FinetuneSettings(batch_size=self.batch_size)
-        images = {split: decode_resized(dataset.paths(split), dataset.labels(split), spec.preprocessing.resize_size(),
-                                        spec.preprocessing.interpolation, self.workers, self.progress, split)
-                  for split in dataset.splits}
-        run_dir = Path(self.run_dir) if self.run_dir else Path(tempfile.mkdtemp(prefix="tlearn-run-"))
+        settings = self.finetune or FinetuneSettings(batch_size=self.batch_size)
         # the stage-1 bundle holds copies of the tensors (numpy), so fine-tuning `backbone` in place leaves it as it is
-        result = fine_tune(Classifier.from_head(backbone, head), spec.preprocessing, images["train"],
-                           images["val"], settings, spec.unfreeze_hint, run_dir, resume=resume, seed=self.seed,
-                           progress=self.progress)
-        logits = {split: predict_logits(result.model, images[split], spec.preprocessing, self.batch_size)
-                  for split in ("val", "test") if split in images}
-        if not self.run_dir:  # nobody asked to keep checkpoints and logs
-            shutil.rmtree(run_dir, ignore_errors=True)
-        bundle, classes = self.bundle_, dataset.classes
+        tuned = fine_tune_stage(dataset, get_spec(self.backbone), backbone, head, settings, self.run_dir,
+                                resume=resume, seed=self.seed, workers=self.workers, batch_size=self.batch_size,
+                                progress=self.progress)
+        bundle, classes, result = self.bundle_, dataset.classes, tuned.result
         stages = {"head": dict(bundle.metrics),
-                  "finetune": {split: classification_metrics(images[split].labels, x.argmax(1), classes)
-                               for split, x in logits.items()}}
-        scores = {"head": _val_score(head_logits["val"], head_ys["val"]),
-                  "finetune": _val_score(logits["val"], images["val"].labels)}
+                  "finetune": {split: classification_metrics(tuned.labels[split], x.argmax(1), classes)
+                               for split, x in tuned.logits.items()}}
+        scores = {"head": val_score(head_logits["val"], head_ys["val"]),
+                  "finetune": val_score(tuned.logits["val"], tuned.labels["val"])}
         chosen = "finetune" if scores["finetune"] > scores["head"] else "head"
         if chosen == "finetune":
             _adopt_weights(bundle, result.model.numpy_state())
             # the temperature and the report's per-image results belong to the model that is kept
-            self._scored = {split: ScoredSplit(split, _decoded_paths(dataset.paths(split), images[split]),
-                                               images[split].labels, x) for split, x in logits.items()}
+            self._scored = {split: ScoredSplit(split, tuned.paths[split], tuned.labels[split], x)
+                            for split, x in tuned.logits.items()}
             bundle.extra["calibration"] = calibrate(self._scored)
         epochs = len(result.history)
         bundle.training["recipe"] = self.recipe
@@ -360,47 +346,11 @@ class ImageClassifier:
         images, else scikit-image's photos); `int8` quantises the backbone, calibrated on 128 training images.
         Outside tolerance nothing is written and EngineError says by how much.
         """
-        from tlearn.engines.export import export_classifier
+        from tlearn.export import export_bundle
 
-        bundle = self._bundle()
-        pixels, source = self._export_check_pixels(images)
-        calibration = None
-        if int8:
-            train = self._recorded_split("train")
-            if not train:
-                raise ValueError("an int8 export calibrates on the model's training images, and they are no longer "
-                                 f"where it was trained ({bundle.extra.get('data_checks', {}).get('root')}); "
-                                 "export without --int8, or put the dataset back")
-            calibration = self._calibration_batches(train, bundle.preprocessing)
-        return export_classifier(self.model(), bundle.preprocessing, Path(path),
-                                 _export_properties(bundle, "int8" if int8 else "fp32"), pixels, source, calibration)
-
-    def _export_check_pixels(self, images: Sequence[str | Path] | None) -> tuple[np.ndarray, str]:
-        preprocessing = self._bundle().preprocessing
-        if images:
-            paths, missing = expand_paths(images)
-            if missing or not paths:
-                raise FileNotFoundError(f"no image to verify the export on: {missing[0].path if missing else images}")
-            source = f"{len(paths)} image(s) given"
-        else:
-            split = "test" if self._recorded_split("test") else "val"
-            recorded = self._recorded_split(split)
-            paths = recorded[::max(1, len(recorded) // EXPORT_CHECK_IMAGES)][:EXPORT_CHECK_IMAGES]
-            source = f"{len(paths)} images of the model's {split} split"
-            if not paths:
-                return probe_pixels(preprocessing), "scikit-image's sample photos (the training data is not here)"
-        batches = list(stream_pixels(paths, preprocessing, self.batch_size, self.workers))
-        errors = [(paths[i], reason) for b in batches for i, reason in b.errors]
-        if errors:
-            raise ValueError(f"cannot read {errors[0][0]}: {errors[0][1]}")
-        return np.concatenate([b.pixels for b in batches]), source
-
-    def _recorded_split(self, split: str) -> list[Path]:
-        """The files of `split` the model was trained with, if they are still where they were."""
-        bundle = self._bundle()
-        root = bundle.extra.get("data_checks", {}).get("root")
-        files = [Path(root) / relative for relative, _ in bundle.split.get("files", {}).get(split, [])] if root else []
-        return files if files and all(f.is_file() for f in files) else []
+        calibration = functools.partial(self._calibration_batches, preprocessing=self._bundle().preprocessing)
+        return export_bundle(self._bundle(), self.model(), Path(path), int8=int8, images=images,
+                             calibration=calibration, batch_size=self.batch_size, workers=self.workers)
 
     def _bundle(self) -> Bundle:
         if not hasattr(self, "bundle_"):
@@ -424,40 +374,6 @@ def _adopt_weights(bundle: Bundle, state: dict[str, np.ndarray]) -> None:
     bundle.backbone["fine_tuned_sha256"] = state_sha256(tuned)
     bundle.backbone["feature_key"] = feature_key(bundle.backbone["architecture"], bundle.backbone["fine_tuned_sha256"],
                                                  bundle.preprocessing, bundle.backbone.get("precision", "fp32"))
-
-
-def _decoded_paths(paths: Sequence[Path], images) -> list[Path]:
-    """The files of `paths` that decoded, in order (DecodedImages keeps the failures, not the successes)."""
-    failed = {Path(p) for p, _ in images.failures}
-    return [p for p in paths if Path(p) not in failed]
-
-
-def _val_score(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(accuracy, -log loss) on val: the stage with the larger score is kept."""
-    from scipy.special import softmax
-    from sklearn.metrics import log_loss
-
-    proba = softmax(np.asarray(logits, np.float64), axis=1)
-    return float((proba.argmax(1) == y).mean()), -float(log_loss(y, proba, labels=list(range(proba.shape[1]))))
-
-
-def _export_properties(bundle: Bundle, precision: str) -> dict[str, str]:
-    """What a consumer of the exported ONNX file needs to know, as its metadata_props."""
-    prep, size = bundle.preprocessing, bundle.preprocessing.input_size
-    temperature = bundle.temperature()
-    return {
-        "producer": f"tlearn {metadata.version('tlearn')}",
-        "classes": json.dumps(bundle.classes),
-        "input": f"pixels: uint8 RGB (batch, 3, {size}, {size}), the image resized ({prep.interpolation}, shorter "
-                 f"side to {prep.resize_size()}) and centre-cropped to {size}x{size}; mean/std are applied inside",
-        "output": f"probabilities: float32 (batch, {len(bundle.classes)}), calibrated class probabilities "
-                  f"(softmax of logits / temperature {temperature:.4g}) in the order of `classes`",
-        "preprocessing": json.dumps({**prep.to_dict(), "resize_shorter_side": prep.resize_size(),
-                                     "crop": "centre", "channels": "RGB", "layout": "NCHW", "dtype": "uint8"}),
-        "temperature": repr(temperature),
-        "precision": precision,
-        "backbone": json.dumps({k: bundle.backbone.get(k) for k in ("name", "architecture", "precision")}),
-    }
 
 
 def _check_trainable(dataset: Dataset, ys: dict[str, np.ndarray]) -> None:

@@ -99,6 +99,12 @@ class Bundle:
         """The linear head on cached features, uncalibrated: logits as the head was trained (numpy, no torch)."""
         return LinearHead(self.state["head.weight"], self.state["head.bias"])
 
+    def split_files(self, split: str) -> list[Path]:
+        """The files of `split` the model was trained with, if they are all still where they were; else []."""
+        root = self.extra.get("data_checks", {}).get("root")
+        files = [Path(root) / relative for relative, _ in self.split.get("files", {}).get(split, [])] if root else []
+        return files if files and all(f.is_file() for f in files) else []
+
     def build_model(self) -> Classifier:
         """The classifier with the bundle's weights, in eval mode; no network, no weights package needed.
 
