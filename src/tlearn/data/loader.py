@@ -1,7 +1,6 @@
 """Decoded, preprocessed image batches from a list of files, decoding in worker processes."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -11,6 +10,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from tlearn.data.decode import DecodeError, load_image
+from tlearn.data.pipeline import default_workers
 
 
 @dataclass
@@ -42,14 +42,13 @@ def _collate(items) -> Batch:
     return Batch([i for i, _ in good], pixels, [(i, err) for i, _, err in items if err is not None])
 
 
-def default_workers() -> int:
-    return min(4, max(1, (os.cpu_count() or 1)))
+MAX_PROCESSES = 4  # each worker process holds its own interpreter and prefetched batches
 
 
 def image_batches(paths: Sequence[Path], transform: Callable, batch_size: int = 32,
                   workers: int | None = None) -> Iterator[Batch]:
     """Yield batches of preprocessed images in input order; files that fail to decode are reported, not raised."""
-    workers = default_workers() if workers is None else workers
+    workers = min(MAX_PROCESSES, default_workers()) if workers is None else workers
     if len(paths) <= batch_size:
         workers = 0  # starting worker processes costs more than decoding one batch
     loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers,

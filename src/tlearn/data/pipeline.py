@@ -26,6 +26,7 @@ class PixelBatch:
 
 
 def default_workers() -> int:
+    """Decoding workers when the caller does not say: one per core (threads here, processes in loader.py)."""
     return max(1, os.cpu_count() or 1)
 
 
