@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +113,16 @@ def test_report_command_with_training_curves_and_mistakes(saved_model, demo_data
     images = render(html, tmp_path / "h.png", chromium)
     assert [i["src"] for i in images if not i["width"]] == []
     assert sum(i["src"].startswith("gallery/") for i in images) == 12
+
+
+def test_report_modules_import_nothing_heavy():
+    # `tlearn train` writes the report on every run, including a re-train on cached features that must stay fast:
+    # the report modules themselves load matplotlib, never torch, timm, scikit-learn or scipy (those come lazily,
+    # only where used). The package __init__ (the API) is skipped, so this checks the report's own imports.
+    code = ("import sys, types\n"
+            f"package = types.ModuleType('tlearn'); package.__path__ = [{str(Path(tlearn.__file__).parent)!r}]\n"
+            "sys.modules['tlearn'] = package\n"
+            "import tlearn.evaluate.report, tlearn.evaluate.calibration\n"
+            "print(*(m for m in ('torch', 'timm', 'sklearn', 'scipy', 'matplotlib.pyplot') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == []

@@ -4,11 +4,12 @@ The temperature is fitted on the validation split only; the test split is only e
 """
 from __future__ import annotations
 
-import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax
+from typing import TYPE_CHECKING
 
-from tlearn.evaluate.metrics import ScoredSplit
+import numpy as np
+
+if TYPE_CHECKING:  # metrics imports scikit-learn and scipy.stats; the report uses this module without them
+    from tlearn.evaluate.metrics import ScoredSplit
 
 ECE_BINS = 15
 COVERAGE_THRESHOLDS = tuple(np.round(np.linspace(0.0, 0.95, 20), 2))
@@ -16,6 +17,9 @@ COVERAGE_THRESHOLDS = tuple(np.round(np.linspace(0.0, 0.95, 20), 2))
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T > 0 minimising the negative log-likelihood of softmax(logits / T) (Guo et al., 2017)."""
+    from scipy.optimize import minimize_scalar  # only fitting needs scipy; measuring calibration is numpy
+    from scipy.special import log_softmax
+
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.int64)
 
     def nll(log_t: float) -> float:

@@ -8,13 +8,16 @@ import html
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tlearn.data.decode import DecodeError, load_image
 from tlearn.evaluate import plots
 from tlearn.evaluate.calibration import accuracy_coverage, expected_calibration_error, reliability_bins
-from tlearn.evaluate.metrics import ScoredSplit, classification_metrics
+
+if TYPE_CHECKING:  # metrics imports scikit-learn and scipy.stats: only write_report needs it, and imports it there
+    from tlearn.evaluate.metrics import ScoredSplit
 
 GALLERY_SIZE = 12
 THUMBNAIL_PX = 200
@@ -33,6 +36,8 @@ class ReportInputs:
 
 def write_report(directory: str | Path, inputs: ReportInputs) -> Path:
     """Write DIRECTORY/report.html and its images; the figures are of the test split (val when there is none)."""
+    from tlearn.evaluate.metrics import classification_metrics
+
     directory = Path(directory)
     (directory / "gallery").mkdir(parents=True, exist_ok=True)
     if not inputs.scored:
@@ -47,11 +52,12 @@ def write_report(directory: str | Path, inputs: ReportInputs) -> Path:
         sections.append(_figure(plots.training_curves(inputs.history, directory / "training_curves.png"),
                                 "Training curves", "Loss and validation accuracy per epoch."))
     m = metrics[split]
-    sections.append(_figure(plots.confusion(m["confusion_matrix"], inputs.classes, directory / "confusion_counts.png",
-                                            False), f"Confusion matrix ({split})", "Counts of images."))
-    sections.append(_figure(plots.confusion(m["confusion_matrix"], inputs.classes,
-                                            directory / "confusion_normalised.png", True),
-                            f"Confusion matrix, normalised ({split})", "Each row divided by its true-class total."))
+    counts, normalised = plots.confusion_matrices(m["confusion_matrix"], inputs.classes,
+                                                  directory / "confusion_counts.png",
+                                                  directory / "confusion_normalised.png")
+    sections.append(_figure(counts, f"Confusion matrix ({split})", "Counts of images."))
+    sections.append(_figure(normalised, f"Confusion matrix, normalised ({split})",
+                            "Each row divided by its true-class total."))
     sections.append(_figure(plots.per_class_bars(m["per_class"], directory / "per_class.png"),
                             f"Per-class precision, recall and F1 ({split})", ""))
     sections.append(_calibration_section(directory, scored, temperature, inputs.calibration))
