@@ -30,7 +30,7 @@ def tlearn_train(data: Path, work: Path) -> tuple[float, float]:
     return seconds, json.loads((work / "model" / "metrics.json").read_text())["val"]["accuracy"]
 
 
-def tutorial(data: Path, epochs: int, workers: int) -> tuple[float, float, list[float]]:
+def tutorial(data: Path, epochs: int, workers: int) -> tuple[float, float, list[tuple[float, float]]]:
     import torch
     from torchvision import datasets, transforms
 
@@ -68,10 +68,9 @@ def tutorial(data: Path, epochs: int, workers: int) -> tuple[float, float, list[
             for x, y in loaders["val"]:
                 correct += int((head(backbone(x)).argmax(1) == y).sum())
                 total += len(y)
-        history.append(correct / total)
-        print(f"  tutorial epoch {epoch + 1}/{epochs}: val {history[-1]:.4f}  "
-              f"({time.perf_counter() - start:.0f}s)", flush=True)
-    return time.perf_counter() - start, max(history), history
+        history.append((correct / total, time.perf_counter() - start))
+        print(f"  tutorial epoch {epoch + 1}/{epochs}: val {history[-1][0]:.4f}  ({history[-1][1]:.0f}s)", flush=True)
+    return time.perf_counter() - start, max(acc for acc, _ in history), history
 
 
 def main() -> None:
@@ -90,9 +89,11 @@ def main() -> None:
     print(f"tlearn re-train (cached features): {warm_s:6.1f}s  val accuracy {warm_acc:.4f}", flush=True)
     tut_s, tut_acc, history = tutorial(data, args.epochs, args.workers)
     print(f"tutorial ({args.epochs} epochs): {tut_s:6.1f}s  best val accuracy {tut_acc:.4f}")
-    # When does the tutorial first reach tlearn's accuracy, and tlearn the tutorial's? Time ratio on wall clock.
+    # The recipe's result is known when its epochs are done; its best epoch came earlier (seen only in hindsight).
+    first_best = next(seconds for acc, seconds in history if acc == tut_acc)
     print(f"tlearn accuracy >= tutorial best: {cold_acc >= tut_acc}; speed-up to the tutorial's result: "
-          f"{tut_s / cold_s:.1f}x (bar: >= 20x); re-train < 5 s: {warm_s < 5}")
+          f"{tut_s / cold_s:.1f}x over the whole recipe (bar: >= 20x), {first_best / cold_s:.1f}x to the epoch that "
+          f"first reached its best ({first_best:.0f}s); re-train < 5 s: {warm_s < 5}")
     print(f"load average at end: {os.getloadavg()}")
 
 
