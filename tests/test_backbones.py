@@ -52,3 +52,21 @@ def test_unknown_backbone_names_the_known_ones():
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(WeightsUnavailable, match="efficientnet_lite0"):
         create_backbone("efficientnet_lite0", weights=tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "vgg16", "inception_resnet_v2"])
+def test_fast_crop_resize_gives_timms_eval_pixels(name):
+    """Preprocessing.to_pixels (one PIL resize of the kept box) stands in for timm's resize + centre crop."""
+    prep = get_spec(name).preprocessing
+    reference = prep.eval_transform(normalize=False)
+    photos = [Image.fromarray(getattr(skdata, p)()).convert("RGB") for p in ("astronaut", "coffee", "chelsea", "rocket")]
+    photos.append(photos[0].crop((0, 0, 512, 200)))  # wide
+    photos.append(photos[1].crop((0, 0, 150, 400)))  # tall
+    photos.append(photos[2].resize((60, 45)))  # smaller than the input: upsampled
+    for photo in photos:
+        ours, theirs = prep.to_pixels(photo).astype(int), reference(photo).numpy().astype(int)
+        assert ours.shape == theirs.shape == (3, prep.input_size, prep.input_size)
+        if min(photo.size) >= prep.resize_size():  # shrunk both ways, as nearly every photo: the same pixels
+            assert (ours == theirs).mean() > 0.999 and np.abs(ours - theirs).max() <= 1
+        else:  # enlarged one way: PIL may run its two passes in the other order, rounding in between differs
+            assert (ours == theirs).mean() > 0.75 and np.abs(ours - theirs).mean() < 0.25

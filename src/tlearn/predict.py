@@ -66,15 +66,15 @@ def predict_files(model: Classifier, classes: list[str], preprocessing: Preproce
         raise ValueError(f"min_confidence must be between 0 and 1, not {min_confidence}")
     import torch
 
-    from tlearn.engines import PixelsToOutputs, TorchEngine, stream_pixels
+    from tlearn.engines import PixelsToOutputs, TorchEngine, run_batches, stream_pixels
 
     k = max(1, min(top_k, len(classes)))
     engine = engine or TorchEngine(PixelsToOutputs(model.backbone, preprocessing))
     with torch.inference_mode():
-        for batch in stream_pixels(files, preprocessing, batch_size, workers):
+        for batch, features in run_batches(engine, stream_pixels(files, preprocessing, batch_size, workers)):
             rows: dict[int, Prediction | Unreadable] = {i: Unreadable(str(files[i]), r) for i, r in batch.errors}
             if batch.indices:
-                proba = model.classify_features(torch.from_numpy(engine(batch.pixels))).float().softmax(-1)
+                proba = model.classify_features(torch.from_numpy(features)).float().softmax(-1)
                 scores, labels = proba.topk(k, dim=-1)
                 for j, i in enumerate(batch.indices):
                     top = [(classes[c], float(s)) for c, s in zip(labels[j].tolist(), scores[j].tolist())]

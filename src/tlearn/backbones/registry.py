@@ -17,6 +17,7 @@ from tlearn.backbones import classic, efficientnet_lite
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
     from torch import nn
 
 
@@ -63,6 +64,24 @@ class Preprocessing:
         return create_transform(
             input_size=(3, self.input_size, self.input_size), is_training=False, interpolation=self.interpolation,
             mean=self.mean, std=self.std, crop_pct=self.crop_pct, crop_mode="center", normalize=normalize)
+
+    def to_pixels(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> uint8 (3, size, size): what eval_transform(normalize=False) gives, in one PIL call.
+
+        Resizing only the source box that the centre crop keeps gives the same pixels (PIL's filter reads past the
+        box edges as it would inside a full resize) at ~60% of the cost, with no torch in the decoding threads."""
+        from PIL import Image
+
+        width, height = image.size
+        short, size = self.resize_size(), self.input_size
+        # as torchvision's Resize(int): the shorter side becomes `short`, the longer is scaled and truncated
+        resized = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+        left, top = (int(round((r - size) / 2.0)) for r in resized)  # as torchvision's CenterCrop
+        sx, sy = width / resized[0], height / resized[1]
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        filters = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+        out = image.resize((size, size), filters[self.interpolation], box=box)
+        return np.asarray(out).transpose(2, 0, 1)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (n, 3, H, W) -> float32, the same arithmetic as eval_transform's ToTensor + Normalize."""

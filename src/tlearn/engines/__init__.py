@@ -42,7 +42,7 @@ REDUCED_MIN_COSINE = 0.95
 Calibration = Callable[[], Iterable[np.ndarray]]
 
 __all__ = ["ENGINES", "PRECISIONS", "EngineError", "PixelsToOutputs", "engine_key", "open_engine",
-           "export_onnx", "probe_pixels", "verify", "stream_pixels", "TorchEngine"]
+           "export_onnx", "probe_pixels", "run_batches", "verify", "stream_pixels", "TorchEngine"]
 _LAZY = {"PixelsToOutputs": "runtimes", "TorchEngine": "runtimes", "OnnxEngine": "runtimes",
          "OpenVinoEngine": "runtimes", "export_onnx": "export", "quantise_int8": "export"}
 
@@ -63,10 +63,20 @@ def stream_pixels(paths: Sequence[Path], preprocessing: Preprocessing, batch_siz
     With `draft`, JPEGs at least four times the resize target are decoded at a reduced scale first (DCT scaling),
     to no less than twice the target, so the bicubic resize after it still has pixels to average.
     """
-    transform = preprocessing.eval_transform(normalize=False)
     draft_size = (2 * preprocessing.resize_size(),) * 2 if draft else None
-    return pixel_batches(paths, lambda image: transform(image).numpy(), preprocessing.input_size, batch_size,
-                         workers, draft_size)
+    return pixel_batches(paths, preprocessing.to_pixels, preprocessing.input_size, batch_size, workers, draft_size)
+
+
+def run_batches(engine: Callable[[np.ndarray], np.ndarray], batches: Iterable[PixelBatch]
+                ) -> Iterator[tuple[PixelBatch, np.ndarray | None]]:
+    """(batch, engine outputs) for each batch, in order (None for a batch with no readable image). Engines that
+    can (OpenVINO) overlap the next batch's forward pass with handing back this one's."""
+    pipelined = getattr(engine, "pipelined", None)
+    if pipelined is not None:
+        yield from pipelined(batches)
+        return
+    for batch in batches:
+        yield batch, engine(batch.pixels) if len(batch.indices) else None
 
 
 def engine_key(model: nn.Module, preprocessing: Preprocessing) -> str:
@@ -190,6 +200,6 @@ def probe_pixels(preprocessing: Preprocessing) -> np.ndarray:
     from PIL import Image
     from skimage import data as skdata
 
-    to_pixels = preprocessing.eval_transform(normalize=False)
     photos = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "camera")
-    return np.stack([to_pixels(Image.fromarray(getattr(skdata, name)()).convert("RGB")).numpy() for name in photos])
+    return np.stack([preprocessing.to_pixels(Image.fromarray(getattr(skdata, name)()).convert("RGB"))
+                     for name in photos])

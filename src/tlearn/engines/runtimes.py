@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections import deque
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -83,16 +85,55 @@ class OpenVinoEngine:
         _check_precision(self, precision)
         import openvino as ov
 
+        # THROUGHPUT: several streams, each running its own requests on its own threads (on 2 cores: 2 streams of
+        # 1 thread). A stream's thread is never stalled waiting for a sibling that the decoders pre-empted, which
+        # one 2-thread request (LATENCY) is: measured end to end on 2 cores, 118-121 img/s with one request of 2
+        # threads, 135-142 img/s with 2 streams, 2 requests in flight; forward alone ~190 img/s either way.
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-                  "INFERENCE_NUM_THREADS": threads or default_threads(), "PERFORMANCE_HINT": "LATENCY"}
+                  "INFERENCE_NUM_THREADS": threads or default_threads(), "PERFORMANCE_HINT": "THROUGHPUT"}
         if cache_dir is not None:
             config["CACHE_DIR"] = str(cache_dir)
         self.compiled = ov.Core().compile_model(str(model_file), "CPU", config)
-        self.request, self.precision = self.compiled.create_infer_request(), precision
+        depth = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.requests, self.precision = [self.compiled.create_infer_request() for _ in range(max(1, depth))], precision
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        result = self.request.infer([np.ascontiguousarray(pixels)])
-        return np.array(result[self.compiled.output(0)], dtype=np.float32)
+        """One batch, split across the requests so that every stream works on it."""
+        chunks = [c for c in np.array_split(np.ascontiguousarray(pixels), len(self.requests)) if len(c)]
+        for request, chunk in zip(self.requests, chunks):
+            request.start_async([chunk])
+        return np.concatenate([self._outputs(request) for request, _ in zip(self.requests, chunks)])
+
+    def pipelined(self, batches: Iterable) -> Iterator[tuple[object, np.ndarray | None]]:
+        """(batch, outputs) for each batch (a PixelBatch), in order, one batch per request, as many in flight as
+        there are requests: the streams keep busy while outputs are handed back and the decoders refill."""
+        free = list(self.requests)
+        pending: deque = deque()  # (batch, request running it, or None for a batch with no image)
+
+        def finish():
+            batch, request = pending.popleft()
+            if request is None:
+                return batch, None
+            outputs = self._outputs(request)
+            free.append(request)
+            return batch, outputs
+
+        for batch in batches:
+            while not free and pending:
+                yield finish()
+            if len(batch.indices):
+                request = free.pop()
+                request.start_async([np.ascontiguousarray(batch.pixels)])
+                pending.append((batch, request))
+            else:
+                pending.append((batch, None))
+        while pending:
+            yield finish()
+
+    @staticmethod
+    def _outputs(request) -> np.ndarray:
+        request.wait()
+        return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
 
 def _check_precision(engine, precision: str) -> None:

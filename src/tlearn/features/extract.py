@@ -17,7 +17,7 @@ from tlearn.features.cache import FeatureCache, content_hash
 if TYPE_CHECKING:
     from torch import nn
 
-FEATURE_FORMAT = 1  # bump when the way features are computed changes, so old cache entries are not reused
+FEATURE_FORMAT = 2  # bump when the way features are computed changes, so old cache entries are not reused
 
 
 def feature_key(architecture: str, weights_sha256: str, preprocessing: Preprocessing, precision: str = "fp32") -> str:
@@ -59,15 +59,15 @@ def extract_features(model: nn.Module | None, preprocessing: Preprocessing, path
     todo = [i for i, h in enumerate(hashes) if h is not None and h not in cached]
     start = time.perf_counter()
     if todo:
-        from tlearn.engines import PixelsToOutputs, TorchEngine, stream_pixels
+        from tlearn.engines import PixelsToOutputs, TorchEngine, run_batches, stream_pixels
 
         run = engine() if engine is not None else TorchEngine(PixelsToOutputs(model, preprocessing))
         with _progress(progress) as bar:
             task = bar.add_task(f"extracting {description}", total=len(todo))
-            for batch in stream_pixels([paths[i] for i in todo], preprocessing, batch_size, workers):
+            batches = stream_pixels([paths[i] for i in todo], preprocessing, batch_size, workers)
+            for batch, out in run_batches(run, batches):
                 failures.extend((Path(paths[todo[j]]), reason) for j, reason in batch.errors)
                 if batch.indices:
-                    out = run(batch.pixels)
                     fresh = [(hashes[todo[j]], out[k]) for k, j in enumerate(batch.indices)]
                     cache.put_many(fresh)
                     cached.update(fresh)
