@@ -17,6 +17,45 @@ def noisy_predictions(n: int, accuracy: float, classes: int = 5, seed: int = 0):
     return y, np.where(wrong, (y + rng.integers(1, classes, n)) % classes, y)
 
 
+@pytest.mark.parametrize("n,accuracy,classes,seed", [(60, 0.7, 4, 0), (300, 0.9, 7, 1), (25, 0.5, 6, 2)])
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_metrics_are_scikit_learns(n, accuracy, classes, seed):
+    """Computed in numpy from the confusion matrix (importing scikit-learn costs a re-train ~0.5 s): the same
+    numbers as scikit-learn's, including classes that never occur or are never predicted."""
+    from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score,
+                                 precision_recall_fscore_support)
+
+    y, p = noisy_predictions(n, accuracy, classes, seed)
+    y[y == classes - 1] = 0  # the last class never occurs in y_true ...
+    p[p == 1] = 2  # ... and class 1 is never predicted
+    names = [f"c{i}" for i in range(classes)]
+    m, labels = classification_metrics(y, p, names), list(range(classes))
+    precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=labels, zero_division=0)
+    np.testing.assert_allclose([m["per_class"][c]["precision"] for c in names], precision)
+    np.testing.assert_allclose([m["per_class"][c]["recall"] for c in names], recall)
+    np.testing.assert_allclose([m["per_class"][c]["f1"] for c in names], f1)
+    assert [m["per_class"][c]["support"] for c in names] == support.tolist()
+    assert m["confusion_matrix"] == confusion_matrix(y, p, labels=labels).tolist()
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p))
+    present = [i for i in labels if i in set(y.tolist())]
+    assert m["macro_f1"] == pytest.approx(f1_score(y, p, labels=present, average="macro", zero_division=0))
+    assert m["accuracy"] == pytest.approx((y == p).mean())
+
+
+def test_bootstrap_intervals_agree_with_scipys():
+    """The numpy bootstrap against scipy.stats.bootstrap (percentile method), on the same data; they draw
+    different resamples, so they agree to a fraction of the interval's width."""
+    from scipy.stats import bootstrap
+
+    y, p = noisy_predictions(300, 0.8, seed=4)
+    ours = bootstrap_intervals(y, p, 5)["accuracy"]
+    theirs = bootstrap(((y == p).astype(float),), np.mean, n_resamples=4000, method="percentile",
+                       rng=np.random.default_rng(7)).confidence_interval
+    width = theirs.high - theirs.low
+    assert ours[0] == pytest.approx(theirs.low, abs=0.1 * width)
+    assert ours[1] == pytest.approx(theirs.high, abs=0.1 * width)
+
+
 def test_intervals_contain_the_estimate_are_seeded_and_shrink_with_more_images():
     y, p = noisy_predictions(100, 0.8)
     m = classification_metrics(y, p, list("abcde"))
