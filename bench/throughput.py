@@ -102,7 +102,8 @@ def child(args) -> None:
     else:
         done = run_forward(paths, run)
     seconds = time.perf_counter() - start
-    print(json.dumps({"mode": args.mode, "engine": engine, "images": done, "seconds": seconds, "images_per_second": done / seconds,
+    print(json.dumps({"mode": args.mode, "engine": engine, "images": done, "seconds": seconds,
+                      "images_per_second": done / seconds,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

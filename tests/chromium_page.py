@@ -39,7 +39,8 @@ def chromium_binary() -> str | None:
 
 def render(html_path: Path, screenshot: Path, binary: str = "chromium", timeout: float = 60) -> list[dict]:
     """Load `html_path`, save a full-page PNG screenshot, return every <img> with its naturalWidth."""
-    with tempfile.TemporaryDirectory(prefix="tlearn-chromium-") as profile:
+    # chromium's helper processes can still be writing the profile as the browser exits: do not fail on cleanup
+    with tempfile.TemporaryDirectory(prefix="tlearn-chromium-", ignore_cleanup_errors=True) as profile:
         browser = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
                                     "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

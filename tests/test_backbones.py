@@ -59,7 +59,8 @@ def test_fast_crop_resize_gives_timms_eval_pixels(name):
     """Preprocessing.to_pixels (one PIL resize of the kept box) stands in for timm's resize + centre crop."""
     prep = get_spec(name).preprocessing
     reference = prep.eval_transform(normalize=False)
-    photos = [Image.fromarray(getattr(skdata, p)()).convert("RGB") for p in ("astronaut", "coffee", "chelsea", "rocket")]
+    photos = [Image.fromarray(getattr(skdata, p)()).convert("RGB")
+              for p in ("astronaut", "coffee", "chelsea", "rocket")]
     photos.append(photos[0].crop((0, 0, 512, 200)))  # wide
     photos.append(photos[1].crop((0, 0, 150, 400)))  # tall
     photos.append(photos[2].resize((60, 45)))  # smaller than the input: upsampled

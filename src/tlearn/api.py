@@ -105,9 +105,9 @@ class ImageClassifier:
                       "feature_dim": int(xs["train"].shape[1]), "feature_key": key, "precision": precision},
             preprocessing=spec.preprocessing, state=state,
             training={"recipe": "head", "seed": self.seed, "val_fraction": self.val_fraction,
-                      "test_fraction": self.test_fraction, "head": {"type": "linear-softmax on L2-normalised features", "C": fit.C,
-                                                                    "class_weight": class_weight.round(4).tolist(),
-                                                                    "search": fit.search},
+                      "test_fraction": self.test_fraction,
+                      "head": {"type": "linear-softmax on L2-normalised features", "C": fit.C,
+                               "class_weight": class_weight.round(4).tolist(), "search": fit.search},
                       "skipped_files": [{"path": p, "reason": r} for p, r in failures]},
             split=dataset.describe())
         logits = {split: fit.head.logits(x) for split, x in xs.items()}

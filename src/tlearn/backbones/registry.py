@@ -196,7 +196,8 @@ def state_sha256(state: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def create_backbone(name: str, weights: Path | None = None, imagenet_head: bool = False) -> tuple[nn.Module, WeightsInfo]:
+def create_backbone(name: str, weights: Path | None = None,
+                    imagenet_head: bool = False) -> tuple[nn.Module, WeightsInfo]:
     """Build backbone `name` with its pretrained weights, in eval mode.
 
     Without `imagenet_head` the model returns pooled features (its classifier removed). Weights come from, in

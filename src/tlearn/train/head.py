@@ -18,7 +18,9 @@ from threadpoolctl import threadpool_limits
 
 # Inverse regularisation strengths tried, strongest first (C as in scikit-learn: penalty ||W||^2 / (2 C n)).
 DEFAULT_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
-MAX_ITERATIONS, HISTORY, GRADIENT_TOLERANCE = 300, 20, 1e-5  # 1e-5: same choices as 1e-6 on both datasets, 35% sooner
+# L-BFGS: 1e-5 on the gradient chose the same strengths with the same accuracies as 1e-6 on hymenoptera and
+# oxford17flowers, 35% sooner.
+MAX_ITERATIONS, HISTORY, GRADIENT_TOLERANCE = 300, 20, 1e-5
 
 
 @dataclass
