@@ -68,7 +68,13 @@ def run_tlearn(paths: list[Path], model, run) -> int:
     from tlearn.backbones import get_spec
     from tlearn.predict import Prediction, predict_files
 
-    rows = predict_files(model, ["a", "b"], get_spec("efficientnet_lite0").preprocessing, paths, engine=run)
+    import torch
+
+    def head(features):
+        with torch.inference_mode():
+            return model.classify_features(torch.from_numpy(features)).numpy()
+
+    rows = predict_files(head, ["a", "b"], get_spec("efficientnet_lite0").preprocessing, paths, run)
     return sum(isinstance(r, Prediction) for r in rows)
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -57,6 +58,21 @@ def test_retrain_on_cached_features_imports_no_torch_and_writes_the_same_model(d
     assert again.metrics_ == demo_model.metrics_
     files = sorted((demo_data / "test").rglob("*.png"))[:3]
     assert (again.predict_proba(files) == demo_model.predict_proba(files)).all()
+
+
+def test_prediction_with_an_exported_engine_imports_no_torch(demo_model, demo_data, cache_dir, tmp_path):
+    """Once the backbone's engine is exported and verified (by training, in the feature cache), a loaded model
+    predicts without building the network: numpy head, engine from its files; the same probabilities."""
+    folder = demo_model.save(tmp_path / "model")
+    files = sorted((demo_data / "test").rglob("*.png"))[:4]
+    script = (f"import sys, json, tlearn\n"
+              f"clf = tlearn.load({str(folder)!r}, cache_dir={str(cache_dir)!r})\n"
+              f"proba = clf.predict_proba({[str(f) for f in files]!r})\n"
+              "print(json.dumps([proba.tolist(), sorted(m for m in ('torch', 'timm') if m in sys.modules)]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    proba, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert heavy == []
+    assert abs(np.array(proba) - demo_model.predict_proba(files)).max() < 1e-5
 
 
 def test_cli_train_evaluate_predict_with_bad_files(hymenoptera_small, tmp_path, cache_dir):

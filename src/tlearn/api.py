@@ -18,7 +18,7 @@ from tlearn.bundle import Bundle
 from tlearn.data import Dataset, DatasetError, find_dataset
 from tlearn.data.decode import content_hashes
 from tlearn.data.doctor import quick_check
-from tlearn.engines import engine_key, open_engine, stream_pixels
+from tlearn.engines import open_engine, open_exported, state_key, stream_pixels
 from tlearn.evaluate import classification_metrics
 from tlearn.evaluate.calibration import calibrate
 from tlearn.evaluate.metrics import ScoredSplit
@@ -268,8 +268,7 @@ class ImageClassifier:
                              f"--precision {precision}")
         scored, failures = {}, []
         with FeatureCache(bundle.backbone["feature_key"], self.cache_dir) as cache:
-            engine = self._engine_opener(lambda: self.model().backbone, bundle.preprocessing,
-                                         self._engine_folder(cache), precision)
+            engine = functools.cache(self._prediction_engine)  # opened only if a feature is not cached
             for split in splits:
                 if split not in dataset.splits and len(splits) > 1:
                     continue  # e.g. no test split: score what there is
@@ -290,12 +289,22 @@ class ImageClassifier:
         files, missing = expand_paths(paths)
         yield from missing
         bundle = self._bundle()
+        yield from predict_files(bundle.head(calibrated=True).logits, bundle.classes, bundle.preprocessing, files,
+                                 self._prediction_engine(), top_k, self.batch_size, self.workers, min_confidence)
+
+    def _prediction_engine(self):
+        """The backbone's engine: opened from files exported and verified for these weights before, in the model
+        folder or the feature cache (no network built, no torch), else exported now from the torch model."""
+        bundle = self._bundle()
         precision = self.precision or bundle.backbone.get("precision", "fp32")
         with FeatureCache(bundle.backbone["feature_key"], self.cache_dir) as cache:
-            folder = self._engine_folder(cache)
-        engine = self._engine_opener(lambda: self.model().backbone, bundle.preprocessing, folder, precision)()
-        yield from predict_files(self.model(), bundle.classes, bundle.preprocessing, files, top_k,
-                                 self.batch_size, self.workers, engine, min_confidence)
+            folder, cached = self._engine_folder(cache), cache.directory / "engines"
+        key = state_key(bundle.backbone_state(), bundle.preprocessing)
+        for place in dict.fromkeys((folder, cached)):
+            exported = open_exported(key, place, self.engine, precision)
+            if exported is not None:
+                return exported
+        return self._engine_opener(lambda: self.model().backbone, bundle.preprocessing, folder, precision)()
 
     def _engine_folder(self, cache: FeatureCache) -> Path:
         """Exported engines live in the model folder (they travel with it) when it is writable, else the cache."""
@@ -327,7 +336,7 @@ class ImageClassifier:
         directory = self._bundle().save(directory)
         if self._bundle().backbone.get("precision") == "int8":
             # The int8 model was calibrated on the training images, which predict may not have: ship it.
-            key = engine_key(self.model().backbone, self._bundle().preprocessing)
+            key = state_key(self._bundle().backbone_state(), self._bundle().preprocessing)
             with FeatureCache(self._bundle().backbone["feature_key"], self.cache_dir) as cache:
                 source = cache.directory / "engines" / key / "model-int8.onnx"
             if source.exists():

@@ -95,9 +95,15 @@ class Bundle:
             raise BundleError(f"calibration temperature must be positive, not {temperature}")
         return temperature
 
-    def head(self) -> LinearHead:
-        """The linear head on cached features, uncalibrated: logits as the head was trained (numpy, no torch)."""
-        return LinearHead(self.state["head.weight"], self.state["head.bias"])
+    def head(self, calibrated: bool = False) -> LinearHead:
+        """The linear head on pooled backbone features (numpy, no torch): logits as it was trained, or divided by
+        the calibration temperature (`calibrated`, what predictions use)."""
+        scale = self.temperature() if calibrated else 1.0
+        return LinearHead(self.state["head.weight"] / scale, self.state["head.bias"] / scale)
+
+    def backbone_state(self) -> dict[str, np.ndarray]:
+        """The backbone's tensors under the backbone network's own names."""
+        return {k.removeprefix("backbone."): v for k, v in self.state.items() if k.startswith("backbone.")}
 
     def split_files(self, split: str) -> list[Path]:
         """The files of `split` the model was trained with, if they are all still where they were; else []."""

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from tlearn.backbones import Preprocessing
 from tlearn.data.decode import is_image_path
-
-if TYPE_CHECKING:
-    from tlearn.classifier import Classifier
 
 
 UNCERTAIN = "uncertain"  # the label of a prediction whose confidence is below the threshold asked for
@@ -52,31 +49,29 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Unreadab
     return files, missing
 
 
-def predict_files(model: Classifier, classes: list[str], preprocessing: Preprocessing, files: list[Path],
-                  top_k: int = 1, batch_size: int = 32, workers: int | None = None,
-                  engine: Callable[[np.ndarray], np.ndarray] | None = None,
+def predict_files(head: Callable[[np.ndarray], np.ndarray], classes: list[str], preprocessing: Preprocessing,
+                  files: list[Path], engine: Callable[[np.ndarray], np.ndarray], top_k: int = 1,
+                  batch_size: int = 32, workers: int | None = None,
                   min_confidence: float | None = None) -> Iterator[Prediction | Unreadable]:
     """Yield one Prediction or Unreadable per file, in input order, as batches complete.
 
-    `engine` runs `model.backbone` (see tlearn.engines.open_engine; default eager torch fp32); the linear head runs
-    in torch. Decoding of the next batches overlaps the forward pass of this one. A prediction whose top
-    probability is below `min_confidence` is marked abstained (label "uncertain").
+    `engine` runs the backbone (see tlearn.engines.open_engine), `head` maps its pooled features to calibrated
+    logits (numpy: Bundle.head). Decoding of the next batches overlaps the forward pass of this one. A
+    prediction whose top probability is below `min_confidence` is marked abstained (label "uncertain").
     """
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise ValueError(f"min_confidence must be between 0 and 1, not {min_confidence}")
-    import torch
-
-    from tlearn.engines import PixelsToOutputs, TorchEngine, run_batches, stream_pixels
+    from tlearn.engines import run_batches, stream_pixels
 
     k = max(1, min(top_k, len(classes)))
-    engine = engine or TorchEngine(PixelsToOutputs(model.backbone, preprocessing))
-    with torch.inference_mode():
-        for batch, features in run_batches(engine, stream_pixels(files, preprocessing, batch_size, workers)):
-            rows: dict[int, Prediction | Unreadable] = {i: Unreadable(str(files[i]), r) for i, r in batch.errors}
-            if batch.indices:
-                proba = model.classify_features(torch.from_numpy(features)).float().softmax(-1)
-                scores, labels = proba.topk(k, dim=-1)
-                for j, i in enumerate(batch.indices):
-                    top = [(classes[c], float(s)) for c, s in zip(labels[j].tolist(), scores[j].tolist())]
-                    rows[i] = Prediction(str(files[i]), top, min_confidence is not None and top[0][1] < min_confidence)
-            yield from (rows[i] for i in sorted(rows))
+    for batch, features in run_batches(engine, stream_pixels(files, preprocessing, batch_size, workers)):
+        rows: dict[int, Prediction | Unreadable] = {i: Unreadable(str(files[i]), r) for i, r in batch.errors}
+        if batch.indices:
+            logits = np.asarray(head(features), np.float64)
+            proba = np.exp(logits - logits.max(axis=1, keepdims=True))
+            proba /= proba.sum(axis=1, keepdims=True)
+            best = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+            for j, i in enumerate(batch.indices):
+                top = [(classes[c], float(proba[j, c])) for c in best[j]]
+                rows[i] = Prediction(str(files[i]), top, min_confidence is not None and top[0][1] < min_confidence)
+        yield from (rows[i] for i in sorted(rows))

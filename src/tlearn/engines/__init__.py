@@ -23,7 +23,7 @@ from tlearn.data.pipeline import PixelBatch, pixel_batches
 if TYPE_CHECKING:
     from torch import nn
 
-    from tlearn.engines.runtimes import PixelsToOutputs
+    from tlearn.engines.reference import PixelsToOutputs
 
 
 class EngineError(RuntimeError):
@@ -41,9 +41,10 @@ REDUCED_MIN_COSINE = 0.95
 
 Calibration = Callable[[], Iterable[np.ndarray]]
 
-__all__ = ["ENGINES", "PRECISIONS", "EngineError", "PixelsToOutputs", "engine_key", "open_engine",
+__all__ = ["ENGINES", "PRECISIONS", "EngineError", "PixelsToOutputs", "engine_key", "open_engine", "open_exported",
+           "state_key",
            "export_onnx", "probe_pixels", "run_batches", "verify", "stream_pixels", "TorchEngine"]
-_LAZY = {"PixelsToOutputs": "runtimes", "TorchEngine": "runtimes", "OnnxEngine": "runtimes",
+_LAZY = {"PixelsToOutputs": "reference", "TorchEngine": "reference", "OnnxEngine": "runtimes",
          "OpenVinoEngine": "runtimes", "export_onnx": "export", "quantise_int8": "export"}
 
 
@@ -81,11 +82,40 @@ def run_batches(engine: Callable[[np.ndarray], np.ndarray], batches: Iterable[Pi
 
 def engine_key(model: nn.Module, preprocessing: Preprocessing) -> str:
     """Key of the exported files of `model`: its exact tensors and the preprocessing folded into the graph."""
+    return state_key({name: tensor.detach().cpu().numpy() for name, tensor in model.state_dict().items()},
+                     preprocessing)
+
+
+def state_key(state: dict[str, np.ndarray], preprocessing: Preprocessing) -> str:
+    """engine_key of the network whose state dict is `state`, computed without building it."""
     digest = hashlib.sha256(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        digest.update(np.ascontiguousarray(tensor).tobytes())
     return digest.hexdigest()[:32]
+
+
+def open_exported(key: str, folder: Path, engine: str = "auto", precision: str = "fp32", threads: int | None = None):
+    """The engine open_engine would give for the network with engine key `key`, from the files it exported and
+    verified before, without building the network (no torch); None when it has not done so yet."""
+    if engine not in ENGINES or precision not in PRECISIONS or engine == "torch":
+        return None
+    from tlearn.engines.runtimes import OnnxEngine, OpenVinoEngine
+
+    folder = Path(folder) / key
+    for name in (FASTEST_FIRST if engine == "auto" else (engine,)):
+        runtime = {"onnx": OnnxEngine, "openvino": OpenVinoEngine}.get(name)
+        if runtime is None or not installed(name) or precision not in runtime.precisions:
+            continue
+        model_file = folder / f"model-{'int8' if precision == 'int8' else 'fp32'}.onnx"
+        verdict = _recorded_verdicts(folder).get(_verdict_key(name, precision))
+        if not model_file.exists() or verdict is None:
+            return None  # open_engine would try this one first: let it
+        if verdict["ok"]:
+            if name == "onnx":
+                return OnnxEngine(model_file, precision, threads)
+            return OpenVinoEngine(model_file, precision, threads, folder / "openvino-cache")
+    return None
 
 
 def installed(name: str) -> bool:
@@ -104,7 +134,7 @@ def open_engine(model: nn.Module, preprocessing: Preprocessing, folder: Path, en
         raise EngineError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
     if precision not in PRECISIONS:
         raise EngineError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    from tlearn.engines.runtimes import PixelsToOutputs
+    from tlearn.engines.reference import PixelsToOutputs
 
     graph = PixelsToOutputs(model, preprocessing)
     folder = Path(folder) / engine_key(model, preprocessing)
@@ -124,7 +154,8 @@ def open_engine(model: nn.Module, preprocessing: Preprocessing, folder: Path, en
 
 def _open_verified(name: str, graph: PixelsToOutputs, folder: Path, precision: str, calibration: Calibration | None,
                    threads: int | None):
-    from tlearn.engines.runtimes import OnnxEngine, OpenVinoEngine, TorchEngine
+    from tlearn.engines.reference import TorchEngine
+    from tlearn.engines.runtimes import OnnxEngine, OpenVinoEngine
 
     if name == "torch":
         return TorchEngine(graph, precision)
@@ -168,21 +199,27 @@ def _model_file(graph: PixelsToOutputs, folder: Path, precision: str, calibratio
 
 
 def _cached_verdict(folder: Path, name: str, precision: str, compute: Callable[[], dict]) -> dict:
-    record_file = folder / "verified.json"
-    key = f"{name}-{metadata.version('onnxruntime' if name == 'onnx' else name)}-{precision}"
-    try:
-        records = json.loads(record_file.read_text())
-    except (OSError, ValueError):
-        records = {}
+    records, key = _recorded_verdicts(folder), _verdict_key(name, precision)
     if key not in records:
         records[key] = compute()
-        record_file.write_text(json.dumps(records, indent=1))
+        (folder / "verified.json").write_text(json.dumps(records, indent=1))
     return records[key]
+
+
+def _recorded_verdicts(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "verified.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _verdict_key(name: str, precision: str) -> str:
+    return f"{name}-{metadata.version('onnxruntime' if name == 'onnx' else name)}-{precision}"
 
 
 def verify(engine, graph: PixelsToOutputs) -> dict:
     """Compare `engine` with eager torch fp32 on real photos: max abs difference and worst row cosine."""
-    from tlearn.engines.runtimes import TorchEngine
+    from tlearn.engines.reference import TorchEngine
 
     pixels = probe_pixels(graph.preprocessing)
     reference = TorchEngine(graph, "fp32")(pixels)

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from tlearn.backbones import Preprocessing
-from tlearn.engines.runtimes import EngineError, OnnxEngine, PixelsToOutputs, TorchEngine
+from tlearn.engines import EngineError
+from tlearn.engines.reference import PixelsToOutputs, TorchEngine
+from tlearn.engines.runtimes import OnnxEngine
 
 INPUT_NAME, OUTPUT_NAME, PROBABILITIES = "pixels", "outputs", "probabilities"
 # An exported classifier must agree with eager torch fp32 on real images, in class probabilities: fp32 to 1e-3 with

@@ -1,7 +1,8 @@
-"""The inference engines: one call, uint8 pixels (n, 3, H, W) in, float32 outputs out.
+"""The exported-graph engines (onnxruntime, OpenVINO): one call, uint8 pixels (n, 3, H, W) in, float32 outputs out.
 
-Normalisation is inside every engine (in torch for the reference, in the exported graph for the others), so all of
-them see exactly the pixels the pipeline made.
+Normalisation is inside every engine (in the exported graph here, in torch for the reference engine of
+reference.py), so all of them see exactly the pixels the pipeline made. No torch here: a model whose engine is
+exported and verified predicts without importing it.
 """
 from __future__ import annotations
 
@@ -12,43 +13,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
-from torch import nn
 
-from tlearn.backbones import Preprocessing
-from tlearn.engines import EngineError  # noqa: F401  (raised here, defined where it is light to import)
+from tlearn.engines import EngineError
 
 
 def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
-
-
-class PixelsToOutputs(nn.Module):
-    """`model` behind the preprocessing's normalisation: the graph every engine runs."""
-
-    def __init__(self, model: nn.Module, preprocessing: Preprocessing):
-        super().__init__()
-        self.model, self.preprocessing = model.eval(), preprocessing
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocessing.normalise(pixels))
-
-
-class TorchEngine:
-    """Eager torch, channels_last: the reference every other engine is checked against."""
-
-    name = "torch"
-    precisions = ("fp32", "bf16")
-
-    def __init__(self, graph: PixelsToOutputs, precision: str = "fp32"):
-        _check_precision(self, precision)
-        keep_freed_memory()
-        self.graph, self.precision = graph.eval().to(memory_format=torch.channels_last), precision
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=self.precision == "bf16"):
-            x = self.graph.preprocessing.normalise(torch.from_numpy(pixels))
-            return self.graph.model(x.contiguous(memory_format=torch.channels_last)).float().numpy()
 
 
 class OnnxEngine:
@@ -58,7 +28,7 @@ class OnnxEngine:
     precisions = ("fp32", "int8")
 
     def __init__(self, model_file: Path, precision: str = "fp32", threads: int | None = None):
-        _check_precision(self, precision)
+        check_precision(self, precision)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -82,7 +52,7 @@ class OpenVinoEngine:
 
     def __init__(self, model_file: Path, precision: str = "fp32", threads: int | None = None,
                  cache_dir: Path | None = None):
-        _check_precision(self, precision)
+        check_precision(self, precision)
         import openvino as ov
 
         # THROUGHPUT: several streams, each running its own requests on its own threads (on 2 cores: 2 streams of
@@ -136,7 +106,7 @@ class OpenVinoEngine:
         return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
 
-def _check_precision(engine, precision: str) -> None:
+def check_precision(engine, precision: str) -> None:
     if precision not in engine.precisions:
         raise EngineError(f"the {engine.name} engine does not run {precision}; it runs "
                           f"{', '.join(engine.precisions)} (openvino runs fp32, bf16 and int8)")
