@@ -4,6 +4,7 @@ The CLI and the server call this and nothing below it.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import shutil
@@ -146,8 +147,8 @@ class ImageClassifier:
         from tlearn.train.recipe import fine_tune_stage, val_score
 
         settings = self.finetune or FinetuneSettings(batch_size=self.batch_size)
-        # the stage-1 bundle holds copies of the tensors (numpy), so fine-tuning `backbone` in place leaves it as it is
-        tuned = fine_tune_stage(dataset, get_spec(self.backbone), backbone, head, settings, self.run_dir,
+        # a copy: the stage-1 bundle's tensors are views of `backbone`'s, and must stay as they are
+        tuned = fine_tune_stage(dataset, get_spec(self.backbone), copy.deepcopy(backbone), head, settings, self.run_dir,
                                 resume=resume, seed=self.seed, workers=self.workers, batch_size=self.batch_size,
                                 progress=self.progress)
         bundle, classes, result = self.bundle_, dataset.classes, tuned.result
@@ -186,12 +187,14 @@ class ImageClassifier:
                     for split in dataset.splits}
 
     def _backbone_state(self, build_backbone: Callable[[], nn.Module], key: str) -> dict[str, np.ndarray]:
-        """The backbone's tensors for the bundle (copies). When every feature came from the cache no network was
-        built, and they are read from the cache, stored there the first time: a re-train never imports torch."""
+        """The backbone's tensors for the bundle. When every feature came from the cache no network was built, and
+        they are read from the cache, stored there the first time: a re-train never imports torch. Otherwise they
+        are views of the network's own tensors, not copies (VGG's are 0.5 GB): whoever changes the network after
+        this (fine-tuning) works on a copy of it."""
         with FeatureCache(key, self.cache_dir) as cache:
             state = None if build_backbone.cache_info().currsize else cache.backbone_state()
             if state is None:
-                state = {k: v.detach().cpu().numpy().copy() for k, v in build_backbone().state_dict().items()}
+                state = {k: v.detach().numpy() for k, v in build_backbone().state_dict().items()}
                 cache.put_backbone_state(state)
         return state
 
