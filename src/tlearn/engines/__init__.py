@@ -112,9 +112,12 @@ def open_exported(key: str, folder: Path, engine: str = "auto", precision: str =
         if not model_file.exists() or verdict is None:
             return None  # open_engine would try this one first: let it
         if verdict["ok"]:
-            if name == "onnx":
-                return OnnxEngine(model_file, precision, threads)
-            return OpenVinoEngine(model_file, precision, threads, folder / "openvino-cache")
+            try:
+                if name == "onnx":
+                    return OnnxEngine(model_file, precision, threads)
+                return OpenVinoEngine(model_file, precision, threads, folder / "openvino-cache")
+            except Exception:  # a damaged file or a runtime refusing it: open_engine tries the next or says why
+                return None
     return None
 
 
