@@ -382,8 +382,7 @@ def load(directory: str | Path, **settings) -> ImageClassifier:
 def _adopt_weights(bundle: Bundle, state: dict[str, np.ndarray]) -> None:
     """Fine-tuned weights into the bundle, with a feature-cache key of their own (stage-1 features no longer fit)."""
     bundle.state = dict(state)
-    tuned = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    bundle.backbone["fine_tuned_sha256"] = state_sha256(tuned)
+    bundle.backbone["fine_tuned_sha256"] = state_sha256(bundle.backbone_state())
     bundle.backbone["feature_key"] = feature_key(bundle.backbone["architecture"], bundle.backbone["fine_tuned_sha256"],
                                                  bundle.preprocessing, bundle.backbone.get("precision", "fp32"))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+from scipy.special import softmax
 
 from tlearn.backbones import Preprocessing
 from tlearn.data.decode import is_image_path
@@ -67,9 +68,7 @@ def predict_files(head: Callable[[np.ndarray], np.ndarray], classes: list[str], 
     for batch, features in run_batches(engine, stream_pixels(files, preprocessing, batch_size, workers)):
         rows: dict[int, Prediction | Unreadable] = {i: Unreadable(str(files[i]), r) for i, r in batch.errors}
         if batch.indices:
-            logits = np.asarray(head(features), np.float64)
-            proba = np.exp(logits - logits.max(axis=1, keepdims=True))
-            proba /= proba.sum(axis=1, keepdims=True)
+            proba = softmax(np.asarray(head(features), np.float64), axis=1)
             best = np.argsort(-proba, axis=1, kind="stable")[:, :k]
             for j, i in enumerate(batch.indices):
                 top = [(classes[c], float(proba[j, c])) for c in best[j]]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from tlearn.backbones import Preprocessing
+from tlearn.backbones import Preprocessing, state_sha256
 from tlearn.data.pipeline import PixelBatch, pixel_batches
 
 if TYPE_CHECKING:
@@ -88,11 +88,8 @@ def engine_key(model: nn.Module, preprocessing: Preprocessing) -> str:
 
 def state_key(state: dict[str, np.ndarray], preprocessing: Preprocessing) -> str:
     """engine_key of the network whose state dict is `state`, computed without building it."""
-    digest = hashlib.sha256(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
-    for name, tensor in sorted(state.items()):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(tensor).tobytes())
-    return digest.hexdigest()[:32]
+    blob = json.dumps([preprocessing.to_dict(), state_sha256(state)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def open_exported(key: str, folder: Path, engine: str = "auto", precision: str = "fp32", threads: int | None = None):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -26,10 +27,7 @@ class ScoredSplit:
     logits: np.ndarray  # (n, n_classes) float
 
     def proba(self, temperature: float = 1.0) -> np.ndarray:
-        z = self.logits / temperature
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax(self.logits / temperature, axis=1)
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], seed: int = 0) -> dict:

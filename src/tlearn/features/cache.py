@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn.data.decode import content_hash  # noqa: F401  (re-exported: the cache's key for a file)
-
 
 def default_cache_dir() -> Path:
     """$TLEARN_CACHE, else $XDG_CACHE_HOME/tlearn, else ~/.cache/tlearn."""

@@ -12,7 +12,8 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tlearn.backbones import Preprocessing
-from tlearn.features.cache import FeatureCache, content_hash
+from tlearn.data.decode import content_hash
+from tlearn.features.cache import FeatureCache
 
 if TYPE_CHECKING:
     from torch import nn
