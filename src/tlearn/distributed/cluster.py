@@ -1,0 +1,64 @@
+"""Joining a Ray cluster for one job: an existing one (`auto` or an address), or a local one sized to this machine."""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+from tlearn.errors import MissingExtra
+
+# Read tasks only move bytes from storage into the object store: a quarter of a core each leaves the cores to the
+# actors that decode and run the engine, and lets reads go on while every actor is busy.
+READ_CPUS = 0.25
+
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str  # what the job was started with: "local" (started here), "auto" or an address
+    cores: int  # CPUs the cluster offers (every node)
+    nodes: int
+
+
+def actor_pool(actors: int):
+    """A fixed pool of `actors`, each running two batches at once: one decodes while the other is in the engine
+    (as the single-machine pipeline overlaps them), so an actor keeps its cores busy."""
+    ray = require_ray()
+    return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
+
+
+def require_ray():
+    """The ray module, or MissingExtra saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the extra installs both; a bare `ray` without data is not enough)
+    except ImportError:
+        raise MissingExtra("--ray needs Ray Data: pip install 'tlearn[ray]'") from None
+    return ray
+
+
+@contextmanager
+def ray_cluster(address: str | None = None, progress: bool = False) -> Iterator[Cluster]:
+    """Connect for the time of a job; disconnect (and stop a local cluster) after it. A driver already connected
+    (ray.init called by the caller) is used as it is and left connected.
+
+    `address`: None or "local" starts a local cluster with this machine's cores; "auto" joins the cluster this
+    machine belongs to (`ray start`); "ray://host:10001" or "host:6379" joins that one."""
+    ray = require_ray()
+    started = not ray.is_initialized()
+    if started:
+        settings = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": progress}
+        if address in (None, "", "local"):
+            ray.init(num_cpus=os.cpu_count() or 1, **settings)
+        else:
+            ray.init(address=address, **settings)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress
+    context.print_on_execution_start = progress
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        yield Cluster(address or "local", int(ray.cluster_resources().get("CPU", 0)), len(nodes))
+    finally:
+        if started:
+            ray.shutdown()

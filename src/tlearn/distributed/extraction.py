@@ -1,0 +1,121 @@
+"""Feature extraction on Ray Data for `tlearn train --ray`: the backbone's exported engine in actors, rows into the
+driver's feature cache, so the head is then fitted exactly as after a local extraction."""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from tlearn.backbones import Preprocessing
+from tlearn.distributed.cluster import READ_CPUS, actor_pool, ray_cluster, require_ray
+from tlearn.errors import EngineError
+from tlearn.features.cache import FeatureCache
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+@dataclass
+class RayExtraction:
+    """What extract_features_ray did: features computed (now in the cache), files that failed, time, cores."""
+
+    computed: int = 0
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    cores: int = 0
+
+
+def _rows_schema():
+    import pyarrow as pa
+
+    return pa.schema([("path", pa.string()), ("content", pa.string()), ("vector", pa.binary()), ("error", pa.string())])
+
+
+class FeatureActor:
+    """One per actor slot: opens the exported, verified engine once (no torch), then bytes -> (hash, vector)."""
+
+    def __init__(self, key: str, folder: str, preprocessing: dict, engine: str, precision: str, threads: int):
+        from tlearn.engines import open_exported
+
+        self.engine = open_exported(key, Path(folder), engine, precision, threads)
+        if self.engine is None:
+            raise EngineError(f"no verified {engine} engine for {key} in {folder}: open it once on the driver "
+                              "(tlearn.engines.open_engine) before extracting on Ray")
+        self.preprocessing = Preprocessing.from_dict(preprocessing)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tlearn-decode")
+        self.lock = threading.Lock()  # two calls overlap (one decodes while the other runs): one engine at a time
+
+    def __call__(self, batch: dict) -> pa.Table:
+        import pyarrow as pa
+
+        decoded = list(self.pool.map(self._pixels, batch["bytes"], batch["path"]))
+        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+        if good:
+            with self.lock:
+                vectors = self.engine(np.stack([decoded[i] for i in good]))
+        rows = {"path": list(batch["path"]), "content": [None] * len(decoded), "vector": [None] * len(decoded),
+                "error": [d if isinstance(d, str) else None for d in decoded]}
+        for row, i in enumerate(good):
+            rows["content"][i] = hashlib.sha256(batch["bytes"][i]).hexdigest()  # the feature cache's content hash
+            rows["vector"][i] = np.ascontiguousarray(vectors[row], np.float32).tobytes()
+        return pa.table(rows, schema=_rows_schema())
+
+    def _pixels(self, content: bytes, path: str) -> np.ndarray | str:
+        """uint8 (3, H, W) as the local pipeline makes them, or the reason the file cannot be used."""
+        from tlearn.data.decode import DecodeError, decode_bytes
+
+        try:
+            draft = (2 * self.preprocessing.resize_size(),) * 2
+            return self.preprocessing.to_pixels(decode_bytes(content, path, draft))
+        except DecodeError as exc:
+            return exc.reason
+        except Exception as exc:  # a transform failing on a strange image must not end the job either
+            return f"cannot preprocess image ({type(exc).__name__}: {exc})"
+
+
+def extract_features_ray(paths: Sequence[Path], hashes: Sequence[str | None], key: str, engine_folder: Path,
+                         preprocessing: Preprocessing, cache: FeatureCache, address: str | None = None, *,
+                         engine: str = "auto", precision: str = "fp32", batch_size: int = 32,
+                         threads_per_actor: int = 2, progress: bool = False) -> RayExtraction:
+    """Compute on Ray the features of the `paths` whose content hash is not in `cache` yet, and store them there.
+
+    `key` is the backbone's engine key (tlearn.engines.engine_key) and `engine_folder` the folder where the driver
+    exported and verified it (open_engine(..., folder=engine_folder) must have run once); actors open it with
+    open_exported, decode the raw bytes that Ray read, and run it. A file whose hash is None (unreadable when
+    hashed) is skipped: the local extraction reports it. Afterwards `extract_features` finds every feature cached.
+    """
+    start = time.perf_counter()
+    cached = cache.get_many([h for h in hashes if h is not None])
+    todo = list({h: str(p) for p, h in zip(paths, hashes) if h is not None and h not in cached}.values())
+    if not todo:
+        return RayExtraction()
+    ray = require_ray()
+    result = RayExtraction(computed=0)
+    with ray_cluster(address, progress) as cluster:
+        actors = max(1, cluster.cores // threads_per_actor)
+        ds = ray.data.read_binary_files(todo, include_paths=True, num_cpus=READ_CPUS)
+        ds = ds.map_batches(FeatureActor, batch_size=batch_size, compute=actor_pool(actors),
+                            num_cpus=threads_per_actor - READ_CPUS,
+                            fn_constructor_kwargs={"key": key, "folder": str(engine_folder),
+                                                   "preprocessing": preprocessing.to_dict(), "engine": engine,
+                                                   "precision": precision, "threads": threads_per_actor})
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            _store(table, cache, result)
+        result.cores = cluster.cores
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _store(table, cache: FeatureCache, result: RayExtraction) -> None:
+    rows = table.to_pydict()
+    fresh = [(content, np.frombuffer(vector, np.float32)) for content, vector in zip(rows["content"], rows["vector"])
+             if content is not None]
+    cache.put_many(fresh)
+    result.computed += len(fresh)
+    result.failures += [(Path(p), e) for p, e in zip(rows["path"], rows["error"]) if e is not None]

@@ -1,0 +1,149 @@
+"""What `tlearn predict SRC...` reads: folders, globs, manifests (text or CSV lists of paths) and object-store URIs.
+
+Every SRC expands to image locations (local paths as strings, object-store objects as URIs) in a stable order,
+each once; a SRC that names nothing is reported, not raised, so a prediction job writes a row for it.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from tlearn.data.decode import IMAGE_EXTENSIONS
+
+MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".tsv", ".lst"})
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class Missing:
+    """A SRC (or a manifest line) that names no readable file."""
+
+    source: str
+    reason: str
+
+
+@dataclass
+class Sources:
+    """The image locations a list of SRC expands to, in order, each once; and what named nothing."""
+
+    files: list[str] = field(default_factory=list)
+    missing: list[Missing] = field(default_factory=list)
+
+    def without(self, done: set[str]) -> "Sources":
+        """These sources less the locations in `done` (a resumed job's rows already written)."""
+        return Sources([f for f in self.files if f not in done], [m for m in self.missing if m.source not in done])
+
+
+def expand_sources(sources: Sequence[str | os.PathLike]) -> Sources:
+    """Folders (recursive, symlinks followed), globs (`**` recursive), manifests (.txt/.csv/.tsv/.lst: one path per
+    line, or a `path` column; relative paths are relative to the manifest's folder), single files of any kind,
+    and URIs (`s3://`, `gs://`, `file://`... through pyarrow's filesystems)."""
+    seen: dict[str, None] = {}
+    missing: list[Missing] = []
+    for source in sources:
+        for location in _expand_one(str(source), missing, manifest_allowed=True):
+            seen.setdefault(location, None)
+    return Sources(list(seen), list({m.source: m for m in missing}.values()))  # one row per location
+
+
+def is_uri(source: str) -> bool:
+    return "://" in source and not source.startswith("file://")
+
+
+def _expand_one(source: str, missing: list[Missing], manifest_allowed: bool) -> Iterator[str]:
+    if source.startswith("file://"):
+        source = source[len("file://"):]
+    if is_uri(source):
+        yield from _expand_uri(source, missing)
+        return
+    path = Path(source).expanduser()
+    if any(c in source for c in GLOB_CHARACTERS) and not path.exists():
+        matches = sorted(glob.glob(str(path), recursive=True))
+        files = [m for m in matches if os.path.isfile(m) and _is_image_name(m)]
+        if not files:
+            missing.append(Missing(source, "the pattern matches no image file"))
+        yield from files
+    elif path.is_dir():
+        yield from (str(p) for p in _walk_images(path))
+    elif path.is_file() and manifest_allowed and path.suffix.lower() in MANIFEST_EXTENSIONS:
+        for entry in read_manifest(path):
+            yield from _expand_one(entry, missing, manifest_allowed=False)
+    elif path.is_file():
+        yield str(path)
+    else:
+        missing.append(Missing(source, "no such file or folder"))
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """Image files under `root`, sorted; symlinked folders are followed, each real folder visited once."""
+    found, visited = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:  # a symlink loop, or a folder linked twice
+            subfolders[:] = []
+            continue
+        visited.add(real)
+        subfolders.sort()
+        found.extend(Path(folder) / n for n in names if _is_image_name(n))
+    return sorted(found)
+
+
+def _is_image_name(name: str) -> bool:
+    base = os.path.basename(name)
+    return os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS and not base.startswith(".")
+
+
+def read_manifest(path: Path) -> list[str]:
+    """The paths a manifest lists: a CSV/TSV with a `path` column, else the first field of each line; blank lines
+    and lines starting with # are skipped; relative paths are taken from the manifest's folder."""
+    text = path.read_text(encoding="utf-8-sig")
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        return []
+    if path.suffix.lower() in (".csv", ".tsv"):
+        rows = list(csv.reader(lines, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+        header = [h.strip().lower() for h in rows[0]]
+        column = header.index("path") if "path" in header else 0
+        entries = [row[column].strip() for row in (rows[1:] if "path" in header else rows) if row]
+    else:
+        entries = [line.strip() for line in lines]
+    return [_resolve(entry, path.parent) for entry in entries if entry]
+
+
+def _resolve(entry: str, base: Path) -> str:
+    if "://" in entry or os.path.isabs(os.path.expanduser(entry)):
+        return entry
+    return str(base / entry)
+
+
+def _expand_uri(uri: str, missing: list[Missing]) -> Iterable[str]:
+    """Objects under a URI (one object, a prefix searched recursively, or a glob in the last parts)."""
+    import fnmatch
+
+    from pyarrow import fs
+
+    scheme = uri.split("://", 1)[0]
+    pattern = uri if any(c in uri for c in GLOB_CHARACTERS) else None
+    base = uri[:min(uri.index(c) for c in GLOB_CHARACTERS if c in uri)].rsplit("/", 1)[0] if pattern else uri
+    try:
+        filesystem, root = fs.FileSystem.from_uri(base)
+        info = filesystem.get_file_info(root)
+        if info.type == fs.FileType.File and pattern is None:
+            return [uri]
+        if info.type != fs.FileType.Directory:
+            missing.append(Missing(uri, "no such object or prefix"))
+            return []
+        listing = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+    except (OSError, ValueError) as exc:
+        missing.append(Missing(uri, f"cannot list it ({exc})"))
+        return []
+    found = sorted(f"{scheme}://{i.path}" for i in listing if i.type == fs.FileType.File and _is_image_name(i.path))
+    if pattern:
+        found = [f for f in found if fnmatch.fnmatchcase(f, pattern)]
+        if not found:
+            missing.append(Missing(uri, "the pattern matches no image object"))
+    return found
