@@ -232,7 +232,8 @@ def _print_confusion(metrics: dict) -> None:
 @app.command()
 def predict(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively), globs; with a "
+                                              ".parquet --output also manifests (.txt/.csv) and s3:// gs:// URIs.")],
     top_k: Annotated[int, typer.Option(help="How many labels per image, best first.")] = 1,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.csv,
     output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output.")] = None,
@@ -241,8 +242,22 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     min_confidence: Annotated[Optional[float], typer.Option(
         help="Label images whose (calibrated) top probability is below this 'uncertain'.", min=0.0, max=1.0)] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="local|auto|ADDRESS",
+        help="Run on Ray Data (the ray extra): 'local' starts a cluster sized to this machine; 'auto' joins the one "
+             "`ray start` made here; host:port or ray://host:10001 joins that one. Needs --output OUT.parquet.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Parquet output: skip the paths OUT.parquet already "
+                                                          "holds (after a crash or kill).")] = False,
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Parquet output: a column with every "
+                                                                        "class's probability.")] = False,
 ) -> None:
-    """Predict labels for images; unreadable files are listed on stderr, not fatal."""
+    """Predict labels for images; unreadable files are listed on stderr, not fatal. An --output ending in .parquet
+    is a folder of Parquet parts with a manifest (see docs/scale-out.md)."""
+    if ray is not None or resume or probabilities or (output is not None and output.suffix == ".parquet"):
+        _predict_parquet(model, paths, output, ray, resume, top_k, min_confidence, probabilities, engine,
+                         precision, batch_size)
+        return
     import tlearn
     from tlearn.predict import Unreadable
 
@@ -287,6 +302,26 @@ def predict(
             sink.close()
     for u in unreadable:
         err.print(f"unreadable: {u.source}: {u.reason}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _predict_parquet(model: Path, paths: list[str], output: Optional[Path], ray: Optional[str], resume: bool,
+                     top_k: int, min_confidence: Optional[float], probabilities: bool, engine, precision,
+                     batch_size: int) -> None:
+    from tlearn.distributed import predict_to_parquet
+    from tlearn.errors import InvalidParameter
+
+    try:
+        if output is None or output.suffix != ".parquet":
+            raise InvalidParameter("--ray, --resume and --probabilities write Parquet: give --output OUT.parquet")
+        manifest = predict_to_parquet(model, paths, output, ray=ray is not None, address=ray, resume=resume,
+                                      top_k=top_k, min_confidence=min_confidence, probabilities=probabilities,
+                                      engine=engine.value, precision=precision and precision.value,
+                                      batch_size=batch_size)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    err.print(f"wrote {manifest['rows_this_run']} row(s) ({manifest['errors_this_run']} unreadable) to {output} in "
+              f"{manifest['seconds']:.1f}s ({manifest['images_per_second'] or 0:.0f} images/s, {manifest['mode']}, "
+              f"{manifest['cores']} cores); {manifest['rows']} row(s) in all", highlight=False)
 
 
 @app.command()

@@ -53,6 +53,8 @@ def ray_cluster(address: str | None = None, progress: bool = False) -> Iterator[
             ray.init(num_cpus=os.cpu_count() or 1, **settings)
         else:
             ray.init(address=address, **settings)
+    if not progress:  # Ray Data logs each execution's plan and end at INFO
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     context.print_on_execution_start = progress

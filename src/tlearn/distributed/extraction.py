@@ -61,8 +61,9 @@ class FeatureActor:
                 vectors = self.engine(np.stack([decoded[i] for i in good]))
         rows = {"path": list(batch["path"]), "content": [None] * len(decoded), "vector": [None] * len(decoded),
                 "error": [d if isinstance(d, str) else None for d in decoded]}
+        for i, content in enumerate(batch["bytes"]):
+            rows["content"][i] = hashlib.sha256(content).hexdigest()  # the feature cache's content hash
         for row, i in enumerate(good):
-            rows["content"][i] = hashlib.sha256(batch["bytes"][i]).hexdigest()  # the feature cache's content hash
             rows["vector"][i] = np.ascontiguousarray(vectors[row], np.float32).tobytes()
         return pa.table(rows, schema=_rows_schema())
 
@@ -91,8 +92,9 @@ def extract_features_ray(paths: Sequence[Path], hashes: Sequence[str | None], ke
     hashed) is skipped: the local extraction reports it. Afterwards `extract_features` finds every feature cached.
     """
     start = time.perf_counter()
-    cached = cache.get_many([h for h in hashes if h is not None])
-    todo = list({h: str(p) for p, h in zip(paths, hashes) if h is not None and h not in cached}.values())
+    known = [h for h in hashes if h is not None]
+    done = {**cache.get_many(known), **cache.failures(known)}
+    todo = list({h: str(p) for p, h in zip(paths, hashes) if h is not None and h not in done}.values())
     if not todo:
         return RayExtraction()
     ray = require_ray()
@@ -115,7 +117,9 @@ def extract_features_ray(paths: Sequence[Path], hashes: Sequence[str | None], ke
 def _store(table, cache: FeatureCache, result: RayExtraction) -> None:
     rows = table.to_pydict()
     fresh = [(content, np.frombuffer(vector, np.float32)) for content, vector in zip(rows["content"], rows["vector"])
-             if content is not None]
+             if vector is not None]
+    failed = [(content, error) for content, error in zip(rows["content"], rows["error"]) if error is not None]
     cache.put_many(fresh)
+    cache.put_failures(failed)  # remembered by content, as a local extraction does: not decoded again
     result.computed += len(fresh)
     result.failures += [(Path(p), e) for p, e in zip(rows["path"], rows["error"]) if e is not None]

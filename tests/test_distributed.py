@@ -1,0 +1,199 @@
+"""Beyond one machine: SRC expansion, the Parquet sink (atomic parts, resume), and the Ray Data jobs on a local
+cluster (prediction equal to the single-machine pipeline, kill -9 then --resume, feature extraction for train)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import link_subset, shared_dataset
+from tlearn.errors import InvalidParameter
+from tlearn.predict import Prediction, Unreadable
+from tlearn.sinks import ParquetSink, PredictionColumns, read_predictions
+from tlearn.sources import expand_sources
+
+pa = pytest.importorskip("pyarrow")
+
+
+# ---- sources ----------------------------------------------------------------------------------------------------
+def test_sources_expand_folders_globs_and_manifests_once_each(hymenoptera_small, tmp_path):
+    ants = sorted(str(p) for p in (hymenoptera_small / "train" / "ants").iterdir())
+    (tmp_path / "list.txt").write_text(f"# a comment\n{ants[0]}\n\nnot-here.jpg\n")
+    (tmp_path / "list.csv").write_text(f"label,path\nant,{ants[1]}\nant,{ants[0]}\n")
+    found = expand_sources([hymenoptera_small / "train" / "ants", str(hymenoptera_small / "val" / "*" / "*.jpg"),
+                            tmp_path / "list.txt", tmp_path / "list.csv", tmp_path / "nothing" / "*.png"])
+    val = sorted(str(p) for p in (hymenoptera_small / "val").rglob("*.jpg"))
+    assert found.files == ants + val  # the manifests only repeat files already named: each path once
+    assert [(m.source, m.reason) for m in found.missing] == [
+        (str(tmp_path / "not-here.jpg"), "no such file or folder"),  # relative to the manifest's folder
+        (str(tmp_path / "nothing" / "*.png"), "the pattern matches no image file")]
+    assert found.without(set(ants)).files == val
+
+
+def test_sources_follow_symlinked_folders_without_looping(hymenoptera_small, tmp_path):
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "ants").symlink_to(hymenoptera_small / "train" / "ants")
+    (tmp_path / "root" / "loop").symlink_to(tmp_path / "root")
+    found = expand_sources([tmp_path / "root"])
+    assert len(found.files) == 6 and not found.missing
+
+
+# ---- sink -------------------------------------------------------------------------------------------------------
+COLUMNS = PredictionColumns("abc", "0.0", ("ants", "bees"), top_k=2, probabilities=True)
+
+
+def _rows(names):
+    return [Unreadable(n, "corrupt") if n.startswith("bad") else
+            Prediction(n, (("bees", 0.75), ("ants", 0.25)), False, (0.25, 0.75)) for n in names]
+
+
+def test_sink_writes_whole_parts_a_manifest_and_refuses_to_mix_runs(tmp_path):
+    out = tmp_path / "out.parquet"
+    sink = ParquetSink(out, COLUMNS, part_rows=2)
+    sink.write_rows(_rows(["a", "b", "bad1", "c", "d"]))
+    (out / ".part-000009.parquet.123.tmp").write_bytes(b"half a part")  # what a kill -9 mid-write leaves
+    manifest = sink.finish(images_per_second=1.0)
+    assert (manifest["rows"], manifest["errors"], manifest["parts"]) == (5, 1, 3)
+    assert (out / "_SUCCESS").exists()
+    table = read_predictions(out).to_pylist()
+    assert [r["path"] for r in table] == ["a", "b", "bad1", "c", "d"]
+    assert table[0]["label"] == "bees" and table[0]["top_labels"] == ["bees", "ants"]
+    assert table[0]["probabilities"] == [0.25, 0.75] and table[0]["error"] is None
+    assert table[2]["error"] == "corrupt" and table[2]["label"] is None and table[2]["model_sha256"] == "abc"
+    with pytest.raises(InvalidParameter, match="--resume"):
+        ParquetSink(out, COLUMNS)
+    with pytest.raises(InvalidParameter, match="another model"):
+        ParquetSink(out, PredictionColumns("other", "0.0", ("ants", "bees"), 2, True), resume=True)
+    again = ParquetSink(out, COLUMNS, resume=True)
+    assert again.done == {"a", "b", "bad1", "c", "d"} and not list(out.glob(".*.tmp"))
+    assert not (out / "_SUCCESS").exists()  # until the resumed run finishes
+    again.write_rows(_rows(["e"]))
+    assert again.finish()["rows"] == 6 and len(read_predictions(out)) == 6
+
+
+# ---- Ray --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_address():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 << 20, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hym_model(hymenoptera_small, cache_dir, tmp_path_factory) -> Path:
+    import tlearn
+
+    folder = tmp_path_factory.mktemp("ray-model") / "hym"
+    tlearn.ImageClassifier(cache_dir=cache_dir, progress=False).fit(hymenoptera_small).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images_and_corrupt(tmp_path_factory) -> list[str]:
+    """Real photos of both shared datasets, plus a text file, a truncated JPEG and a missing path."""
+    root = tmp_path_factory.mktemp("ray-images")
+    link_subset(shared_dataset("hymenoptera"), root / "hym", {"val": 5}, seed=1)
+    link_subset(shared_dataset("oxford17flowers"), root / "flowers", {"test": 1}, seed=1)
+    (root / "text.jpg").write_text("not an image")
+    photo = next((root / "hym").rglob("*.jpg")).read_bytes()
+    (root / "truncated.jpg").write_bytes(photo[:len(photo) // 3])
+    return [str(root / "hym"), str(root / "flowers"), str(root / "text.jpg"), str(root / "truncated.jpg"),
+            str(root / "missing.jpg")]
+
+
+def _by_path(folder: Path) -> dict[str, dict]:
+    return {row["path"]: row for row in read_predictions(folder).to_pylist()}
+
+
+def test_ray_predictions_equal_the_single_machine_ones(ray_address, hym_model, images_and_corrupt, tmp_path):
+    from tlearn.distributed import predict_to_parquet
+
+    local = predict_to_parquet(hym_model, images_and_corrupt, tmp_path / "local.parquet", top_k=2, probabilities=True)
+    on_ray = predict_to_parquet(hym_model, images_and_corrupt, tmp_path / "ray.parquet", ray=True,
+                                address=ray_address, top_k=2, probabilities=True)
+    assert (local["mode"], on_ray["mode"], on_ray["cores"]) == ("local", "ray", 2)
+    a, b = _by_path(tmp_path / "local.parquet"), _by_path(tmp_path / "ray.parquet")
+    assert len(a) == 10 + 17 + 3 and sorted(a) == sorted(b)
+    errors = {Path(p).name: row["error"] for p, row in b.items() if row["error"]}
+    assert sorted(errors) == ["missing.jpg", "text.jpg", "truncated.jpg"]
+    assert "truncated" in errors["truncated.jpg"] and "no such file" in errors["missing.jpg"]
+    for path, row in a.items():
+        assert (row["label"], row["top_labels"], row["error"]) == (b[path]["label"], b[path]["top_labels"],
+                                                                  b[path]["error"])
+        if row["error"] is None:
+            assert np.allclose(row["probabilities"], b[path]["probabilities"], atol=1e-5, rtol=0)
+    assert local["errors"] == on_ray["errors"] == 3
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_writes_every_path_exactly_once(ray_address, hym_model, tmp_path):
+    from tlearn.distributed import predict_to_parquet
+
+    many = tmp_path / "many"
+    many.mkdir()
+    photos = sorted(shared_dataset("hymenoptera").rglob("*.jpg"))[:60]
+    for copy in range(4):  # distinct names, the same photos
+        for i, photo in enumerate(photos):
+            (many / f"{copy}-{i:03d}.jpg").symlink_to(photo)
+    out = tmp_path / "out.parquet"
+    script = ("from tlearn.distributed import predict_to_parquet\n"
+              f"predict_to_parquet({str(hym_model)!r}, [{str(many)!r}], {str(out)!r}, ray=True, "
+              f"address={ray_address!r}, part_rows=8, batch_size=8)\n")
+    job = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("part-*.parquet"))) < 5 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job.poll() is None, "the job ended before it could be killed halfway"
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    written = read_predictions(out).column("path").to_pylist()
+    assert not (out / "_SUCCESS").exists() and 0 < len(written) < 240
+    manifest = predict_to_parquet(hym_model, [many], out, ray=True, address=ray_address, resume=True, part_rows=8)
+    paths = read_predictions(out).column("path").to_pylist()
+    assert sorted(paths) == sorted(str(p) for p in many.iterdir())  # every path, exactly once
+    assert manifest["rows_before_resume"] == len(written) and manifest["rows"] == 240
+    assert (out / "_SUCCESS").exists()
+
+
+def test_ray_extraction_fills_the_feature_cache_as_a_local_extraction(ray_address, hymenoptera_small, tmp_path):
+    from tlearn.backbones import get_spec, locate_weights
+    from tlearn.data.decode import content_hashes
+    from tlearn.distributed import extract_features_ray
+    from tlearn.features import FeatureCache, extract_features
+    from tlearn.features.backbone import FrozenBackbone
+
+    spec, info = get_spec("efficientnet_lite0"), locate_weights("efficientnet_lite0")
+    paths = sorted(hymenoptera_small.rglob("*.jpg")) + [tmp_path / "text.jpg"]
+    (tmp_path / "text.jpg").write_text("not an image")
+    hashes = content_hashes(paths)
+    results = {}
+    for where in ("local", "ray"):
+        with FeatureCache("key", tmp_path / where) as cache:
+            backbone = FrozenBackbone(spec, info, "key", cache, progress=False)
+            if where == "ray":
+                backbone.engine()  # exported and verified once on the driver; actors open its files
+                done = extract_features_ray(paths, [hashes[p] for p in paths], backbone.engine_key,
+                                            cache.directory / "engines", spec.preprocessing, cache, ray_address)
+                assert done.computed == len(paths) - 1 and [p.name for p, _ in done.failures] == ["text.jpg"]
+            results[where] = extract_features(paths, cache, backbone.engine, spec.preprocessing, progress=False,
+                                              hashes=[hashes[p] for p in paths])
+    local, on_ray = results["local"], results["ray"]
+    assert on_ray.computed == 0  # everything came from the actors through the cache
+    assert (local.kept == on_ray.kept).all() and local.failures == on_ray.failures
+    assert np.abs(local.vectors - on_ray.vectors).max() <= 1e-5
+
+
+def test_cli_ray_needs_parquet_output(hym_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from tlearn.cli import app
+
+    result = CliRunner().invoke(app, ["predict", str(hym_model), str(tmp_path), "--ray", "local"])
+    assert result.exit_code == 2 and "--output OUT.parquet" in result.output
