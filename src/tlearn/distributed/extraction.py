@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -83,14 +83,17 @@ class FeatureActor:
 def extract_features_ray(paths: Sequence[Path], hashes: Sequence[str | None], key: str, engine_folder: Path,
                          preprocessing: Preprocessing, cache: FeatureCache, address: str | None = None, *,
                          engine: str = "auto", precision: str = "fp32", batch_size: int = 32,
-                         threads_per_actor: int = 2, progress: bool = False) -> RayExtraction:
+                         threads_per_actor: int = 2, export: Callable[[], object] | None = None,
+                         progress: bool = False) -> RayExtraction:
     """Compute on Ray the features of the `paths` whose content hash is not in `cache` yet, and store them there.
 
-    `key` is the backbone's engine key (tlearn.engines.engine_key) and `engine_folder` the folder where the driver
-    exported and verified it (open_engine(..., folder=engine_folder) must have run once); actors open it with
-    open_exported, decode the raw bytes that Ray read, and run it. A file whose hash is None (unreadable when
-    hashed) is skipped: the local extraction reports it. Afterwards `extract_features` finds every feature cached.
-    """
+    `key` is the backbone's engine key (tlearn.engines.state_key) and `engine_folder` the folder where the driver
+    exported and verified it: open_engine(..., folder=engine_folder) must have run once, or `export` (e.g.
+    FrozenBackbone.engine) is called to do so when something is left to extract. Actors open it with open_exported
+    (no torch), decode the raw bytes Ray read, run it, and return (content hash, vector) or (content hash, reason)
+    rows, which go into `cache` as a local extraction would put them. A file whose hash is None (unreadable when
+    hashed) is left to the local extraction, which reports it. Afterwards `extract_features` finds every feature
+    (or decode failure) cached and computes nothing."""
     start = time.perf_counter()
     known = [h for h in hashes if h is not None]
     done = {**cache.get_many(known), **cache.failures(known)}
@@ -98,6 +101,8 @@ def extract_features_ray(paths: Sequence[Path], hashes: Sequence[str | None], ke
     if not todo:
         return RayExtraction()
     ray = require_ray()
+    if export is not None:
+        export()
     result = RayExtraction(computed=0)
     with ray_cluster(address, progress) as cluster:
         actors = max(1, cluster.cores // threads_per_actor)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from tlearn.distributed.cluster import READ_CPUS, actor_pool, ray_cluster, require_ray
+from tlearn.distributed.jobs import job_facts
 from tlearn.sinks import ParquetSink, PredictionColumns
 
 if TYPE_CHECKING:
@@ -72,8 +73,9 @@ def predict_on_ray(model_dir: Path, files: Sequence[str], sink: ParquetSink, *, 
                                                        "precision": precision, "batch_size": batch_size,
                                                        "columns": asdict(sink.columns),
                                                        "min_confidence": min_confidence})
+            first = None
             for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                first = first or time.perf_counter()
                 sink.write_table(table)
-        seconds = time.perf_counter() - start
-        return {"mode": "ray", "address": cluster.address, "cores": cluster.cores, "nodes": cluster.nodes,
-                "seconds": round(seconds, 3), "images_per_second": round(len(files) / seconds, 2) if seconds else None}
+        return job_facts("ray", start, first, len(files), cluster.cores, cluster.nodes, address=cluster.address)
+
