@@ -112,7 +112,8 @@ def main() -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             folder = image_folder(root, size)
             for ray in (False, True):
-                runs = [run_job(model, folder, root / f"out-{size}-{ray}-{r}.parquet", ray) for r in range(args.repeats)]
+                runs = [run_job(model, folder, root / f"out-{size}-{ray}-{r}.parquet", ray)
+                        for r in range(args.repeats)]
                 best = max(runs, key=lambda r: r["job_images_per_second"])
                 results.append(best)
                 print(json.dumps(best), flush=True)

@@ -20,12 +20,20 @@ class Cluster:
     cores: int  # CPUs the cluster offers (every node)
     nodes: int
 
+    @property
+    def cores_per_node(self) -> int:
+        """Cores of an average node: the threads each node's actor decodes and runs the engine with."""
+        return max(1, self.cores // max(1, self.nodes))
 
-def actor_pool(actors: int):
-    """A fixed pool of `actors`, each running two batches at once: one decodes while the other is in the engine
-    (as the single-machine pipeline overlaps them), so an actor keeps its cores busy."""
+
+def actor_pool(cluster: Cluster) -> dict:
+    """map_batches settings for one actor per node holding that node's cores (less the read tasks' share), each
+    running two batches at once: one decodes while the other is in the engine, as the single-machine pipeline
+    overlaps them, so an actor keeps its node busy with one copy of the model."""
     ray = require_ray()
-    return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
+    pool = ray.data.ActorPoolStrategy(size=cluster.nodes, max_concurrent_calls_per_actor=2,
+                                      enable_true_multi_threading=True)
+    return {"compute": pool, "num_cpus": max(READ_CPUS, cluster.cores_per_node - READ_CPUS)}
 
 
 def require_ray():

@@ -38,7 +38,7 @@ def _rows_schema():
 
 
 class FeatureActor:
-    """One per actor slot: opens the exported, verified engine once (no torch), then bytes -> (hash, vector)."""
+    """One per node: opens the exported, verified engine once (no torch), then bytes -> (hash, vector)."""
 
     def __init__(self, key: str, folder: str, preprocessing: dict, engine: str, precision: str, threads: int):
         from tlearn.engines import open_exported
@@ -83,7 +83,7 @@ class FeatureActor:
 def extract_features_ray(paths: Sequence[Path], hashes: Sequence[str | None], key: str, engine_folder: Path,
                          preprocessing: Preprocessing, cache: FeatureCache, address: str | None = None, *,
                          engine: str = "auto", precision: str = "fp32", batch_size: int = 32,
-                         threads_per_actor: int = 2, export: Callable[[], object] | None = None,
+                         export: Callable[[], object] | None = None,
                          progress: bool = False) -> RayExtraction:
     """Compute on Ray the features of the `paths` whose content hash is not in `cache` yet, and store them there.
 
@@ -105,13 +105,11 @@ def extract_features_ray(paths: Sequence[Path], hashes: Sequence[str | None], ke
         export()
     result = RayExtraction(computed=0)
     with ray_cluster(address, progress) as cluster:
-        actors = max(1, cluster.cores // threads_per_actor)
         ds = ray.data.read_binary_files(todo, include_paths=True, num_cpus=READ_CPUS)
-        ds = ds.map_batches(FeatureActor, batch_size=batch_size, compute=actor_pool(actors),
-                            num_cpus=threads_per_actor - READ_CPUS,
+        ds = ds.map_batches(FeatureActor, batch_size=batch_size, **actor_pool(cluster),
                             fn_constructor_kwargs={"key": key, "folder": str(engine_folder),
                                                    "preprocessing": preprocessing.to_dict(), "engine": engine,
-                                                   "precision": precision, "threads": threads_per_actor})
+                                                   "precision": precision, "threads": cluster.cores_per_node})
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             _store(table, cache, result)
         result.cores = cluster.cores

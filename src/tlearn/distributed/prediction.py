@@ -58,17 +58,14 @@ def predict_on_ray(model_dir: Path, files: Sequence[str], sink: ParquetSink, *, 
                    min_confidence: float | None = None, progress: bool = False) -> dict:
     """Predict `files` (local paths every node can read, or object-store URIs) on Ray and write them to `sink`.
 
-    One actor per node, holding the node's cores (the Predictor decodes in one thread per core and its engine runs
-    on all of them), running two batches at once so that decoding overlaps inference. Returns facts for the
-    manifest: seconds, images/s, cores, nodes, address."""
+    One actor per node (see cluster.actor_pool; the Predictor decodes in one thread per core and its engine runs on
+    all of them). Returns facts for the manifest: seconds, images/s, start-up, cores, nodes, address."""
     ray = require_ray()
     start = time.perf_counter()
     with ray_cluster(address, progress) as cluster:
         if files:
-            per_node = max(1, cluster.cores // max(1, cluster.nodes))
             ds = ray.data.read_binary_files(list(files), include_paths=True, num_cpus=READ_CPUS)
-            ds = ds.map_batches(PredictionActor, batch_size=batch_size, compute=actor_pool(cluster.nodes),
-                                num_cpus=max(READ_CPUS, per_node - READ_CPUS),
+            ds = ds.map_batches(PredictionActor, batch_size=batch_size, **actor_pool(cluster),
                                 fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "engine": engine,
                                                        "precision": precision, "batch_size": batch_size,
                                                        "columns": asdict(sink.columns),
