@@ -14,7 +14,6 @@ Nothing in a model folder is a pickle and loading one never unpickles. A folder 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from safetensors.numpy import load_file, save_file
 from tlearn.backbones import Preprocessing
 from tlearn.backbones.registry import BACKBONES, WeightsInfo
 from tlearn.errors import BundleError
+from tlearn.files import sha256_file as file_sha256
 from tlearn.train.head import LinearHead
 
 FORMAT_VERSION = 2
@@ -254,11 +254,6 @@ class ModelFolder:
         except OSError as error:
             shutil.rmtree(self.staging, ignore_errors=True)
             raise BundleError(f"cannot write the model to {self.target}: {error.strerror or error}") from None
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def is_model_folder(path: Path) -> bool:
