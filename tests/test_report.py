@@ -80,6 +80,7 @@ def test_train_warns_loudly_about_leakage(demo_data, tmp_path, cache_dir):
     assert "corrupt the evaluation" in page and "leaked.png" in page
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium_with_every_image_loaded(demo_model, tmp_path, chromium):
     html = demo_model.report(tmp_path / "report")
     for name in ("confusion_counts.png", "confusion_normalised.png", "per_class.png", "reliability.png",
@@ -93,6 +94,7 @@ def test_report_renders_in_chromium_with_every_image_loaded(demo_model, tmp_path
     assert pixels.shape[0] > 1000 and pixels.std() > 20  # a long page with content, not a blank one
 
 
+@pytest.mark.slow
 def test_report_command_with_training_curves_and_mistakes(saved_model, demo_data, demo_model, tmp_path, chromium,
                                                           cache_dir):
     result = runner.invoke(app, ["report", str(saved_model), str(demo_data), "--out", str(tmp_path / "r"),
