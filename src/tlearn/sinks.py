@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from tlearn.errors import InvalidParameter
+from tlearn.files import write_atomically
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -136,7 +137,7 @@ class ParquetSink:
                     "rows_before_resume": self.previous.rows, "parts": self._next,
                     "model_sha256": self.columns.model_sha256, "tlearn_version": self.columns.tlearn_version,
                     "top_k": self.columns.top_k, "probabilities": self.columns.probabilities, **facts}
-        _write_atomically(self.directory / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        write_atomically(self.directory / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
         (self.directory / SUCCESS).touch()
         return manifest
 
@@ -148,17 +149,8 @@ class ParquetSink:
 
         table = pa.concat_tables(self._buffer)
         self._buffer, self._buffered = [], 0
-        _write_atomically(self.directory / f"part-{self._next:06d}.parquet", lambda tmp: pq.write_table(table, tmp))
+        write_atomically(self.directory / f"part-{self._next:06d}.parquet", lambda tmp: pq.write_table(table, tmp))
         self._next += 1
-
-
-def _write_atomically(path: Path, write) -> None:
-    """`write(tmp)` then rename over `path`: readers and a resumed job see the whole file or none of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _read_parts(parts: Sequence[Path], columns: PredictionColumns) -> Written:
