@@ -69,6 +69,7 @@ class TrainSettings:
     recipe: str = "head"  # head|finetune|auto
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     run_dir: Path | None = None  # fine-tuning checkpoints and logs
+    ray: str | None = None  # extract features on Ray: local|auto|ADDRESS (tlearn.distributed; the ray extra)
 
     def __post_init__(self):
         from tlearn.backbones import get_spec

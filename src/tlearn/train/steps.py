@@ -118,6 +118,8 @@ def frozen_backbone(found: FoundData, settings: TrainSettings, cache: FeatureCac
 def extract(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, settings: TrainSettings) -> SplitFeatures:
     """Features of every split, from the cache where present; the engine is opened only if something is left."""
     dataset, features = found.dataset, {}
+    if settings.ray is not None:
+        extract_on_ray(found, backbone, cache, settings)
     for split in dataset.splits:
         paths = dataset.paths(split)
         features[split] = extract_features(paths, cache, backbone.engine, backbone.spec.preprocessing,
@@ -128,6 +130,18 @@ def extract(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, set
     _check_trainable(dataset, ys)
     return SplitFeatures(features, {s: f.vectors for s, f in features.items()}, ys,
                          {s: [dataset.paths(s)[i] for i in f.kept] for s, f in features.items()})
+
+
+def extract_on_ray(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, settings: TrainSettings) -> None:
+    """`--ray`: Ray actors compute the features not cached yet into the cache (the engine is exported and verified
+    here first, once); the local extraction then finds every one of them cached."""
+    from tlearn.distributed import extract_features_ray
+
+    paths = [p for split in found.dataset.splits for p in found.dataset.paths(split)]
+    extract_features_ray(paths, [found.hashes[p] for p in paths], backbone.engine_key, cache.directory / "engines",
+                         backbone.spec.preprocessing, cache, settings.ray, engine=settings.engine,
+                         precision=settings.precision, batch_size=settings.batch_size, export=backbone.engine,
+                         progress=settings.progress)
 
 
 def fit_the_head(split: SplitFeatures, n_classes: int, settings: TrainSettings) -> HeadFit:
