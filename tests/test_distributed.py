@@ -162,32 +162,37 @@ def test_kill_9_then_resume_writes_every_path_exactly_once(ray_address, hym_mode
     assert (out / "_SUCCESS").exists()
 
 
-def test_ray_extraction_fills_the_feature_cache_as_a_local_extraction(ray_address, hymenoptera_small, tmp_path):
-    from tlearn.backbones import get_spec, locate_weights
-    from tlearn.data.decode import content_hashes
+def test_train_on_ray_gives_the_local_model(ray_address, hym_model, hymenoptera_small, cache_dir, tmp_path):
+    """The actors fill a fresh feature cache; the head is then fitted on it as after a local extraction."""
+    import tlearn
+    from tlearn.data.decode import content_hash
     from tlearn.distributed import extract_features_ray
-    from tlearn.features import FeatureCache, extract_features
-    from tlearn.features.backbone import FrozenBackbone
+    from tlearn.features import FeatureCache
 
-    spec, info = get_spec("efficientnet_lite0"), locate_weights("efficientnet_lite0")
-    paths = sorted(hymenoptera_small.rglob("*.jpg")) + [tmp_path / "text.jpg"]
-    (tmp_path / "text.jpg").write_text("not an image")
-    hashes = content_hashes(paths)
-    results = {}
-    for where in ("local", "ray"):
-        with FeatureCache("key", tmp_path / where) as cache:
-            backbone = FrozenBackbone(spec, info, "key", cache, progress=False)
-            if where == "ray":
-                backbone.engine()  # exported and verified once on the driver; actors open its files
-                done = extract_features_ray(paths, [hashes[p] for p in paths], backbone.engine_key,
-                                            cache.directory / "engines", spec.preprocessing, cache, ray_address)
-                assert done.computed == len(paths) - 1 and [p.name for p, _ in done.failures] == ["text.jpg"]
-            results[where] = extract_features(paths, cache, backbone.engine, spec.preprocessing, progress=False,
-                                              hashes=[hashes[p] for p in paths])
-    local, on_ray = results["local"], results["ray"]
-    assert on_ray.computed == 0  # everything came from the actors through the cache
-    assert (local.kept == on_ray.kept).all() and local.failures == on_ray.failures
-    assert np.abs(local.vectors - on_ray.vectors).max() <= 1e-5
+    clf = tlearn.ImageClassifier(cache_dir=tmp_path / "cache", progress=False, ray=ray_address).fit(hymenoptera_small)
+    local = tlearn.load(hym_model)  # trained locally on the same data, features in the session's cache
+    assert clf.summary_.extracted == 0  # every feature came from the actors, through the cache
+    assert clf.metrics_ == local.metrics_
+    key = clf.bundle_.backbone.feature_key
+    paths = sorted(hymenoptera_small.rglob("*.jpg"))
+    hashes = [content_hash(p) for p in paths]
+    with FeatureCache(key, tmp_path / "cache") as on_ray, FeatureCache(key, cache_dir) as here:
+        a, b = on_ray.get_many(hashes), here.get_many(hashes)
+        assert len(a) == len(paths) and max(np.abs(a[h] - b[h]).max() for h in hashes) <= 1e-5
+
+        text = tmp_path / "text.jpg"  # a file that cannot be decoded: remembered by content, as locally
+        text.write_text("not an image")
+        engines = on_ray.directory / "engines"
+        done = extract_features_ray([text], [content_hash(text)], clf_engine_key(clf), engines,
+                                    clf.bundle_.preprocessing, on_ray, ray_address)
+        assert done.computed == 0 and [(p.name, "not an image" in r) for p, r in done.failures] == [("text.jpg", True)]
+        assert on_ray.failures([content_hash(text)])
+
+
+def clf_engine_key(clf) -> str:
+    from tlearn.engines import state_key
+
+    return state_key(clf.bundle_.backbone_state(), clf.bundle_.preprocessing)
 
 
 def test_cli_ray_needs_parquet_output(hym_model, tmp_path):

@@ -111,6 +111,9 @@ def train(
     strategy: Annotated[str, typer.Option(help="Lightning strategy, e.g. ddp.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted fine-tune from the last "
                                          "checkpoint in OUT/run (same command otherwise).")] = False,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="local|auto|ADDRESS", help="Extract the features on "
+                                               "Ray Data (the ray extra): 'local', 'auto' or a cluster address.")
+                   ] = None,
 ) -> None:
     """Train a classifier on DATA and write a model folder (fine-tuning checkpoints and logs in OUT/run)."""
     import tlearn
@@ -126,7 +129,7 @@ def train(
                                      cache_dir=cache_dir, progress=not quiet, engine=engine.value,
                                      precision=precision and precision.value,
                                      recipe="finetune" if fine_tune else recipe.value, finetune=settings,
-                                     run_dir=out_dir / "run").fit(data, resume=resume)
+                                     run_dir=out_dir / "run", ray=ray).fit(data, resume=resume)
         clf.save(out_dir)
     except _USER_ERRORS as exc:
         _fail(exc)

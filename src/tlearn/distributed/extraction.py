@@ -14,7 +14,7 @@ import numpy as np
 
 from tlearn.backbones import Preprocessing
 from tlearn.distributed.cluster import READ_CPUS, actor_pool, ray_cluster, require_ray
-from tlearn.errors import EngineError
+from tlearn.errors import EngineError, InvalidParameter
 from tlearn.features.cache import FeatureCache
 
 if TYPE_CHECKING:
@@ -98,6 +98,9 @@ def extract_features_ray(paths: Sequence[Path], hashes: Sequence[str | None], ke
     known = [h for h in hashes if h is not None]
     done = {**cache.get_many(known), **cache.failures(known)}
     todo = list({h: str(p) for p, h in zip(paths, hashes) if h is not None and h not in done}.values())
+    if engine == "torch":
+        raise InvalidParameter("--ray runs the exported engines (onnxruntime, OpenVINO): use --engine auto, openvino "
+                               "or onnx")
     if not todo:
         return RayExtraction()
     ray = require_ray()

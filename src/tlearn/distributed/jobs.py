@@ -1,7 +1,7 @@
-"""The prediction job behind `tlearn predict ... --output OUT.parquet [--ray [ADDRESS]] [--resume]`.
+"""The prediction job behind `tlearn predict ... --output OUT.parquet [--ray local|auto|ADDRESS] [--resume]`.
 
-Without Ray, the single-machine pipeline (Predictor.iter_files) writes the same Parquet as the Ray job: one sink,
-one row format, either engine room.
+Without Ray, the single-machine pipeline (Predictor.iter_files) writes the same Parquet as the Ray job does: one
+sink and one row format, whichever runs the predictions.
 """
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from typing import Iterable, Iterator, Sequence
 from tlearn.sinks import PART_ROWS, ParquetSink, PredictionColumns
 from tlearn.sources import expand_sources, is_uri
 
-LOCAL = "local"  # --ray without an address: a cluster started here, sized to this machine
-
 
 def predict_to_parquet(model_dir: str | os.PathLike, sources: Sequence[str | os.PathLike], output: str | os.PathLike,
                        *, ray: bool = False, address: str | None = None, resume: bool = False, top_k: int = 1,
@@ -24,9 +22,11 @@ def predict_to_parquet(model_dir: str | os.PathLike, sources: Sequence[str | os.
                        progress: bool = False) -> dict:
     """Predict every image `sources` name (see tlearn.sources) into the Parquet folder `output`; returns its
     manifest. With `resume`, paths already in `output` are skipped; `ray` runs the job on a Ray cluster (`address`:
-    None for a local one, "auto", or an address)."""
+    None or "local" for a cluster started here, "auto", or an address)."""
+    from tlearn.errors import require
     from tlearn.predict import Predictor, Unreadable
 
+    require("pyarrow", "parquet", "Parquet output")
     predictor = Predictor.load(model_dir, engine=engine, precision=precision, batch_size=batch_size)
     card = predictor.card
     columns = PredictionColumns(card.model_sha256, card.tlearn_version, tuple(card.classes),
@@ -38,7 +38,7 @@ def predict_to_parquet(model_dir: str | os.PathLike, sources: Sequence[str | os.
         from tlearn.distributed.prediction import predict_on_ray
 
         del predictor  # the actors load their own; the driver only writes
-        facts = predict_on_ray(Path(model_dir), found.files, sink, address=None if address == LOCAL else address,
+        facts = predict_on_ray(Path(model_dir), found.files, sink, address=address,
                                engine=engine, precision=precision, batch_size=batch_size,
                                min_confidence=min_confidence, progress=progress)
     else:
