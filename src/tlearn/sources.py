@@ -41,7 +41,8 @@ class Sources:
 def expand_sources(sources: Sequence[str | os.PathLike]) -> Sources:
     """Folders (recursive, symlinks followed), globs (`**` recursive), manifests (.txt/.csv/.tsv/.lst: one path per
     line, or a `path` column; relative paths are relative to the manifest's folder), single files of any kind,
-    and URIs (`s3://`, `gs://`, `file://`... through pyarrow's filesystems)."""
+    and URIs (`s3://`, `gs://`, `file://`... through pyarrow's filesystems). Local paths come out absolute (symlinks
+    kept as named)."""
     seen: dict[str, None] = {}
     missing: list[Missing] = []
     for source in sources:
@@ -60,7 +61,8 @@ def _expand_one(source: str, missing: list[Missing], manifest_allowed: bool) -> 
     if is_uri(source):
         yield from _expand_uri(source, missing)
         return
-    path = Path(source).expanduser()
+    # absolute: the path column then names the file wherever the job ran (Ray workers do not share our cwd)
+    path = Path(os.path.abspath(os.path.expanduser(source)))
     if any(c in source for c in GLOB_CHARACTERS) and not path.exists():
         matches = sorted(glob.glob(str(path), recursive=True))
         files = [m for m in matches if os.path.isfile(m) and _is_image_name(m)]
@@ -75,7 +77,7 @@ def _expand_one(source: str, missing: list[Missing], manifest_allowed: bool) -> 
     elif path.is_file():
         yield str(path)
     else:
-        missing.append(Missing(source, "no such file or folder"))
+        missing.append(Missing(str(path), "no such file or folder"))
 
 
 def _walk_images(root: Path) -> list[Path]:

@@ -61,18 +61,16 @@ def predict_on_ray(model_dir: Path, files: Sequence[str], sink: ParquetSink, *, 
     One actor per node (see cluster.actor_pool; the Predictor decodes in one thread per core and its engine runs on
     all of them). Returns facts for the manifest: seconds, images/s, start-up, cores, nodes, address."""
     ray = require_ray()
-    start = time.perf_counter()
+    start, first = time.perf_counter(), None
+    if not files:  # a resumed job with nothing left: no cluster to start
+        return job_facts("ray", start, None, 0, 0, 0, address=address or "local")
     with ray_cluster(address, progress) as cluster:
-        if files:
-            ds = ray.data.read_binary_files(list(files), include_paths=True, num_cpus=READ_CPUS)
-            ds = ds.map_batches(PredictionActor, batch_size=batch_size, **actor_pool(cluster),
-                                fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "engine": engine,
-                                                       "precision": precision, "batch_size": batch_size,
-                                                       "columns": asdict(sink.columns),
-                                                       "min_confidence": min_confidence})
-            first = None
-            for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                first = first or time.perf_counter()
-                sink.write_table(table)
+        ds = ray.data.read_binary_files(list(files), include_paths=True, num_cpus=READ_CPUS)
+        ds = ds.map_batches(PredictionActor, batch_size=batch_size, **actor_pool(cluster),
+                            fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "engine": engine,
+                                                   "precision": precision, "batch_size": batch_size,
+                                                   "columns": asdict(sink.columns), "min_confidence": min_confidence})
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            first = first or time.perf_counter()
+            sink.write_table(table)
         return job_facts("ray", start, first, len(files), cluster.cores, cluster.nodes, address=cluster.address)
-
