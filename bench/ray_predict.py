@@ -55,19 +55,21 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def memory_kib(pids: list[int]) -> tuple[int, int]:
-    """Summed (RSS, PSS) in KiB of `pids`, from /proc/PID/smaps_rollup."""
-    rss = pss = 0
+def memory_kib(pids: list[int]) -> dict[str, tuple[int, int]]:
+    """(RSS, PSS) in KiB of `pids` from /proc/PID/smaps_rollup, summed per kind of process (its command name:
+    python for the driver, raylet, gcs_server, ray::MapWorker... for Ray's)."""
+    kinds: dict[str, tuple[int, int]] = {}
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1])
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                          if line.startswith(("Rss:", "Pss:")))
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except (OSError, ValueError):
             continue
-    return rss, pss
+        kind = name.split("(")[0] if name.startswith("ray::") else Path(name.split()[0] if name else "?").name
+        rss, pss = kinds.get(kind, (0, 0))
+        kinds[kind] = (rss + int(fields["Rss"].split()[0]), pss + int(fields["Pss"].split()[0]))
+    return kinds
 
 
 def run_job(model: Path, folder: Path, out: Path, ray: bool) -> dict:
@@ -76,9 +78,13 @@ def run_job(model: Path, folder: Path, out: Path, ray: bool) -> dict:
     start = time.perf_counter()
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak_rss = peak_pss = 0
+    peak_by_kind: dict[str, int] = {}
     while job.poll() is None:
-        rss, pss = memory_kib(tree(job.pid))
-        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        kinds = memory_kib(tree(job.pid))
+        peak_rss = max(peak_rss, sum(rss for rss, _ in kinds.values()))
+        peak_pss = max(peak_pss, sum(pss for _, pss in kinds.values()))
+        for kind, (rss, _) in kinds.items():
+            peak_by_kind[kind] = max(peak_by_kind.get(kind, 0), rss)
         time.sleep(0.25)
     seconds = time.perf_counter() - start
     if job.returncode != 0:
@@ -88,7 +94,8 @@ def run_job(model: Path, folder: Path, out: Path, ray: bool) -> dict:
     return {"mode": "ray" if ray else "local", "images": manifest["images"], "wall_seconds": round(seconds, 1),
             "job_images_per_second": manifest["images_per_second"], "startup_seconds": manifest["startup_seconds"],
             "steady_images_per_second": round(steady, 1), "peak_rss_mib": round(peak_rss / 1024),
-            "peak_pss_mib": round(peak_pss / 1024), "rows": manifest["rows"], "errors": manifest["errors"]}
+            "peak_pss_mib": round(peak_pss / 1024), "rows": manifest["rows"], "errors": manifest["errors"],
+            "peak_rss_mib_by_process": {k: round(v / 1024) for k, v in sorted(peak_by_kind.items())}}
 
 
 def train_model(root: Path) -> Path:
