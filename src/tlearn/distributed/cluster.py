@@ -5,13 +5,16 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from tlearn.errors import MissingExtra
 
 # Read tasks only move bytes from storage into the object store: a quarter of a core each leaves the cores to the
 # actors that decode and run the engine, and lets reads go on while every actor is busy.
 READ_CPUS = 0.25
+# Files per read task: blocks of one batch whatever the job's size (Ray would otherwise split the files into a fixed
+# number of tasks, whose blocks, and the memory of the tasks and actors holding them, grow with the file count).
+FILES_PER_READ = 32
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,13 @@ def actor_pool(cluster: Cluster) -> dict:
     pool = ray.data.ActorPoolStrategy(size=cluster.nodes, max_concurrent_calls_per_actor=2,
                                       enable_true_multi_threading=True)
     return {"compute": pool, "num_cpus": max(READ_CPUS, cluster.cores_per_node - READ_CPUS)}
+
+
+def read_images(files: Sequence[str]):
+    """A Ray dataset of the raw bytes and paths of `files` (local paths every node reads, or URIs)."""
+    ray = require_ray()
+    return ray.data.read_binary_files(list(files), include_paths=True, num_cpus=READ_CPUS,
+                                      override_num_blocks=max(1, -(-len(files) // FILES_PER_READ)))
 
 
 def require_ray():

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from tlearn.backbones import Preprocessing
-from tlearn.distributed.cluster import READ_CPUS, actor_pool, ray_cluster, require_ray
+from tlearn.distributed.cluster import actor_pool, ray_cluster, read_images
 from tlearn.errors import EngineError, InvalidParameter
 from tlearn.features.cache import FeatureCache
 
@@ -103,12 +103,11 @@ def extract_features_ray(paths: Sequence[Path], hashes: Sequence[str | None], ke
                                "or onnx")
     if not todo:
         return RayExtraction()
-    ray = require_ray()
     if export is not None:
         export()
     result = RayExtraction(computed=0)
     with ray_cluster(address, progress) as cluster:
-        ds = ray.data.read_binary_files(todo, include_paths=True, num_cpus=READ_CPUS)
+        ds = read_images(todo)
         ds = ds.map_batches(FeatureActor, batch_size=batch_size, **actor_pool(cluster),
                             fn_constructor_kwargs={"key": key, "folder": str(engine_folder),
                                                    "preprocessing": preprocessing.to_dict(), "engine": engine,

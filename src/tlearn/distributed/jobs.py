@@ -27,6 +27,10 @@ def predict_to_parquet(model_dir: str | os.PathLike, sources: Sequence[str | os.
     from tlearn.predict import Predictor, Unreadable
 
     require("pyarrow", "parquet", "Parquet output")
+    if ray:
+        from tlearn.distributed.cluster import require_ray
+
+        require_ray()  # before anything is written
     predictor = Predictor.load(model_dir, engine=engine, precision=precision, batch_size=batch_size)
     card = predictor.card
     columns = PredictionColumns(card.model_sha256, card.tlearn_version, tuple(card.classes),

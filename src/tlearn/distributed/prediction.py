@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from tlearn.distributed.cluster import READ_CPUS, actor_pool, ray_cluster, require_ray
+from tlearn.distributed.cluster import actor_pool, ray_cluster, read_images
 from tlearn.distributed.jobs import job_facts
 from tlearn.sinks import ParquetSink, PredictionColumns
 
@@ -60,12 +60,11 @@ def predict_on_ray(model_dir: Path, files: Sequence[str], sink: ParquetSink, *, 
 
     One actor per node (see cluster.actor_pool; the Predictor decodes in one thread per core and its engine runs on
     all of them). Returns facts for the manifest: seconds, images/s, start-up, cores, nodes, address."""
-    ray = require_ray()
     start, first = time.perf_counter(), None
     if not files:  # a resumed job with nothing left: no cluster to start
         return job_facts("ray", start, None, 0, 0, 0, address=address or "local")
     with ray_cluster(address, progress) as cluster:
-        ds = ray.data.read_binary_files(list(files), include_paths=True, num_cpus=READ_CPUS)
+        ds = read_images(files)
         ds = ds.map_batches(PredictionActor, batch_size=batch_size, **actor_pool(cluster),
                             fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "engine": engine,
                                                    "precision": precision, "batch_size": batch_size,
