@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+def cache_root() -> Path:
+    """$TLEARN_CACHE, else $XDG_CACHE_HOME/tlearn, else ~/.cache/tlearn."""
+    if os.environ.get("TLEARN_CACHE"):
+        return Path(os.environ["TLEARN_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tlearn"
+
+
 def sha256_file(path: str | Path) -> str:
     """SHA-256 of a file's bytes, read in blocks (the GIL is released while hashing)."""
     with open(path, "rb") as handle:
