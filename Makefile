@@ -18,4 +18,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-.PHONY: install demo test
+# `make image`: the serving container (torch-free base install). Without a registry, build a local base first:
+#   scripts/debian-base-image.sh && make image BASE=localhost/bookworm-python:3.11 CONTAINER="podman --runtime runc"
+IMAGE ?= tlearn-serve
+BASE ?= python:3.11-slim
+CONTAINER ?= $(shell command -v docker || command -v podman)
+image:
+	$(CONTAINER) build $(if $(findstring podman,$(CONTAINER)),--format docker) --build-arg BASE=$(BASE) \
+		-t $(IMAGE) .
+
+.PHONY: install demo test image
