@@ -10,12 +10,14 @@ from typing import Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tlearn.errors import TlearnError
+
 # Pillow refuses images above ~179 Mpx as a decompression bomb; we do the same with a message of our own.
 MAX_PIXELS = 120_000_000
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
-class DecodeError(Exception):
+class DecodeError(TlearnError):
     """An image file that cannot be used, with the reason in words a user can act on."""
 
     def __init__(self, path: str | Path, reason: str):
@@ -29,7 +31,8 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def decode_bytes(content: bytes, path: str | Path = "<bytes>", draft_size: tuple[int, int] | None = None) -> Image.Image:
+def decode_bytes(content: bytes, path: str | Path = "<bytes>", draft_size: tuple[int, int] | None = None, *,
+                 max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode image bytes to RGB with EXIF orientation applied; raise DecodeError naming the problem.
 
     draft_size lets JPEG decoding scale down by DCT (cheap) to no less than that size.
@@ -38,13 +41,13 @@ def decode_bytes(content: bytes, path: str | Path = "<bytes>", draft_size: tuple
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(content))
-            if img.width * img.height > MAX_PIXELS:
-                raise DecodeError(path, f"image too large ({img.width}x{img.height} pixels, limit {MAX_PIXELS:,})")
+            if img.width * img.height > max_pixels:
+                raise DecodeError(path, f"image too large ({img.width}x{img.height} pixels, limit {max_pixels:,})")
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", draft_size)
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return to_rgb(img)
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -70,16 +73,17 @@ def content_hashes(paths: Sequence[str | Path], workers: int = 2) -> dict[Path, 
         return dict(zip(paths, pool.map(content_hash, paths)))
 
 
-def load_image(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
+def load_image(path: str | Path, draft_size: tuple[int, int] | None = None, *,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Read and decode one file (see decode_bytes); a missing or unreadable file is a DecodeError too."""
     try:
         content = Path(path).read_bytes()
     except OSError as exc:
         raise DecodeError(path, f"cannot read file ({exc.strerror or exc})") from None
-    return decode_bytes(content, path, draft_size)
+    return decode_bytes(content, path, draft_size, max_pixels=max_pixels)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

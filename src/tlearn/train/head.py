@@ -11,10 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from rich.progress import track
-from scipy.optimize import minimize
 from scipy.special import log_softmax
-from threadpoolctl import threadpool_limits
 
 # Inverse regularisation strengths tried, strongest first (C as in scikit-learn: penalty ||W||^2 / (2 C n)).
 DEFAULT_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -62,11 +59,16 @@ def fit_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val:
     sample_weight = weight[yt] / weight[yt].sum()  # as torch's cross_entropy(weight=...): a weighted mean
     # These matrices are small: a second BLAS thread only adds synchronisation (measured on hymenoptera:
     # 0.09 s on one thread, 0.75 s on two; far worse when the other core is busy).
+    from rich.console import Console
+    from rich.progress import track
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(1):
         coordinates, basis = _row_space(xt)
         params = np.zeros(n_classes * (coordinates.shape[1] + 1))
         best, best_score, search = None, None, []
-        for C in track(sorted(c_grid), description="fitting head", disable=not progress):
+        for C in track(sorted(c_grid), description="fitting head", disable=not progress,
+                       console=Console(stderr=True)):
             params = _minimise(params, coordinates, yt, sample_weight, C, n_classes)
             head = _unpack(params, n_classes, basis)
             best, best_score = _score(head, C, xv, yv, search, best, best_score)
@@ -116,6 +118,8 @@ def _minimise(start: np.ndarray, x: np.ndarray, y: np.ndarray, sample_weight: np
         gradient = np.concatenate([((residual.T.astype(np.float32) @ x32) + w / (C * n)).ravel(),
                                    residual.sum(0)])
         return float(loss), gradient
+
+    from scipy.optimize import minimize  # here: prediction loads LinearHead and must start fast
 
     result = minimize(loss_and_gradient, start, jac=True, method="L-BFGS-B",
                       options={"maxiter": MAX_ITERATIONS, "maxcor": HISTORY, "gtol": GRADIENT_TOLERANCE})
