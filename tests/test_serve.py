@@ -290,7 +290,7 @@ def test_token_is_required_except_for_health_probes(predictor, jpeg):
     with start(predictor, token="s3cret") as client:
         wait_ready(client)
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
-            refused = client.post("/v1/predict", **_raw(jpeg), headers={**headers, "content-type": "image/jpeg"})
+            refused = client.post("/v1/predict", content=jpeg, headers={**headers, "content-type": "image/jpeg"})
             assert refused.status_code == 401 and refused.json()["limit"] == "token"
             assert refused.headers["www-authenticate"] == "Bearer"
         for path in ("/metrics", "/v1/models/demo", "/v2/models/demo"):
@@ -364,7 +364,7 @@ class RealServer:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    server = RealServer(model_dir, "--batch-timeout-ms", "30")
+    server = RealServer(model_dir, "--batch-timeout-ms", "30", "--name", "demo")
     yield server
     server.stop()
 

@@ -14,10 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tlearn.serve.limits import Rejection
 
-try:  # the lead's error hierarchy; the older home of DecodeError until it lands
-    from tlearn.errors import DecodeError
-except ImportError:  # pragma: no cover
-    from tlearn.data.decode import DecodeError
+from tlearn.data.decode import DecodeError
 
 
 class PixelDecoder:

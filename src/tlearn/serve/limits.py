@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 from starlette.requests import Request
 
+from tlearn.errors import InvalidParameter, check_range
+
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -25,13 +27,12 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name not in ("name", "token", "min_confidence") and not value > 0:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be positive, not {value}")
-        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
-            raise ValueError(f"--min-confidence must be between 0 and 1, not {self.min_confidence}")
+            if f.name not in ("name", "token", "min_confidence"):
+                check_range(f"--{f.name.replace('_', '-')}", getattr(self, f.name), 0, low_open=True)
+        if self.min_confidence is not None:
+            check_range("--min-confidence", self.min_confidence, 0.0, 1.0)
         if not self.name or "/" in self.name:
-            raise ValueError(f"--name must be a non-empty name without '/', not {self.name!r}")
+            raise InvalidParameter(f"--name must be a non-empty name without '/', not {self.name!r}")
 
     @property
     def max_body_bytes(self) -> int:
