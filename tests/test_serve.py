@@ -8,10 +8,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -26,6 +24,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from served_process import RealServer, multipart  # noqa: E402
 from tlearn.predict import Predictor  # noqa: E402
 from tlearn.serve import ServeSettings, create_app  # noqa: E402
 
@@ -316,52 +315,6 @@ def test_metrics_count_routes_statuses_rejections_and_batches(client, jpeg):
 
 # ---------------------------------------------------------------- a real server on 127.0.0.1
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RealServer:
-    """`tlearn serve` in a child process, as a user starts it."""
-
-    def __init__(self, model_dir: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: an unread pipe would block the server
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        self.process = subprocess.Popen([sys.executable, "-m", "tlearn.cli", "serve", str(model_dir), "--port",
-                                         str(self.port), *args], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while not self.ready():
-            assert self.process.poll() is None, self.output()
-            assert time.monotonic() < deadline, "the server never became ready"
-            time.sleep(0.2)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def ready(self) -> bool:
-        try:
-            return urllib.request.urlopen(self.url + "/readyz", timeout=2).status == 200
-        except (OSError, urllib.error.URLError):
-            return False
-
-    def post(self, path: str, body: bytes, content_type: str) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, data=body, headers={"content-type": content_type})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.load(response)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.load(exc)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
-
-
 @pytest.fixture(scope="module")
 def server(model_dir):
     server = RealServer(model_dir, "--batch-timeout-ms", "30", "--name", "demo")
@@ -443,13 +396,6 @@ def test_tritonclient_v2_against_real_server(server, predictor, photo_files):
         many.set_data_from_numpy(np.array([contents[0]] * 40, dtype=np.object_), binary_data=True)
         client.infer("demo", [many])
     client.close()
-
-
-def multipart(contents: list[bytes]) -> tuple[bytes, str]:
-    boundary = "tlearn-test-boundary"
-    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.png\"\r\n"
-             f"Content-Type: image/png\r\n\r\n".encode() + c + b"\r\n" for i, c in enumerate(contents)]
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def test_sigterm_answers_every_accepted_request_and_exits_0(model_dir, photo_files):
