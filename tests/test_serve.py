@@ -207,6 +207,7 @@ def jpeg(photos) -> bytes:
 
 REFUSALS = {  # name: (path, request kwargs built from a valid jpeg, status, limit, index)
     "body too large": ("/v1/predict", lambda j: _raw(b"\xff" * 2_100_000), 413, "max-body-mb", None),
+    "body far too large": ("/v1/predict", lambda j: _raw(b"\xff" * 4_500_000), 413, "max-body-mb", None),
     "too many images": ("/v1/predict", lambda j: _multipart(*[j] * 5), 413, "max-images", None),
     "decompression bomb": ("/v1/predict", lambda j: _raw(png_bytes(3000, 3000), "image/png"), 413, "max-pixels", 0),
     "wrong content type": ("/v1/predict", lambda j: _raw(j, "text/plain"), 415, "content-type", None),

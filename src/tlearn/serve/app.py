@@ -16,7 +16,7 @@ from tlearn.serve import kserve, torchserve, v1
 from tlearn.serve.limits import Rejection, ServeSettings, check_token
 from tlearn.serve.service import InferenceService
 
-log = logging.getLogger("tlearn.serve")
+log = logging.getLogger("uvicorn.error")  # configured by uvicorn: our lines go where its own go
 
 
 def create_app(predictor, settings: ServeSettings) -> FastAPI:
@@ -28,6 +28,7 @@ def create_app(predictor, settings: ServeSettings) -> FastAPI:
         await service.start()
         yield
         await service.stop()
+        log.info("tlearn serve: answered %d of the %d requests received", service.answered, service.received)
 
     app = FastAPI(title=f"tlearn: {settings.name}", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.service = service
@@ -109,17 +110,20 @@ class RequestMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), 500
+        started, status, complete = time.perf_counter(), 500, False
+        self.service.received += 1
 
         async def sending(message):
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
+            complete = complete or (message["type"] == "http.response.body" and not message.get("more_body"))
 
         try:
             await self.app(scope, receive, sending)
         finally:
+            self.service.answered += complete
             route = scope.get("route")
             name = getattr(route, "path", "unmatched")
             self.service.metrics.observe_request(name, status, time.perf_counter() - started)

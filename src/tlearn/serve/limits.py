@@ -70,16 +70,24 @@ def check_token(settings: ServeSettings, request: Request) -> None:
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to exceed max_bytes, declared or streamed."""
+    """The whole body, or 413 when it is over max_bytes, declared or streamed.
+
+    An oversized body is still read (and dropped) up to twice the limit, so that the client, which sends its whole
+    body before reading, gets the 413 instead of a reset connection; beyond that the connection is simply closed.
+    """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(int(declared), max_bytes)
+    declared = int(declared) if declared is not None and declared.isdigit() else None
+    if declared is not None and declared > 2 * max_bytes:
+        raise _too_large(declared, max_bytes)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(size, max_bytes)
-        chunks.append(chunk)
+        if size <= max_bytes:
+            chunks.append(chunk)
+        elif size > 2 * max_bytes:
+            break
+    if size > max_bytes:
+        raise _too_large(max(size, declared or 0), max_bytes)
     return b"".join(chunks)
 
 

@@ -27,6 +27,7 @@ class InferenceService:
         self.admission = Admission(settings.queue)
         self.ready = False      # set once a warm-up inference has passed
         self.draining = False   # set on SIGTERM: stop advertising readiness, finish what is in flight
+        self.received = self.answered = 0  # HTTP requests, counted by app.RequestMetrics (logged at shutdown)
         self._warm_up: asyncio.Task | None = None
 
     @property
