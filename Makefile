@@ -1,5 +1,5 @@
 # Two entry points: `make demo` (install + run the main job offline on a built-in demo)
-# and `make test` (install + run the whole test suite). .ci/run calls `make test`.
+# and `make test` (install + browser + lint + the whole test suite). .ci/run calls `make test`.
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,8 +15,19 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/tlearn demo --out demo-output
 
-test: install
+# The browser tests need Debian's Chromium: installed here, visibly, never from inside a test.
+browser:
+	@command -v chromium >/dev/null || (echo "installing Debian's chromium for the browser tests" && \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+lint: install
+	$(BIN)/ruff check src tests bench
+
+test: install browser lint
 	$(BIN)/python -m pytest
+
+test-fast: install lint
+	$(BIN)/python -m pytest -m "not slow"
 
 # `make image`: the serving container (torch-free base install). Without a registry, build a local base first:
 #   scripts/debian-base-image.sh && make image BASE=localhost/bookworm-python:3.11 CONTAINER="podman --runtime runc"
@@ -27,4 +38,4 @@ image:
 	$(CONTAINER) build $(if $(findstring podman,$(CONTAINER)),--format docker) --build-arg BASE=$(BASE) \
 		-t $(IMAGE) .
 
-.PHONY: install demo test image
+.PHONY: install demo browser lint test test-fast image

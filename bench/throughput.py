@@ -65,10 +65,10 @@ def open_engine_for(model, engine: str, precision: str):
 
 
 def run_tlearn(paths: list[Path], model, run) -> int:
+    import torch
+
     from tlearn.backbones import get_spec
     from tlearn.predict import Prediction, predict_files
-
-    import torch
 
     def head(features):
         with torch.inference_mode():

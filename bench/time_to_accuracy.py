@@ -40,7 +40,8 @@ def tutorial(data: Path, epochs: int, workers: int) -> tuple[float, float, list[
     torch.manual_seed(0)
     prep = get_spec("efficientnet_lite0").preprocessing
     normalise = transforms.Normalize(prep.mean, prep.std)
-    tfs = {"train": transforms.Compose([transforms.RandomResizedCrop(prep.input_size), transforms.RandomHorizontalFlip(),
+    tfs = {"train": transforms.Compose([transforms.RandomResizedCrop(prep.input_size),
+                                        transforms.RandomHorizontalFlip(),
                                         transforms.ToTensor(), normalise]),
            "val": transforms.Compose([transforms.Resize(prep.resize_size()), transforms.CenterCrop(prep.input_size),
                                       transforms.ToTensor(), normalise])}

@@ -19,8 +19,14 @@ from tlearn.backbones import create_backbone, get_spec, state_sha256
 from tlearn.classifier import Classifier
 from tlearn.data.decoded import decode_resized
 from tlearn.train.augment import eval_transform, train_transform
-from tlearn.train.finetune import (FinetuneModule, FinetuneSettings, class_weights, resolve_unfreeze, unfreeze,
-                                   warmup_cosine)
+from tlearn.train.finetune import (
+    FinetuneModule,
+    FinetuneSettings,
+    class_weights,
+    resolve_unfreeze,
+    unfreeze,
+    warmup_cosine,
+)
 
 TLEARN = [sys.executable, "-m", "tlearn.cli"]
 SPEC = get_spec("efficientnet_lite0")

@@ -183,8 +183,8 @@ def test_v2_json_bytes_and_uint8_pixels(client, predictor, photos):
     np.testing.assert_allclose(np.reshape(outputs["probabilities"]["data"], (2, -1)), want, atol=1e-6)
     assert outputs["label"]["data"] == [predictor.classes[i] for i in want.argmax(axis=1)]
     rgb = np.asarray(Image.open(photos[0]).convert("RGB"))
-    pixels = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, *rgb.shape], "data": rgb.ravel().tolist()}],
-              "outputs": [{"name": "probabilities"}]}
+    pixels = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, *rgb.shape],
+                          "data": rgb.ravel().tolist()}], "outputs": [{"name": "probabilities"}]}
     answer = client.post("/v2/models/demo/infer", json=pixels).json()
     assert [o["name"] for o in answer["outputs"]] == ["probabilities"]
     np.testing.assert_allclose(answer["outputs"][0]["data"], expected(predictor, [rgb])[0], atol=1e-6)

@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi")
+from websockets.sync.client import connect  # noqa: E402
+
 from chromium_page import FLAGS, _caller, _devtools_port, _wait_for_event  # noqa: E402
 from served_process import RealServer  # noqa: E402
-from websockets.sync.client import connect  # noqa: E402
 
 RESULTS_JS = """JSON.stringify(Array.from(document.querySelectorAll('.result')).map(r => ({
   verdict: r.querySelector('.verdict').textContent,

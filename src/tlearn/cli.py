@@ -119,8 +119,8 @@ def train(
     out_dir = out_dir or Path(f"{data.resolve().name}-model")
     settings = FinetuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, unfreeze=unfreeze, augment=augment,
                                 mixup=mixup, cutmix=cutmix, patience=patience, train_bn=train_bn,
-                                precision=train_precision, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                                strategy=strategy, deterministic=deterministic)
+                                precision=train_precision, accelerator=accelerator, devices=devices,
+                                num_nodes=num_nodes, strategy=strategy, deterministic=deterministic)
     try:
         clf = tlearn.ImageClassifier(backbone, weights=weights, seed=seed, batch_size=batch_size,
                                      cache_dir=cache_dir, progress=not quiet, engine=engine.value,
@@ -260,7 +260,8 @@ def predict(
         rows = clf.iter_predict(paths, top_k=k, min_confidence=min_confidence)
         if fmt is Format.csv:
             writer = csv.writer(sink)
-            writer.writerow(["path", "label", "score"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")])
+            writer.writerow(["path", "label", "score"]
+                            + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")])
             for row in rows:
                 if isinstance(row, Unreadable):
                     unreadable.append(row)
@@ -300,7 +301,8 @@ def doctor(
     """Check a dataset: unreadable/odd files, duplicates, leakage between splits, conflicting labels, balance.
 
     Exit code 1 when a problem would corrupt an evaluation (leakage, conflicting labels, unusable layout)."""
-    from tlearn.data.doctor import examine_dataset, quarantine as move_flagged
+    from tlearn.data.doctor import examine_dataset
+    from tlearn.data.doctor import quarantine as move_flagged
 
     try:
         report = examine_dataset(data, seed=seed, progress=not (quiet or as_json))
@@ -338,7 +340,8 @@ def _print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None
 def report(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
     data: Annotated[Optional[Path], typer.Argument(help="Dataset folder [default: the one it was trained on].")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder [default: MODEL/report].")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o",
+                                                    help="Report folder [default: MODEL/report].")] = None,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:

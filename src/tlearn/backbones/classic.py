@@ -14,13 +14,10 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlparse
 
 from tlearn.errors import TlearnError
-
-
 
 if TYPE_CHECKING:  # torch and timm are imported where weights are read, not when the registry is (see registry.py)
     import torch

@@ -50,8 +50,13 @@ def quantise_int8(fp32_file: Path, path: Path, calibration: Iterable[np.ndarray]
     With `only_scope`, only nodes whose name contains it are quantised (e.g. the backbone, not the head).
     """
     try:
-        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
-                                              quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quant_pre_process,
+            quantize_static,
+        )
     except ImportError:
         raise EngineError("int8 needs onnxruntime: pip install 'onnxruntime>=1.20'") from None
 

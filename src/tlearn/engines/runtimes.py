@@ -16,7 +16,6 @@ import numpy as np
 
 from tlearn.engines import EngineError
 
-
 # Above this ONNX file size (VGG 528 MB, Inception-ResNet-v2 ~215 MB; EfficientNet-Lite0 18 MB, ResNet-50 ~98 MB)
 # a batch is split across OpenVINO's requests rather than one batch per request: see OpenVinoEngine.pipelined.
 LARGE_MODEL_BYTES = 150 << 20

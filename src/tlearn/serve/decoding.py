@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tlearn.serve.limits import Rejection
-
 from tlearn.data.decode import DecodeError
+from tlearn.serve.limits import Rejection
 
 
 class PixelDecoder:
