@@ -3,7 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/serve.py [--model DIR] [--requests 1000] [--clients 16]
 
 Valid requests carry 1-4 photos (JPEG from ../shared/datasets/hymenoptera, a quarter re-encoded as PNG), as
-multipart or as a raw body. ~20% are bad, spread over: corrupt, truncated, empty, text, oversized body, a
+multipart or as a raw body. ~20% are bad, spread over: corrupt (a PNG with garbled image data), truncated (half a
+JPEG), empty, text, oversized body, a
 decompression bomb (an 8000x8000 PNG), a valid JPEG sent as text/plain. Bars (issue 11): zero 5xx; every bad request
 a 4xx with a JSON error naming its limit; server RSS after the run within 150 MB of RSS after warm-up; images/s at
 least 70% of `tlearn predict`'s pipeline (Predictor.iter_files, model load excluded) over the same valid images,
@@ -104,8 +105,11 @@ def valid_call(rng: random.Random, pool: list[Path]) -> Call:
 
 def bad_call(kind: str, rng: random.Random, pool: list[Path], oversized: bytes, bomb: bytes) -> Call:
     jpeg = rng.choice([p for p in pool if p.suffix == ".jpg"]).read_bytes()
+    png = bytearray(rng.choice([p for p in pool if p.suffix == ".png"]).read_bytes())
+    middle = len(png) // 2  # inside the image data: the header reads fine, the pixels fail their checksum
+    png[middle:middle + 64] = bytes(rng.getrandbits(8) for _ in range(64))
     body, ctype = {
-        "corrupt": (jpeg[:600] + bytes(rng.getrandbits(8) for _ in range(4000)), "image/jpeg"),
+        "corrupt": (bytes(png), "image/png"),
         "truncated": (jpeg[: len(jpeg) // 2], "image/jpeg"),
         "empty": (b"", "image/jpeg"),
         "text": (b"this is not a photo\n" * 50, "image/jpeg"),
