@@ -5,6 +5,9 @@
 ARG BASE=python:3.11-slim
 
 FROM ${BASE} AS build
+# behind a TLS-intercepting proxy: mount its CA bundle for the build and name it, e.g.
+#   -v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt
+ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./

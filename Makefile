@@ -31,11 +31,13 @@ test-fast: install lint
 
 # `make image`: the serving container (torch-free base install). Without a registry, build a local base first:
 #   scripts/debian-base-image.sh && make image BASE=localhost/bookworm-python:3.11 CONTAINER="podman --runtime runc"
+# IMAGE_FLAGS passes anything else to the build (e.g. a proxy's CA bundle: see the Dockerfile).
 IMAGE ?= tlearn-serve
 BASE ?= python:3.11-slim
 CONTAINER ?= $(shell command -v docker || command -v podman)
+IMAGE_FLAGS ?=
 image:
 	$(CONTAINER) build $(if $(findstring podman,$(CONTAINER)),--format docker) --build-arg BASE=$(BASE) \
-		-t $(IMAGE) .
+		$(IMAGE_FLAGS) -t $(IMAGE) .
 
 .PHONY: install demo browser lint test test-fast image

@@ -152,7 +152,7 @@ def test_model_card(client, predictor):
 
 def test_torchserve_route_raw_and_multipart(client, predictor, photos):
     jpeg = as_jpeg(photos[0])
-    single = client.post("/predictions/demo", content=jpeg)  # what `curl -T photo.jpg` sends
+    single = client.put("/predictions/demo", content=jpeg)  # what `curl -T photo.jpg` sends: PUT, no content type
     assert single.status_code == 200
     want = expected(predictor, [jpeg])[0]
     assert list(single.json()) == [predictor.classes[i] for i in np.argsort(-want)][:5]
@@ -160,6 +160,8 @@ def test_torchserve_route_raw_and_multipart(client, predictor, photos):
     several = client.post("/predictions/demo", files=[("data", ("a.jpg", jpeg)), ("data", ("b.png",
                                                                                          photos[3].read_bytes()))])
     assert isinstance(several.json(), list) and len(several.json()) == 2
+    assert client.post("/predictions/demo/1.0", content=jpeg, headers={"content-type": "image/jpeg"}).json() == \
+        single.json()
 
 
 def test_v2_metadata_names_inputs_and_outputs(client, predictor):

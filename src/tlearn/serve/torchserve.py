@@ -14,9 +14,10 @@ from tlearn.serve.v1 import known
 def router(service) -> APIRouter:
     api = APIRouter(tags=["torchserve"])
 
-    @api.post("/predictions/{name}", summary="One image -> {label: probability} (top 5, best first); several "
-                                              "(multipart) -> a list of those, in order.")
-    @api.post("/predictions/{name}/{version}", include_in_schema=False)
+    # PUT too: `curl -T photo.jpg URL`, TorchServe's own example, uploads with PUT
+    @api.api_route("/predictions/{name}", methods=["POST", "PUT"], summary="One image -> {label: probability} "
+                   "(top 5, best first); several (multipart) -> a list of those, in order.")
+    @api.api_route("/predictions/{name}/{version}", methods=["POST", "PUT"], include_in_schema=False)
     async def predictions(name: str, request: Request, top_k: Annotated[int, Query(ge=1)] = 5,
                           version: str | None = None):
         known(service, name)
