@@ -7,7 +7,7 @@ import logging
 import time
 from importlib.resources import files
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -60,9 +60,7 @@ def create_app(predictor, settings: ServeSettings) -> FastAPI:
     return app
 
 
-def _health_router(service: InferenceService):
-    from fastapi import APIRouter
-
+def _health_router(service: InferenceService) -> APIRouter:
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz")
