@@ -108,6 +108,13 @@ def test_health_and_readiness(client, predictor):
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").status_code == 200
     assert client.get("/ping").json() == {"status": "Healthy"}
+    service = client.app.state.service
+    service.draining = True  # what SIGTERM sets (serve.server.DrainingServer)
+    try:
+        assert client.get("/readyz").status_code == 503 and client.get("/readyz").json() == {"status": "draining"}
+        assert client.get("/v2/health/ready").status_code == 503 and client.get("/ping").status_code == 503
+    finally:
+        service.draining = False
 
 
 def test_readyz_is_503_until_warm_up(predictor):
