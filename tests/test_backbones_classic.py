@@ -91,6 +91,7 @@ def native_input(name: str) -> torch.Tensor:
     return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLASSIC)
 def test_train_predict_reload_with_weights_files(name, tiny_data, scratch, monkeypatch):
     tmp_path = scratch

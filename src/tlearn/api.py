@@ -52,8 +52,10 @@ class ImageClassifier:
         """Find the dataset, extract (or reuse cached) features, fit the head, calibrate, maybe fine-tune.
 
         `resume` continues an interrupted fine-tune from the last checkpoint in `run_dir`."""
+        from tlearn.errors import require
         from tlearn.train.steps import run_recipe
 
+        require("timm", "train", "training")
         settings = self.settings()
         if resume:  # before any work: a resume with nothing to resume from is a mistake
             from tlearn.train.finetune import last_checkpoint

@@ -14,7 +14,6 @@ Nothing in a model folder is a pickle and loading one never unpickles. A folder 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from safetensors.numpy import load_file, save_file
 from tlearn.backbones import Preprocessing
 from tlearn.backbones.registry import BACKBONES, WeightsInfo
 from tlearn.errors import BundleError
+from tlearn.files import sha256_file as file_sha256
 from tlearn.train.head import LinearHead
 
 FORMAT_VERSION = 2
@@ -210,17 +210,21 @@ class Bundle:
         return model.eval()
 
 
+RUN_FOLDER = "run"  # fine-tuning checkpoints and logs, kept across re-writes of the model (--resume needs them)
+
+
 class ModelFolder:
     """A staging folder beside `target` that replaces it on a clean exit (atomically, where Linux allows), and
-    vanishes on an error. A `target` that exists must be a tlearn model (or empty): anything else is the user's,
-    and is refused."""
+    vanishes on an error. A `target` that exists must be a tlearn model, or hold nothing but a fine-tune's run/
+    folder: anything else is the user's, and is refused. A run/ folder is carried over into the new model."""
 
     def __init__(self, target: str | Path):
         self.target = Path(target)
         if self.target.exists():
             if not self.target.is_dir():
                 raise BundleError(f"{self.target} is a file; give a folder for the model")
-            if any(self.target.iterdir()) and not (self.target / CONFIG_FILE).is_file():
+            others = [p for p in self.target.iterdir() if p.name != RUN_FOLDER]
+            if others and not (self.target / CONFIG_FILE).is_file():
                 raise BundleError(f"{self.target} is a folder that is not a tlearn model and not empty; refusing to "
                                   "replace it: choose another --out, or empty it")
             if (self.target / CONFIG_FILE).is_file() and _read_json_or_none(self.target / CONFIG_FILE, "format") \
@@ -244,15 +248,12 @@ class ModelFolder:
             return
         try:
             _fsync_tree(self.staging)
+            if (self.target / RUN_FOLDER).is_dir() and not (self.staging / RUN_FOLDER).exists():
+                os.rename(self.target / RUN_FOLDER, self.staging / RUN_FOLDER)
             _swap_in(self.staging, self.target)
         except OSError as error:
             shutil.rmtree(self.staging, ignore_errors=True)
             raise BundleError(f"cannot write the model to {self.target}: {error.strerror or error}") from None
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def is_model_folder(path: Path) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 
 from tlearn.backbones import classic, efficientnet_lite
 from tlearn.errors import InvalidParameter, WeightsUnavailable
+from tlearn.files import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -196,8 +197,7 @@ def file_sha256(path: Path) -> str:
 
 @lru_cache(maxsize=16)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    return sha256_file(path)
 
 
 def state_sha256(state: dict[str, np.ndarray]) -> str:

@@ -1,7 +1,6 @@
 """Decode one image file into an RGB PIL image, or say exactly why it cannot be decoded."""
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +10,7 @@ from typing import Sequence
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlearn.errors import TlearnError
+from tlearn.files import sha256_file
 
 # Pillow refuses images above ~179 Mpx as a decompression bomb; we do the same with a message of our own.
 MAX_PIXELS = 120_000_000
@@ -61,8 +61,7 @@ def decode_bytes(content: bytes, path: str | Path = "<bytes>", draft_size: tuple
 def content_hash(path: str | Path) -> str | None:
     """SHA-256 of a file's bytes (what identifies an image for caches and duplicate checks), None if unreadable."""
     try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 

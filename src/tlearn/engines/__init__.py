@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from importlib import metadata, util
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 from tlearn.backbones import Preprocessing, state_sha256
 from tlearn.data.pipeline import PixelBatch, pixel_batches
 from tlearn.errors import EngineError
+from tlearn.files import write_atomically
 
 if TYPE_CHECKING:
     from torch import nn
@@ -266,10 +266,8 @@ def torch_reference(graph: PixelsToOutputs, folder: Path) -> tuple[np.ndarray, n
         return read_reference(path)
     pixels = probe_pixels(graph.preprocessing)
     outputs = TorchEngine(graph, "fp32")(pixels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"pixels": np.ascontiguousarray(pixels), "outputs": np.ascontiguousarray(outputs)}, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: save_file({"pixels": np.ascontiguousarray(pixels),
+                                                  "outputs": np.ascontiguousarray(outputs)}, tmp))
     return pixels, outputs
 
 

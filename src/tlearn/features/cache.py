@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tlearn.files import write_atomically
+
 
 def default_cache_dir() -> Path:
     """$TLEARN_CACHE, else $XDG_CACHE_HOME/tlearn, else ~/.cache/tlearn."""
@@ -80,10 +82,7 @@ class FeatureCache:
 
         path = self._backbone_file()
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp)
-            os.replace(tmp, path)
+            write_atomically(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp))
 
     def _backbone_file(self) -> Path:
         # The tensor names are timm's: another timm version may name them differently.
