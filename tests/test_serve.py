@@ -2,6 +2,7 @@
 a standard KServe v2 client (tritonclient) against it, and a SIGTERM drain."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -261,6 +262,20 @@ def test_queue_full_is_503_with_retry_after(predictor, jpeg):
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
         assert busy.json()["limit"] == "queue"
         assert client.post("/v1/predict", **_raw(jpeg)).status_code == 200
+
+
+def test_slow_body_is_408():
+    from starlette.requests import Request
+
+    from tlearn.serve.limits import Rejection, read_body
+
+    async def stalled_receive():  # a client that sent its headers and then nothing
+        await asyncio.sleep(3600)
+
+    request = Request({"type": "http", "method": "POST", "headers": [(b"content-length", b"1000")]}, stalled_receive)
+    with pytest.raises(Rejection) as refused:
+        asyncio.run(read_body(request, ServeSettings(**{**SETTINGS, "timeout_s": 0.2})))
+    assert refused.value.status == 408 and refused.value.limit == "timeout-s"
 
 
 class SlowPredictor:

@@ -23,6 +23,7 @@ from served_process import RealServer  # noqa: E402
 
 RESULTS_JS = """JSON.stringify(Array.from(document.querySelectorAll('.result')).map(r => ({
   verdict: r.querySelector('.verdict').textContent,
+  name: r.querySelector('.name').textContent,
   labels: Array.from(r.querySelectorAll('.row .label')).map(l => l.textContent),
   bars: Array.from(r.querySelectorAll('.bar')).map(b => b.getBoundingClientRect().width),
   thumbnail: r.querySelector('img').naturalWidth})))"""
@@ -88,8 +89,9 @@ def test_page_classifies_two_picked_photos(model_dir, demo_data, tmp_path):
         assert row["bars"][0] > 0 and row["bars"] == sorted(row["bars"], reverse=True)
         assert row["verdict"].split(" ")[0] in (*classes, "uncertain")
         assert row["thumbnail"] > 0
-    # results are prepended, newest first: the big photo (shrunk in the browser) is the grass crop
     assert {r["verdict"] for r in results} == {"brick", "grass"}
+    shrunk = {r["name"] for r in results if "sent as" in r["name"]}
+    assert shrunk == {"big-grass.jpg (2400×1800, sent as 1024×768)"}, "the browser did not shrink the big photo"
     image = np.asarray(Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB"))
     (tmp_path / "page.png").write_bytes(base64.b64decode(shot["data"]))
     assert image.shape[0] > 400 and image.std() > 20, "the screenshot is blank"

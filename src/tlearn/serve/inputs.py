@@ -4,6 +4,7 @@ Used by the v1 and TorchServe routes (the KServe v2 route reads its own tensor f
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -22,7 +23,7 @@ async def encoded_images(headers: Headers, body: bytes, max_images: int) -> list
     if content_type == "multipart/form-data":
         images = await _multipart_files(headers, body, max_images)
     elif content_type == "application/json":
-        images = _json_instances(body)
+        images = await asyncio.to_thread(_json_instances, body)  # base64 of megabytes: off the event loop
     elif content_type.startswith(RAW_TYPES) or (not content_type and body):
         images = [body]
     else:

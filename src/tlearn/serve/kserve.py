@@ -6,6 +6,7 @@ them; in JSON each element is base64) or UINT8 RGB pixels of shape [N, H, W, 3].
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 
@@ -64,8 +65,9 @@ def router(service) -> APIRouter:
 
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         known(service, name)
-        body = await read_body(request, service.settings.max_body_bytes)
-        call = parse_infer(body, request.headers.get(HEADER_LENGTH), service.settings)
+        body = await read_body(request, service.settings)
+        # JSON tensors can be megabytes of numbers: parsed in a thread, the event loop keeps serving
+        call = await asyncio.to_thread(parse_infer, body, request.headers.get(HEADER_LENGTH), service.settings)
         probabilities = await service.classify(call.images)
         labels = [service.classes[i] for i in probabilities.argmax(axis=1)]
         return encode_outputs(call, name, probabilities.astype(np.float32), labels)

@@ -1,6 +1,7 @@
 """What a request may cost: the server's settings, the refusal every limit answers with, admission and auth."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import dataclass, fields
 
@@ -69,12 +70,22 @@ def check_token(settings: ServeSettings, request: Request) -> None:
                         headers={"WWW-Authenticate": "Bearer"})
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, or 413 when it is over max_bytes, declared or streamed.
+async def read_body(request: Request, settings: ServeSettings) -> bytes:
+    """The whole body, or 413 when it is over --max-body-mb (declared or streamed), 408 when it takes longer
+    than --timeout-s to arrive.
 
     An oversized body is still read (and dropped) up to twice the limit, so that the client, which sends its whole
     body before reading, gets the 413 instead of a reset connection; beyond that the connection is simply closed.
     """
+    try:
+        async with asyncio.timeout(settings.timeout_s):
+            return await _bounded_body(request, settings.max_body_bytes)
+    except TimeoutError:
+        raise Rejection(408, "timeout-s", f"the request body did not arrive within {settings.timeout_s:g} s "
+                                          "(--timeout-s)") from None
+
+
+async def _bounded_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     declared = int(declared) if declared is not None and declared.isdigit() else None
     if declared is not None and declared > 2 * max_bytes:

@@ -21,7 +21,7 @@ def router(service) -> APIRouter:
     async def predictions(name: str, request: Request, top_k: Annotated[int, Query(ge=1)] = 5,
                           version: str | None = None):
         known(service, name)
-        body = await read_body(request, service.settings.max_body_bytes)
+        body = await read_body(request, service.settings)
         images = await encoded_images(request.headers, body, service.settings.max_images)
         ranked = service.ranked(await service.classify(images), top_k, None)
         answers = [dict(p.top) for p in ranked]

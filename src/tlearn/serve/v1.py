@@ -17,7 +17,7 @@ def router(service) -> APIRouter:
     api = APIRouter(tags=["v1"])
 
     async def predict(request: Request, top_k: TopK = 1, min_confidence: MinConfidence = None) -> dict:
-        body = await read_body(request, service.settings.max_body_bytes)
+        body = await read_body(request, service.settings)
         images = await encoded_images(request.headers, body, service.settings.max_images)
         probabilities = await service.classify(images)
         return {"predictions": [prediction_json(p) for p in service.ranked(probabilities, top_k, min_confidence)],
