@@ -22,9 +22,10 @@ RUN python -m venv /opt/venv \
 
 FROM ${BASE}
 COPY --from=build /opt/venv /opt/venv
-RUN useradd --system --uid 10001 --user-group --home-dir /nonexistent --no-create-home tlearn
+RUN groupadd --system --gid 10001 tlearn \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home tlearn
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TLEARN_CACHE=/tmp/tlearn
-USER tlearn
+USER 10001:10001
 EXPOSE 8000
 # mount a model folder here (read-only is fine), or COPY one in a derived image
 VOLUME ["/model"]

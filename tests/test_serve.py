@@ -441,3 +441,11 @@ def test_sigterm_answers_every_accepted_request_and_exits_0(model_dir, photo_fil
     assert all(len(answer["predictions"]) == 4 for _, answer in results)
     assert server.stop() == 0
     assert "Waiting for connections to close" in server.output()  # the drain had work to finish
+
+
+def test_serve_command_refuses_bad_folders_and_settings_in_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for args in ([str(tmp_path / "missing")], [str(tmp_path), "--max-batch", "0"]):
+        run = subprocess.run([sys.executable, "-m", "tlearn.cli", "serve", *args], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert run.returncode == 2 and run.stderr.startswith("error:") and "Traceback" not in run.stderr
