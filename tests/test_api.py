@@ -204,3 +204,16 @@ def test_console_script_runs_the_demo(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "test accuracy" in done.stdout and "brick_00.png" in done.stdout
     assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
+
+
+def test_train_on_new_images_imports_no_torch_once_the_engine_is_exported(demo_data, hymenoptera_small, tmp_path):
+    """A first train exports and verifies the backbone's engine into the cache: a train on images never seen
+    runs them through that engine (and takes the backbone's tensors from the cache) without torch or timm."""
+    cache = tmp_path / "cache"
+    tlearn.ImageClassifier(cache_dir=cache, progress=False).fit(demo_data)
+    data = link_subset(hymenoptera_small, tmp_path / "data", {"train": 3, "val": 2})
+    script = (f"import sys, tlearn\n"
+              f"clf = tlearn.ImageClassifier(cache_dir={str(cache)!r}, progress=False).fit({str(data)!r})\n"
+              "print(clf.summary_.extracted, [m for m in ('torch', 'timm') if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "10 []"

@@ -117,8 +117,13 @@ class Predictor:
         if precision != bundle.backbone.precision and "int8" in (precision, bundle.backbone.precision):
             raise BundleError(f"this model's head was trained on {bundle.backbone.precision} features; it cannot "
                               f"predict at {precision}")
-        opened = open_files(*bundle.engine_files, bundle.engine.verdicts, engine, precision,
-                            compile_cache=compile_cache())
+        if engine == "torch":  # the eager reference, on request: needs the train extra
+            from tlearn.engines import PixelsToOutputs, TorchEngine
+
+            opened = TorchEngine(PixelsToOutputs(bundle.build_model().backbone, bundle.preprocessing), precision)
+        else:
+            opened = open_files(*bundle.engine_files, bundle.engine.verdicts, engine, precision,
+                                compile_cache=compile_cache())
         return cls(bundle, opened, name=name, batch_size=batch_size, workers=workers,
                    model_sha256=bundle.files.get(WEIGHTS_FILE, ""))
 

@@ -5,21 +5,17 @@ vectors are stored as raw float32 bytes, never pickled.
 """
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 
-from tlearn.files import write_atomically
+from tlearn.files import cache_root, write_atomically
 
 
 def default_cache_dir() -> Path:
     """$TLEARN_CACHE, else $XDG_CACHE_HOME/tlearn, else ~/.cache/tlearn."""
-    if os.environ.get("TLEARN_CACHE"):
-        return Path(os.environ["TLEARN_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
-    return base / "tlearn"
+    return cache_root()
 
 
 class FeatureCache:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import log_softmax
 
 # Inverse regularisation strengths tried, strongest first (C as in scikit-learn: penalty ||W||^2 / (2 C n)).
 DEFAULT_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -88,6 +87,8 @@ def _row_space(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _score(head: LinearHead, C: float, xv: np.ndarray, yv: np.ndarray, search: list[dict], best, best_score):
     """Record val accuracy and log-loss of `head` in `search`; return the better of it and the best so far."""
+    from scipy.special import log_softmax
+
     logp = log_softmax(xv @ head.weight.T.astype(np.float64) + head.bias, axis=1)
     acc = float((logp.argmax(1) == yv).mean())
     loss = float(-logp[np.arange(len(yv)), yv].mean())
@@ -109,6 +110,8 @@ def _minimise(start: np.ndarray, x: np.ndarray, y: np.ndarray, sample_weight: np
     n, dim = x.shape
     onehot = np.eye(n_classes)[y]
     x32 = x.astype(np.float32)  # the two products with x in float32 (half the time); all sums in float64
+
+    from scipy.special import log_softmax
 
     def loss_and_gradient(params: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = params[:-n_classes].reshape(n_classes, dim), params[-n_classes:]
