@@ -431,5 +431,43 @@ def demo(
     predict(out_dir / "model", [data / "test"], top_k=2)
 
 
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most images per engine call (requests are merged).")] = 16,
+    batch_timeout_ms: Annotated[float, typer.Option(help="How long an image waits for others to fill a batch.")
+                                ] = 5.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body (413 above).")] = 20.0,
+    max_images: Annotated[int, typer.Option(help="Most images per request (413 above).")] = 32,
+    max_pixels: Annotated[int, typer.Option(help="Most decoded pixels per image, checked before decoding "
+                                                 "(413 above).")] = 40_000_000,
+    queue: Annotated[int, typer.Option(help="Most requests in the server at once (503 + Retry-After above).")] = 64,
+    timeout_s: Annotated[float, typer.Option(help="Most seconds per request (504 above).")] = 10.0,
+    token: Annotated[Optional[str], typer.Option(envvar="TLEARN_TOKEN", help="Require 'Authorization: Bearer "
+                                                 "TOKEN' (401 otherwise); health probes stay open.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="The model's name in URLs [default: the folder's name].")
+                    ] = None,
+    min_confidence: Annotated[Optional[float], typer.Option(help="Label predictions whose calibrated top "
+                                                            "probability is below this 'uncertain'.",
+                                                            min=0.0, max=1.0)] = None,
+    decode_threads: Annotated[int, typer.Option(help="Threads decoding uploaded images.")] = 2,
+    engine: Engine = EngineName.auto,
+) -> None:
+    """Serve a model over HTTP: a web page, POST /v1/predict, KServe v2, TorchServe-style routes, /metrics."""
+    from tlearn.serve import ServeSettings, run
+
+    try:
+        settings = ServeSettings(name=name or model.resolve().name, max_batch=max_batch,
+                                 batch_timeout_ms=batch_timeout_ms, max_body_mb=max_body_mb, max_images=max_images,
+                                 max_pixels=max_pixels, queue=queue, timeout_s=timeout_s, token=token or None,
+                                 min_confidence=min_confidence, decode_threads=decode_threads)
+        run(model, settings, host=host, port=port, engine=engine.value)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+
+
 if __name__ == "__main__":
     app()
