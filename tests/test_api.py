@@ -217,3 +217,19 @@ def test_train_on_new_images_imports_no_torch_once_the_engine_is_exported(demo_d
               "print(clf.summary_.extracted, [m for m in ('torch', 'timm') if m in sys.modules])\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "10 []"
+
+
+def test_ctrl_c_says_what_was_kept_and_exits_130(demo_data, tmp_path):
+    import signal
+    import time
+
+    exe = Path(sys.executable).with_name("tlearn")
+    env = {**os.environ, "TLEARN_CACHE": str(tmp_path / "cache")}
+    run = subprocess.Popen([str(exe), "train", str(demo_data), "--out", str(tmp_path / "model")], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # inside the work: imports, discovery or the engine build
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr and "--resume" in stderr
+    assert not (tmp_path / "model").exists()

@@ -469,5 +469,27 @@ def serve(
         _fail(exc)
 
 
+class Interrupted(BaseException):
+    """Ctrl-C, raised past click (which would print "Aborted!" and exit 1) so that main can say what was kept."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted
+
+
+def main() -> None:
+    """The `tlearn` console script: the typer app, with Ctrl-C explained (exit 130)."""
+    import signal
+
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        app()
+    except Interrupted:
+        err.print("\ninterrupted. Nothing half-written was kept: a model folder is written whole or not at all, and "
+                  "any output file only when complete. Features extracted so far are cached: the same command "
+                  "continues from there (a fine-tune continues with --resume).", highlight=False)
+        raise SystemExit(130) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()
