@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,14 @@ def test_backbones_command_lists_offline_weights():
     for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
         assert name in result.output
     assert "yes" in result.output
+    assert "inception_resnet_v2.tf_in1k" in result.output  # nothing cut at 80 columns
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+def test_help_texts_show_their_defaults_whole():
+    for command in ("train", "predict", "export", "report"):
+        result = runner.invoke(app, [command, "--help"], terminal_width=100)
+        assert result.exit_code == 0 and not re.search(r"\w \.", result.output), result.output
 
 
 def test_console_script_runs_the_demo(tmp_path):

@@ -23,8 +23,8 @@ out = Console()
 err = Console(stderr=True)
 
 Backbone = Annotated[str, typer.Option(help="Backbone name (see `tlearn backbones`).")]
-CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder [default: $TLEARN_CACHE or "
-                                                       "~/.cache/tlearn].")]
+CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: $TLEARN_CACHE or "
+                                                       "~/.cache/tlearn).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
@@ -45,7 +45,7 @@ Engine = Annotated[EngineName, typer.Option(help="Inference engine for the backb
                                                  "one that agrees with torch on this model.")]
 Precision = Annotated[Optional[PrecisionName], typer.Option(
     help="Precision of the frozen-backbone forward (int8 is calibrated on training images) "
-         "[default: fp32 for train, the model's own otherwise].")]
+         "(default: fp32 for train, the model's own otherwise).")]
 
 
 class Recipe(str, Enum):
@@ -73,7 +73,7 @@ _USER_ERRORS = (TlearnError,)
 def train(
     data: Annotated[Path, typer.Argument(help="Dataset folder: one sub-folder per class, or train/ val/ test/.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write "
-                                                    "[default: ./<data folder name>-model].")] = None,
+                                                    "(default: ./<data folder name>-model).")] = None,
     backbone: Backbone = "efficientnet_lite0",
     weights: Annotated[Optional[Path], typer.Option(help="Backbone weights file instead of the registry's.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for splits and training.")] = 0,
@@ -339,9 +339,9 @@ def _print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None
 @app.command()
 def report(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
-    data: Annotated[Optional[Path], typer.Argument(help="Dataset folder [default: the one it was trained on].")] = None,
+    data: Annotated[Optional[Path], typer.Argument(help="Dataset folder (default: the one it was trained on).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o",
-                                                    help="Report folder [default: MODEL/report].")] = None,
+                                                    help="Report folder (default: MODEL/report).")] = None,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -359,11 +359,11 @@ def report(
 def export(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="ONNX file to write "
-                                                     "[default: MODEL/model.onnx, or model-int8.onnx].")] = None,
+                                                     "(default: MODEL/model.onnx, or model-int8.onnx).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Quantise the backbone to int8 (static, calibrated on the "
                                                       "training images); looser verification tolerance.")] = False,
     images: Annotated[Optional[list[Path]], typer.Option(
-        help="Images or folders to verify on [default: the model's test/val images].")] = None,
+        help="Images or folders to verify on (default: the model's test/val images).")] = None,
 ) -> None:
     """Export the whole classifier as one ONNX file (pixels in, calibrated probabilities out), verified against
     the torch model."""
@@ -387,18 +387,26 @@ def export(
 @app.command()
 def backbones() -> None:
     """List the backbones, their input size, parameter count and whether their weights are on this machine."""
+    from rich import box
+
     from tlearn.backbones import BACKBONES, parameter_count, weights_available
 
-    table = Table()
-    table.add_column("name", no_wrap=True)  # the one column a narrow terminal must not cut: it is what you type
-    for title in ("architecture (timm)", "input", "parameters", "weights offline"):
-        table.add_column(title)
+    # fits 80 columns: a narrow terminal cuts nothing
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for title in ("name", "architecture (timm)"):
+        table.add_column(title, no_wrap=True)
+    for title in ("input", "params", "weights"):
+        table.add_column(title, no_wrap=True, justify="right" if title == "params" else "left")
+    missing = []
     for name, spec in BACKBONES.items():
         here = weights_available(name)
+        missing += [] if here else [name]
         table.add_row(name, spec.architecture, f"{spec.preprocessing.input_size}px",
-                      f"{parameter_count(name) / 1e6:.1f}M",
-                      "[green]yes[/]" if here else f"[red]no[/] ({spec.weights_hint})")
+                      f"{parameter_count(name) / 1e6:.1f}M", "[green]yes[/]" if here else "[red]no[/]")
     out.print(table)
+    if missing:
+        out.print(f"missing weights: `tlearn fetch-weights NAME` on a machine with network (then copy the file "
+                  f"here), or `--weights FILE`; for {', '.join(missing)}", highlight=False)
 
 
 @app.command("fetch-weights")
@@ -448,7 +456,7 @@ def serve(
     timeout_s: Annotated[float, typer.Option(help="Most seconds per request (504 above).")] = 10.0,
     token: Annotated[Optional[str], typer.Option(envvar="TLEARN_TOKEN", help="Require 'Authorization: Bearer "
                                                  "TOKEN' (401 otherwise); health probes stay open.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="The model's name in URLs [default: the folder's name].")
+    name: Annotated[Optional[str], typer.Option(help="The model's name in URLs (default: the folder's name).")
                     ] = None,
     min_confidence: Annotated[Optional[float], typer.Option(help="Label predictions whose calibrated top "
                                                             "probability is below this 'uncertain'.",
