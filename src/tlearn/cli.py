@@ -235,8 +235,9 @@ def _print_confusion(metrics: dict) -> None:
 @app.command()
 def predict(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
-    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively), globs; with a "
-                                              ".parquet --output also manifests (.txt/.csv) and s3:// gs:// URIs.")],
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively), globs; with "
+                                              "--output OUT.parquet also manifests (.txt/.csv) and s3:// gs:// "
+                                              "URIs.")],
     top_k: Annotated[int, typer.Option(help="How many labels per image, best first.")] = 1,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.csv,
     output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output.")] = None,
@@ -255,8 +256,8 @@ def predict(
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Parquet output: a column with every "
                                                                         "class's probability.")] = False,
 ) -> None:
-    """Predict labels for images; unreadable files are listed on stderr, not fatal. An --output ending in .parquet
-    is a folder of Parquet parts with a manifest (see docs/scale-out.md)."""
+    """Predict labels for images; unreadable files are listed on stderr, not fatal. With --output OUT.parquet, a
+    folder of Parquet parts with a manifest (see docs/scale-out.md)."""
     if ray is not None or resume or probabilities or (output is not None and output.suffix == ".parquet"):
         _predict_parquet(model, paths, output, ray, resume, top_k, min_confidence, probabilities, engine,
                          precision, batch_size)
