@@ -17,7 +17,6 @@ import numpy as np
 from tlearn.backbones import create_backbone, get_spec, locate_weights, state_sha256
 from tlearn.bundle import Bundle
 from tlearn.data import Dataset, DatasetError, find_dataset
-from tlearn.data.decode import content_hashes
 from tlearn.data.doctor import quick_check
 from tlearn.engines import open_engine, open_exported, state_key, stream_pixels
 from tlearn.evaluate import classification_metrics
@@ -81,8 +80,8 @@ class ImageClassifier:
             from tlearn.train.finetune import last_checkpoint
 
             last_checkpoint(self.run_dir or "")
-        dataset = find_dataset(data, self.seed, self.val_fraction, self.test_fraction)
-        hashes = content_hashes([s.path for samples in dataset.splits.values() for s in samples])  # read once
+        dataset = find_dataset(data, self.seed, self.val_fraction, self.test_fraction, cache_dir=self.cache_dir)
+        hashes = dataset.hashes  # read once, while the files were fingerprinted
         checks = quick_check(dataset, hashes)
         weights_info = locate_weights(self.backbone, self.weights)
         precision = self.precision or "fp32"
@@ -99,7 +98,8 @@ class ImageClassifier:
                        class_weight=class_weight, progress=self.progress)
         state = {**{f"backbone.{k}": v for k, v in self._backbone_state(build_backbone, key).items()},
                  **{f"head.{k}": v for k, v in fit.head.state().items()}}
-        failures = sorted({(str(p), r) for f in features.values() for p, r in f.failures})
+        failures = sorted({(str(p), r) for f in features.values() for p, r in f.failures} |
+                          {(str(s.path), s.reason) for s in dataset.skipped})
         self.bundle_ = Bundle(
             classes=dataset.classes,
             backbone={"name": spec.name, "architecture": spec.architecture, "weights": weights_info.to_dict(),
@@ -263,7 +263,7 @@ class ImageClassifier:
         bundle = self._bundle()
         training = bundle.training
         dataset = find_dataset(data, training.get("seed", 0), training.get("val_fraction", 0.15),
-                               training.get("test_fraction", 0.15))
+                               training.get("test_fraction", 0.15), cache_dir=self.cache_dir)
         _check_same_classes(dataset, bundle.classes)
         precision = bundle.backbone.get("precision", "fp32")
         if self.precision not in (None, precision):

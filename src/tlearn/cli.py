@@ -1,9 +1,7 @@
 """`tlearn` command line: parse arguments, call the Python API, print. No logic of its own."""
 from __future__ import annotations
 
-import csv
 import json
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,6 +15,7 @@ from tlearn.backbones import BACKBONES, WeightsUnavailable, fetch_weights, param
 from tlearn.bundle import BundleError
 from tlearn.data import DatasetError
 from tlearn.engines import EngineError
+from tlearn.outputs import terminal_text
 from tlearn.predict import Unreadable
 from tlearn.train.settings import FinetuneSettings
 
@@ -63,7 +62,7 @@ class Format(str, Enum):
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {terminal_text(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -229,56 +228,106 @@ def _print_confusion(metrics: dict) -> None:
 def predict(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
-    top_k: Annotated[int, typer.Option(help="How many labels per image, best first.")] = 1,
+    top_k: Annotated[int, typer.Option(help="How many labels per image, best first.", min=1)] = 1,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.csv,
-    output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output (a new file, or a "
+                                                        "previous .csv/.json result).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --output replace any existing file.")] = False,
     engine: Engine = EngineName.auto,
     precision: Precision = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 32,
     min_confidence: Annotated[Optional[float], typer.Option(
         help="Label images whose (calibrated) top probability is below this 'uncertain'.", min=0.0, max=1.0)] = None,
+    quiet: Quiet = False,
 ) -> None:
-    """Predict labels for images; unreadable files are listed on stderr, not fatal."""
+    """Predict labels for images, one row per image (progress and unreadable files on stderr).
+
+    Exit code 0: every image predicted; 1: some files could not be read (the others are written); 2: nothing
+    to predict, or a usage error."""
+    from tlearn.data.discovery import find_images
+    from tlearn.outputs import OutputRefused, check_output_path
+
     try:
+        if output:
+            check_output_path(output, force)
+        files, problems = find_images(paths)
+        if not files:
+            raise FileNotFoundError("nothing to predict: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
+                                    if problems else "nothing to predict: no image files in the paths given")
         clf = tlearn.load(model, progress=False, engine=engine.value, precision=precision and precision.value,
                           batch_size=batch_size)
-    except _USER_ERRORS as exc:
+        k = min(top_k, len(clf.classes_))
+        rows = clf.iter_predict(files, top_k=k, min_confidence=min_confidence)
+        unreadable = [Unreadable(str(p.path), p.reason) for p in problems]
+        written = _write_predictions(rows, fmt, output, k, min_confidence is not None, unreadable,
+                                     progress=not quiet and len(files) >= PROGRESS_FROM)
+    except (*_USER_ERRORS, OutputRefused) as exc:
         _fail(exc)
-    if top_k < 1:
-        _fail(ValueError("--top-k must be at least 1"))
-    k = min(top_k, len(clf.classes_))
-    sink = open(output, "w", newline="") if output else sys.stdout
-    unreadable: list[Unreadable] = []
-    try:
-        rows = clf.iter_predict(paths, top_k=k, min_confidence=min_confidence)
-        if fmt is Format.csv:
-            writer = csv.writer(sink)
-            writer.writerow(["path", "label", "score"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")])
-            for row in rows:
-                if isinstance(row, Unreadable):
-                    unreadable.append(row)
-                    continue
-                writer.writerow([row.path, row.label, f"{row.score:.6f}"] +
-                                [v for label, score in row.top[1:] for v in (label, f"{score:.6f}")])
-                sink.flush()
-        else:
-            predictions = []
-            for row in rows:
-                if isinstance(row, Unreadable):
-                    unreadable.append(row)
-                else:
-                    predictions.append({"path": row.path, "label": row.label, "score": row.score,
-                                        "top": [{"label": label, "score": score} for label, score in row.top]})
-            json.dump({"predictions": predictions,
-                       "unreadable": [{"path": u.path, "reason": u.reason} for u in unreadable]}, sink, indent=1)
-            sink.write("\n")
-    except _USER_ERRORS as exc:
-        _fail(exc)
-    finally:
-        if output:
-            sink.close()
     for u in unreadable:
-        err.print(f"unreadable: {u.path}: {u.reason}", highlight=False, soft_wrap=True)
+        err.print(f"unreadable: {terminal_text(u.path)}: {terminal_text(u.reason)}", highlight=False, soft_wrap=True)
+    if output:
+        err.print(f"wrote {written} prediction(s) to {terminal_text(output)}", highlight=False, soft_wrap=True)
+    if unreadable:
+        raise typer.Exit(1)
+
+
+PROGRESS_FROM = 64  # images; fewer are predicted before a bar would be worth drawing
+
+
+def _write_predictions(rows, fmt: Format, output: Optional[Path], k: int, with_top_label: bool,
+                       unreadable: list[Unreadable], progress: bool) -> int:
+    """Write every Prediction of `rows` to `output` (whole or not at all) or standard output; collect the
+    Unreadable ones into `unreadable`; return how many predictions were written."""
+    from rich.progress import Progress
+
+    from tlearn.outputs import atomic_text_file, stdout_text
+
+    opened = atomic_text_file(output) if output else stdout_text()
+    with opened as sink, Progress(console=err, transient=True, disable=not progress) as bar:
+        task = bar.add_task("predicting", total=None)
+        write = _csv_rows(sink, k, with_top_label) if fmt is Format.csv else _json_rows(sink, unreadable)
+        next(write)
+        written = 0
+        for row in rows:
+            bar.advance(task)
+            if isinstance(row, Unreadable):
+                unreadable.append(row)
+            else:
+                write.send(row)
+                written += 1
+        write.close()
+    return written
+
+
+def _csv_rows(sink, k: int, with_top_label: bool):
+    """A coroutine writing one CSV row per Prediction sent (header first); `top_label` keeps the best label of an
+    'uncertain' row."""
+    from tlearn.outputs import csv_cell, csv_writer
+
+    writer = csv_writer(sink)
+    extra = [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")]
+    writer.writerow(["path", "label", "score"] + (["top_label"] if with_top_label else []) + extra)
+    while True:
+        row = yield
+        writer.writerow([csv_cell(row.path), csv_cell(row.label), f"{row.score:.6f}"] +
+                        ([csv_cell(row.top[0][0])] if with_top_label else []) +
+                        [v for label, score in row.top[1:] for v in (csv_cell(label), f"{score:.6f}")])
+        sink.flush()
+
+
+def _json_rows(sink, unreadable: list[Unreadable]):
+    """A coroutine collecting the Predictions sent; on close, writes them with the unreadable files as JSON."""
+    from tlearn.outputs import json_text
+
+    predictions = []
+    try:
+        while True:
+            row = yield
+            predictions.append({"path": row.path, "label": row.label, "score": row.score,
+                                "top": [{"label": label, "score": score} for label, score in row.top]})
+    except GeneratorExit:
+        sink.write(json_text({"predictions": predictions,
+                              "unreadable": [{"path": u.path, "reason": u.reason} for u in unreadable]}) + "\n")
 
 
 @app.command()
@@ -288,20 +337,22 @@ def doctor(
     quarantine: Annotated[Optional[Path], typer.Option(help="MOVE flagged files into this folder (outside DATA), "
                                                             "with reasons.csv; nothing is deleted.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the carved splits (as in `tlearn train`).")] = 0,
+    cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
     """Check a dataset: unreadable/odd files, duplicates, leakage between splits, conflicting labels, balance.
 
     Exit code 1 when a problem would corrupt an evaluation (leakage, conflicting labels, unusable layout)."""
     from tlearn.data.doctor import examine_dataset, quarantine as move_flagged
+    from tlearn.outputs import json_text
 
     try:
-        report = examine_dataset(data, seed=seed, progress=not (quiet or as_json))
+        report = examine_dataset(data, seed=seed, progress=not (quiet or as_json), cache_dir=cache_dir)
         moved = move_flagged(report, quarantine) if quarantine else []
     except _USER_ERRORS as exc:
         _fail(exc)
     if as_json:
-        print(json.dumps({**report.to_dict(), "quarantined": moved}, indent=1))
+        print(json_text({**report.to_dict(), "quarantined": moved}))
     else:
         _print_doctor(report, moved, quarantine)
     if report.errors:
@@ -309,19 +360,23 @@ def doctor(
 
 
 def _print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None:
-    out.print(f"[bold]tlearn doctor[/]: {report.root} ({report.layout or 'layout not usable'}), "
+    safe = terminal_text
+    out.print(f"[bold]tlearn doctor[/]: {safe(report.root)} ({safe(report.layout or 'layout not usable')}), "
               f"{report.files_checked} files", highlight=False)
-    table = Table("split", *report.classes, "imbalance", title="images per class", title_justify="left")
+    table = Table("split", *[safe(c) for c in report.classes], "imbalance", title="images per class",
+                  title_justify="left")
     for split, counts in report.counts.items():
-        table.add_row(split, *[str(counts.get(c, 0)) for c in report.classes], f"{report.imbalance[split]:.2f}")
+        table.add_row(safe(split), *[str(counts.get(c, 0)) for c in report.classes], f"{report.imbalance[split]:.2f}")
     out.print(table)
     for finding in report.findings:
         colour = "red" if finding.severity == "error" else "yellow"
-        out.print(f"[{colour}]{finding.severity}[/] [bold]{finding.kind}[/]: {finding.message}", highlight=False)
+        out.print(f"[{colour}]{finding.severity}[/] [bold]{finding.kind}[/]: {safe(finding.message)}",
+                  highlight=False)
         for path in finding.paths:
-            out.print(f"    {path}", highlight=False)
+            out.print(f"    {safe(path)}", highlight=False)
     if moved:
-        out.print(f"moved {len(moved)} file(s) to {quarantine} (reasons in {quarantine / 'reasons.csv'})")
+        out.print(f"moved {len(moved)} file(s) to {safe(quarantine)} (reasons in "
+                  f"{safe(quarantine / 'reasons.csv')})", highlight=False)
     verdict = (f"[bold red]{len(report.errors)} error(s)[/] that corrupt an evaluation" if report.errors
                else "[green]no errors[/]")
     out.print(f"{verdict}, {len(report.warnings)} warning(s)")

@@ -24,6 +24,7 @@ class Skipped:
 
     path: Path
     reason: str
+    kind: str = "skipped"  # "unreadable": an image file that cannot be decoded (the doctor quarantines it)
 
 
 @dataclass
@@ -140,3 +141,23 @@ def _is_dir(path: str) -> bool:
         return stat.S_ISDIR(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+def find_images(paths: list[Path]) -> tuple[list[Path], list[Skipped]]:
+    """Files as given (decoding decides whether they are images), folders searched recursively for images;
+    missing paths, special files, links that lead nowhere and unsupported formats are named, in input order."""
+    files: list[Path] = []
+    problems: list[Skipped] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if _is_dir(os.fspath(path)):
+            scan = walk_images(path)
+            files += scan.images
+            problems += scan.skipped
+        elif not os.path.lexists(path):
+            problems.append(Skipped(path, "no such file or folder"))
+        elif (problem := _file_problem(path)) is not None:
+            problems.append(Skipped(path, problem))
+        else:
+            files.append(path)
+    return files, problems

@@ -157,7 +157,7 @@ def _scan_classes(class_dirs: list[Path], root: Path, scan: Scan) -> dict[str, l
 
 def _usable(by_class: dict[str, list[Path]], prints: dict[Path, Fingerprint], scan: Scan) -> dict[str, list[Path]]:
     """The images that decode; the others are skipped with their reason, never counted."""
-    scan.skipped += [Skipped(p, prints[p].problem or "cannot be decoded") for files in by_class.values()
+    scan.skipped += [Skipped(p, prints[p].problem or "cannot be decoded", "unreadable") for files in by_class.values()
                      for p in files if not prints[p].usable]
     return {name: [p for p in files if prints[p].usable] for name, files in by_class.items()}
 
