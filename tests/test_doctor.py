@@ -157,3 +157,25 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
+
+
+def test_hostile_names_survive_doctor_and_quarantine(demo_copy, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = demo_copy / "train/brick"
+    odd = os.fsdecode(bytes(folder) + b"/caf\xe9[red]\x1b[2J.png")
+    Path(odd).write_bytes(b"not a png at all")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run([sys.executable, "-m", "tlearn.cli", "doctor", str(demo_copy), "-q", "--quarantine",
+                             str(tmp_path / "q")], capture_output=True, env=env)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert b"Traceback" not in result.stderr and b"\x1b[2J" not in result.stdout
+    assert b"caf\\xe9[red]\\x1b[2J.png" in result.stdout
+    rows = list(csv.DictReader(open(tmp_path / "q" / "reasons.csv", encoding="utf-8", errors="surrogateescape")))
+    assert [os.fsencode(r["path"]) for r in rows] == [b"train/brick/caf\xe9[red]\\x1b[2J.png"]
+    assert os.path.exists(os.fsencode(tmp_path / "q") + b"/train/brick/caf\xe9[red]\x1b[2J.png")
+    result = subprocess.run([sys.executable, "-m", "tlearn.cli", "doctor", str(demo_copy), "--json"],
+                            capture_output=True, env=env)
+    assert result.returncode == 0 and json.loads(result.stdout)["errors"] == 0

@@ -26,6 +26,7 @@ from tlearn.data.decode import DecodeError, content_hashes, decode_bytes, read_r
 from tlearn.data.discovery import walk_images
 from tlearn.data.fingerprints import NEAR_DUPLICATE_BITS, fingerprint_files, near_pairs
 from tlearn.data.layout import SPLIT_OF, Dataset, DatasetError, find_dataset
+from tlearn.outputs import csv_cell, csv_writer
 
 ERROR, WARNING = "error", "warning"
 TINY_SIDE = 48  # pixels; below this the backbone sees mostly upsampling blur
@@ -122,7 +123,7 @@ def quarantine(report: DoctorReport, directory: str | Path) -> list[dict]:
     """MOVE the files the findings flag into `directory` (same relative paths) and append reasons.csv there."""
     root, directory = Path(report.root).resolve(), Path(directory).expanduser().resolve()
     if directory == root or root in directory.parents:
-        raise ValueError(f"the quarantine folder {directory} is inside the dataset {root}: choose one outside it, "
+        raise DatasetError(f"the quarantine folder {directory} is inside the dataset {root}: choose one outside it, "
                          "or its files would be read as a class")
     reasons: dict[str, list[str]] = defaultdict(list)
     for finding in report.findings:
@@ -138,14 +139,18 @@ def quarantine(report: DoctorReport, directory: str | Path) -> list[dict]:
         shutil.move(source, target)
         moved.append({"path": rel, "moved_to": str(target), "reasons": " | ".join(why)})
     if moved:
-        log = directory / "reasons.csv"
-        new = not log.exists()
-        with open(log, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, ["path", "moved_to", "reasons"])
-            if new:
-                writer.writeheader()
-            writer.writerows(moved)
+        _append_reasons(directory / "reasons.csv", moved)
     return moved
+
+
+def _append_reasons(log: Path, moved: list[dict]) -> None:
+    """Append to reasons.csv: UTF-8, a name that is not keeps its bytes, cells neutralised (see tlearn.outputs)."""
+    new = not log.exists()
+    with open(log, "a", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        writer = csv_writer(handle)
+        if new:
+            writer.writerow(["path", "moved_to", "reasons"])
+        writer.writerows([csv_cell(row[key]) for key in ("path", "moved_to", "reasons")] for row in moved)
 
 
 # ---- finding the files --------------------------------------------------------------------------------------
