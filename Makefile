@@ -15,7 +15,13 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/tlearn demo --out demo-output
 
-test: install
+# Chromium renders the HTML report in tests/test_report.py. Installed here, in view, as a step of `make test`
+# (Debian's package, about 130 packages, needs root); no test ever installs anything.
+browser:
+	@command -v chromium >/dev/null || { echo "make browser: installing Chromium (apt-get install chromium)"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+test: install browser
 	$(BIN)/python -m pytest
 
-.PHONY: install demo test
+.PHONY: install demo test browser
