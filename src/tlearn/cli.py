@@ -371,9 +371,9 @@ def _print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None
     for finding in report.findings:
         colour = "red" if finding.severity == "error" else "yellow"
         out.print(f"[{colour}]{finding.severity}[/] [bold]{finding.kind}[/]: {safe(finding.message)}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
         for path in finding.paths:
-            out.print(f"    {safe(path)}", highlight=False)
+            out.print(f"    {safe(path)}", highlight=False, soft_wrap=True)  # whole, to copy and paste
     if moved:
         out.print(f"moved {len(moved)} file(s) to {safe(quarantine)} (reasons in "
                   f"{safe(quarantine / 'reasons.csv')})", highlight=False)

@@ -108,8 +108,11 @@ def stdout_text() -> Iterator[IO[str]]:
         text.detach()  # standard output stays open
 
 
+BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder text
+
+
 def _is_control(char: str) -> bool:
-    return unicodedata.category(char) == "Cc"
+    return unicodedata.category(char) == "Cc" or char in BIDI_CONTROLS
 
 
 def _is_surrogate(char: str) -> bool:

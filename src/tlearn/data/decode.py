@@ -87,12 +87,13 @@ def _open_regular(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> io.Buffe
     if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
         os.close(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise DecodeError(path, f"not a regular file ({_file_kind(info.st_mode)})")
+            raise DecodeError(path, f"not a regular file ({file_kind(info.st_mode)})")
         raise DecodeError(path, f"file too large ({info.st_size:,} bytes, limit {max_bytes:,})")
     return os.fdopen(fd, "rb")
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words (from its st_mode)."""
     kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
              (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
     return next((name for test, name in kinds if test(mode)), "a special file")

@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlearn.data.decode import is_image_path, unsupported_reason
+from tlearn.data.decode import file_kind, is_image_path, unsupported_reason
 
 REPORT_MARKER = "<title>tlearn report"  # how report.html written by tlearn begins its title
 
@@ -131,8 +131,7 @@ def _file_problem(path: Path) -> str | None:
             return f"{what} (-> {os.readlink(path)})"
         return f"cannot read file ({exc.strerror or exc})"
     if not stat.S_ISREG(info.st_mode):
-        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
-        return f"not a regular file ({kind})"
+        return f"not a regular file ({file_kind(info.st_mode)})"
     return unsupported_reason(path)
 
 
