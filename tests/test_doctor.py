@@ -179,3 +179,31 @@ def test_hostile_names_survive_doctor_and_quarantine(demo_copy, tmp_path):
     result = subprocess.run([sys.executable, "-m", "tlearn.cli", "doctor", str(demo_copy), "--json"],
                             capture_output=True, env=env)
     assert result.returncode == 0 and json.loads(result.stdout)["errors"] == 0
+
+
+@pytest.mark.slow
+def test_oxford17flowers_carved_splits_do_not_leak_or_move(tmp_path):
+    """The bar of issue 13: oxford17flowers as one unsplit folder per class (train+test linked together); the
+    carved splits hold no near-duplicate pair across them, and 10 new files move no other file."""
+    flowers = shared_dataset("oxford17flowers")
+    root = tmp_path / "flowers"
+    for split in ("train", "test"):
+        for cls in sorted(p for p in (flowers / split).iterdir() if p.is_dir()):
+            (root / cls.name).mkdir(parents=True, exist_ok=True)
+            for photo in sorted(cls.glob("*.jpg")):
+                (root / cls.name / f"{split}_{photo.name}").symlink_to(photo)
+    cache = tmp_path / "cache"
+    result = runner.invoke(app, ["doctor", str(root), "--json", "--cache-dir", str(cache)])
+    report = json.loads(result.stdout)
+    assert report["files_checked"] == 1360 and "carved" in report["layout"]
+    assert [f for f in report["findings"] if f["kind"] == "leakage"] == []
+    assert sum(f["kind"] == "near_duplicate" for f in report["findings"]) > 0  # there are some, kept together
+    before = find_dataset(root, cache_dir=cache)
+    assert before.leaks == []
+    classes = sorted(p.name for p in root.iterdir())
+    for i, photo in enumerate(sorted((shared_dataset("hymenoptera") / "val" / "bees").glob("*.jpg"))[:10]):
+        (root / classes[i] / f"new_{photo.name}").symlink_to(photo)
+    after = find_dataset(root, cache_dir=cache)
+    split_of = lambda ds: {p: s for s in ds.splits for p in ds.paths(s)}  # noqa: E731
+    moved = {p for p, s in split_of(before).items() if split_of(after)[p] != s}
+    assert moved == set() and sum(len(v) for v in after.splits.values()) == 1370

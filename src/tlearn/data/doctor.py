@@ -7,7 +7,6 @@ cheap enough to run before every training.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import os
