@@ -19,8 +19,14 @@ from tlearn.backbones import create_backbone, get_spec, state_sha256
 from tlearn.classifier import Classifier
 from tlearn.data.decoded import decode_resized
 from tlearn.train.augment import eval_transform, train_transform
-from tlearn.train.finetune import (FinetuneModule, FinetuneSettings, class_weights, resolve_unfreeze, unfreeze,
-                                   warmup_cosine)
+from tlearn.train.finetune import (
+    FinetuneModule,
+    FinetuneSettings,
+    class_weights,
+    resolve_unfreeze,
+    unfreeze,
+    warmup_cosine,
+)
 
 TLEARN = [sys.executable, "-m", "tlearn.cli"]
 SPEC = get_spec("efficientnet_lite0")
@@ -136,7 +142,7 @@ def test_kill_9_during_fine_tuning_then_resume_loses_no_finished_epoch(hymenopte
     resumed = _train(hymenoptera_small, out, cache_dir, "--epochs", "2", "--patience", "9", "--resume")
     log = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, log[-3000:]
-    history = json.loads((out / "config.json").read_text())["history"]
+    history = json.loads((out / "config.json").read_text())["extra"]["history"]
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[:len(saved)] == saved  # the epochs finished before the kill, exactly as they were
     csv_logs = sorted((out / "run" / "logs").glob("version_*/metrics.csv"))

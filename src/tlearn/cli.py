@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-import tlearn
-from tlearn.backbones import BACKBONES, WeightsUnavailable, fetch_weights, parameter_count, weights_available
-from tlearn.bundle import BundleError
-from tlearn.data import DatasetError
-from tlearn.engines import EngineError
-from tlearn.outputs import terminal_text
-from tlearn.predict import Unreadable
-from tlearn.train.settings import FinetuneSettings
+from tlearn.errors import TlearnError
+from tlearn.outputs import terminal_text  # light: rich.markup and the standard library
+
+if TYPE_CHECKING:
+    from tlearn.predict import Unreadable
+
+# Everything else is imported inside the command that needs it: `tlearn --help` and `tlearn predict` must start
+# fast, and predicting needs no torch.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate and use image classifiers by transfer learning, on CPU, offline.")
@@ -66,7 +67,8 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-_USER_ERRORS = (DatasetError, BundleError, WeightsUnavailable, ValueError, FileNotFoundError, EngineError)
+# Problems a user can fix: one line and exit 2. Anything else is a bug and shows its traceback (exit 1).
+_USER_ERRORS = (TlearnError,)
 
 
 @app.command()
@@ -113,11 +115,14 @@ def train(
                                          "checkpoint in OUT/run (same command otherwise).")] = False,
 ) -> None:
     """Train a classifier on DATA and write a model folder (fine-tuning checkpoints and logs in OUT/run)."""
+    import tlearn
+    from tlearn.train.settings import FinetuneSettings
+
     out_dir = out_dir or Path(f"{data.resolve().name}-model")
     settings = FinetuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, unfreeze=unfreeze, augment=augment,
                                 mixup=mixup, cutmix=cutmix, patience=patience, train_bn=train_bn,
-                                precision=train_precision, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                                strategy=strategy, deterministic=deterministic)
+                                precision=train_precision, accelerator=accelerator, devices=devices,
+                                num_nodes=num_nodes, strategy=strategy, deterministic=deterministic)
     try:
         clf = tlearn.ImageClassifier(backbone, weights=weights, seed=seed, batch_size=batch_size,
                                      cache_dir=cache_dir, progress=not quiet, engine=engine.value,
@@ -125,25 +130,25 @@ def train(
                                      recipe="finetune" if fine_tune else recipe.value, finetune=settings,
                                      run_dir=out_dir / "run").fit(data, resume=resume)
         clf.save(out_dir)
-        report = clf.report(out_dir / "report")
     except _USER_ERRORS as exc:
         _fail(exc)
     _print_summary(clf, out_dir)
-    out.print(f"report: {report}", highlight=False)
+    out.print(f"report: {out_dir / 'report' / 'report.html'}", highlight=False)
 
 
-def _print_summary(clf: tlearn.ImageClassifier, out_dir: Path) -> None:
-    s = clf.summary_
-    table = Table(title=f"tlearn train: {s['data']}", show_header=False, title_justify="left")
-    table.add_row("layout", s["layout"])
-    table.add_row("classes", str(s["classes"]))
-    table.add_row("images", ", ".join(f"{k} {v}" for k, v in s["images"].items()))
-    rate = f" ({s['images_per_second']:.0f} img/s)" if s["images_per_second"] else ""
-    table.add_row("features", f"{s['extracted']} extracted in {s['extract_seconds']:.1f}s{rate}, "
-                              f"{s['from_cache']} from cache")
-    table.add_row("head", f"linear softmax, C={s['C']:g} (chosen on val)")
-    if "finetune" in s:
-        ft = s["finetune"]
+def _print_summary(clf, out_dir: Path) -> None:
+    s, bundle = clf.summary_, clf.bundle_
+    table = Table(title=f"tlearn train: {s.data}", show_header=False, title_justify="left")
+    table.add_row("layout", s.layout)
+    table.add_row("classes", str(s.classes))
+    table.add_row("images", ", ".join(f"{k} {v}" for k, v in s.images.items()))
+    rate = f" ({s.images_per_second:.0f} img/s)" if s.images_per_second else ""
+    built = f"; engine built once in {s.engine_build_seconds:.1f}s" if s.engine_build_seconds else ""
+    table.add_row("features", f"{s.extracted} extracted in {s.extract_seconds:.1f}s{rate}, {s.from_cache} from "
+                              f"cache{built}")
+    table.add_row("head", f"linear softmax, C={s.head_C:g} (chosen on val)")
+    if s.finetune:
+        ft = s.finetune
         table.add_row("fine-tune", f"{ft['epochs_run']} epoch(s) in {ft['seconds']:.0f}s, best {ft['best_epoch']}, "
                                    f"{ft['precision_used']}, unfrozen {','.join(ft['unfrozen']) or 'all'}")
         for stage, m in clf.metrics_["stages"].items():
@@ -153,19 +158,19 @@ def _print_summary(clf: tlearn.ImageClassifier, out_dir: Path) -> None:
         table.add_row(f"{split} accuracy", f"{m['accuracy']:.4f} {_interval(m, 'accuracy')} (mean class "
                                            f"{m['mean_class_accuracy']:.4f} {_interval(m, 'mean_class_accuracy')}, "
                                            f"n={m['n']})")
-    calibration = clf.bundle_.extra.get("calibration")
+    calibration = bundle.extra.get("calibration")
     if calibration:
         ece = ", ".join(f"{split} {calibration['ece_before'][split]:.3f} -> {calibration['ece_after'][split]:.3f}"
                         for split in calibration["ece_after"])
         table.add_row("calibration", f"temperature {calibration['temperature']:.3f} (fitted on val); ECE {ece}")
-    table.add_row("time", f"{s['seconds']:.1f}s")
+    table.add_row("time", f"{s.seconds:.1f}s")
     table.add_row("model", str(out_dir))
     out.print(table)
-    _print_data_warning(s.get("data_checks", {}))
-    if s["skipped_files"]:
-        err.print(f"[yellow]skipped {len(s['skipped_files'])} unreadable file(s):[/]")
-        for path, reason in s["skipped_files"]:
-            err.print(f"  {path}: {reason}", highlight=False, soft_wrap=True)
+    _print_data_warning(bundle.extra.get("data_checks", {}))
+    if s.skipped_files:
+        err.print(f"[yellow]skipped {len(s.skipped_files)} unreadable file(s):[/]")
+        for path, reason in s.skipped_files:
+            err.print(f"  {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _interval(m: dict, key: str) -> str:
@@ -196,6 +201,8 @@ def evaluate(
     precision: Precision = None,
 ) -> None:
     """Measure a trained model on one split of DATA."""
+    import tlearn
+
     try:
         metrics = tlearn.load(model, cache_dir=cache_dir, progress=not (quiet or as_json), engine=engine.value,
                               precision=precision and precision.value).evaluate(data, split)
@@ -244,27 +251,30 @@ def predict(
 
     Exit code 0: every image predicted; 1: some files could not be read (the others are written); 2: nothing
     to predict, or a usage error."""
+    import tlearn
     from tlearn.data.discovery import find_images
-    from tlearn.outputs import OutputRefused, check_output_path
+    from tlearn.outputs import check_output_path
+    from tlearn.predict import Unreadable
 
     try:
         if output:
             check_output_path(output, force)
         files, problems = find_images(paths)
         if not files:
-            raise FileNotFoundError("nothing to predict: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
+            raise TlearnError("nothing to predict: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
                                     if problems else "nothing to predict: no image files in the paths given")
         clf = tlearn.load(model, progress=False, engine=engine.value, precision=precision and precision.value,
                           batch_size=batch_size)
         k = min(top_k, len(clf.classes_))
         rows = clf.iter_predict(files, top_k=k, min_confidence=min_confidence)
-        unreadable = [Unreadable(str(p.path), p.reason) for p in problems]
+        unreadable = [Unreadable(os.fsdecode(p.path), p.reason) for p in problems]
         written = _write_predictions(rows, fmt, output, k, min_confidence is not None, unreadable,
                                      progress=not quiet and len(files) >= PROGRESS_FROM)
-    except (*_USER_ERRORS, OutputRefused) as exc:
+    except _USER_ERRORS as exc:
         _fail(exc)
     for u in unreadable:
-        err.print(f"unreadable: {terminal_text(u.path)}: {terminal_text(u.reason)}", highlight=False, soft_wrap=True)
+        err.print(f"unreadable: {terminal_text(u.source)}: {terminal_text(u.reason)}", highlight=False,
+                  soft_wrap=True)
     if output:
         err.print(f"wrote {written} prediction(s) to {terminal_text(output)}", highlight=False, soft_wrap=True)
     if unreadable:
@@ -309,8 +319,8 @@ def _csv_rows(sink, k: int, with_top_label: bool):
     writer.writerow(["path", "label", "score"] + (["top_label"] if with_top_label else []) + extra)
     while True:
         row = yield
-        writer.writerow([csv_cell(row.path), csv_cell(row.label), f"{row.score:.6f}"] +
-                        ([csv_cell(row.top[0][0])] if with_top_label else []) +
+        writer.writerow([csv_cell(row.source), csv_cell(row.label), f"{row.score:.6f}"] +
+                        ([csv_cell(row.top_label)] if with_top_label else []) +
                         [v for label, score in row.top[1:] for v in (csv_cell(label), f"{score:.6f}")])
         sink.flush()
 
@@ -323,11 +333,11 @@ def _json_rows(sink, unreadable: list[Unreadable]):
     try:
         while True:
             row = yield
-            predictions.append({"path": row.path, "label": row.label, "score": row.score,
+            predictions.append({"path": row.source, "label": row.label, "score": row.score,
                                 "top": [{"label": label, "score": score} for label, score in row.top]})
     except GeneratorExit:
         sink.write(json_text({"predictions": predictions,
-                              "unreadable": [{"path": u.path, "reason": u.reason} for u in unreadable]}) + "\n")
+                              "unreadable": [{"path": u.source, "reason": u.reason} for u in unreadable]}) + "\n")
 
 
 @app.command()
@@ -343,7 +353,8 @@ def doctor(
     """Check a dataset: unreadable/odd files, duplicates, leakage between splits, conflicting labels, balance.
 
     Exit code 1 when a problem would corrupt an evaluation (leakage, conflicting labels, unusable layout)."""
-    from tlearn.data.doctor import examine_dataset, quarantine as move_flagged
+    from tlearn.data.doctor import examine_dataset
+    from tlearn.data.doctor import quarantine as move_flagged
     from tlearn.outputs import json_text
 
     try:
@@ -386,11 +397,14 @@ def _print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None
 def report(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
     data: Annotated[Optional[Path], typer.Argument(help="Dataset folder [default: the one it was trained on].")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder [default: MODEL/report].")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o",
+                                                    help="Report folder [default: MODEL/report].")] = None,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
     """Write an HTML report (metrics with confidence intervals, confusion matrix, calibration, mistakes)."""
+    import tlearn
+
     try:
         path = tlearn.load(model, cache_dir=cache_dir, progress=not quiet).report(out_dir or model / "report", data)
     except _USER_ERRORS as exc:
@@ -410,6 +424,8 @@ def export(
 ) -> None:
     """Export the whole classifier as one ONNX file (pixels in, calibrated probabilities out), verified against
     the torch model."""
+    import tlearn
+
     out_file = out_file or model / ("model-int8.onnx" if int8 else "model.onnx")
     try:
         check = tlearn.load(model, progress=False).export(out_file, int8=int8, images=images)
@@ -428,6 +444,8 @@ def export(
 @app.command()
 def backbones() -> None:
     """List the backbones, their input size, parameter count and whether their weights are on this machine."""
+    from tlearn.backbones import BACKBONES, parameter_count, weights_available
+
     table = Table()
     table.add_column("name", no_wrap=True)  # the one column a narrow terminal must not cut: it is what you type
     for title in ("architecture (timm)", "input", "parameters", "weights offline"):
@@ -445,6 +463,8 @@ def fetch_weights_command(
     name: Annotated[str, typer.Argument(help="Backbone name (see `tlearn backbones`).")],
 ) -> None:
     """Download a backbone's ImageNet weights into the local weights cache (needs network and HF_HUB_OFFLINE=0)."""
+    from tlearn.backbones import fetch_weights
+
     try:
         path = fetch_weights(name)
     except _USER_ERRORS as exc:

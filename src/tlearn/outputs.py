@@ -16,7 +16,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,12 +23,14 @@ from typing import IO, Iterator
 
 from rich.markup import escape
 
+from tlearn.errors import TlearnError
+from tlearn.files import temporary_beside
+
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 RESULT_SUFFIXES = frozenset({".csv", ".json", ".parquet"})  # what a previous tlearn run could have written
-FILE_MODE = 0o644
 
 
-class OutputRefused(ValueError):
+class OutputRefused(TlearnError):
     """The output file cannot be written where it was asked; the message says why and what to do."""
 
 
@@ -74,21 +75,13 @@ def check_output_path(path: Path, force: bool = False) -> None:
 @contextmanager
 def atomic_text_file(path: Path) -> Iterator[IO[str]]:
     """A text file (UTF-8, names' original bytes kept) that appears at `path` only once it is complete:
-    written to a temporary file beside it, synced, then renamed over it; mode 0644."""
-    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False)
-    text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
-    try:
-        yield text
-        text.flush()
-        os.fsync(handle.fileno())
-        text.close()
-        os.chmod(handle.name, FILE_MODE)
-        os.replace(handle.name, path)
-    except BaseException:
-        text.close()
-        os.unlink(handle.name)
-        raise
+    written to a temporary file beside it (0644), synced, then renamed over it."""
+    with temporary_beside(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as text:
+            yield text
+            text.flush()
+            os.fsync(text.fileno())
+        os.replace(tmp, path)
 
 
 @contextmanager

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from tlearn.backbones import classic, efficientnet_lite
+from tlearn.errors import InvalidParameter, WeightsUnavailable
+from tlearn.files import cache_root, sha256_file, write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -21,8 +23,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-class WeightsUnavailable(RuntimeError):
-    """The backbone's pretrained weights are not on this machine; the message says how to get them."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,15 @@ class Preprocessing:
     def resize_size(self) -> int:
         """Shorter side after the resize, before the centre crop."""
         return int(self.input_size / self.crop_pct)
+
+    def rule(self) -> str:
+        """to_pixels in words, exactly enough to reproduce it elsewhere (the README has it in code)."""
+        return (f"an RGB image of W x H becomes (w, h) = the shorter side {self.resize_size()} and the longer side "
+                f"int({self.resize_size()} * longer / shorter); left = round((w - {self.input_size}) / 2), "
+                f"top = round((h - {self.input_size}) / 2); then one PIL {self.interpolation} resize to "
+                f"{self.input_size} x {self.input_size} of the source box (left * W / w, top * H / h, "
+                f"(left + {self.input_size}) * W / w, (top + {self.input_size}) * H / h); large JPEGs may be "
+                f"decoded at a reduced DCT scale first (PIL draft to no less than {2 * self.resize_size()} px)")
 
 
 @dataclass(frozen=True)
@@ -176,20 +185,35 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+        raise InvalidParameter(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a weights file, read once per process while the file is unchanged: a cold `fit` locates the
-    weights and then builds the network from them, and both need it (VGG16's file is 528 MB)."""
+    """SHA-256 of a weights file, read once per machine while the file is unchanged (same path, size and
+    modification time, remembered in the cache folder): every train needs it, and VGG16's file is 528 MB."""
     stat = Path(path).stat()
     return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @lru_cache(maxsize=16)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    import json
+
+    record = cache_root() / "weights-sha256.json"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(path) if isinstance(known, dict) else None
+    if isinstance(entry, list) and entry[:2] == [size, mtime_ns] and isinstance(entry[2], str):
+        return entry[2]
+    digest = sha256_file(path)
+    try:
+        write_atomically(record, lambda tmp: Path(tmp).write_text(json.dumps({**known, path: [size, mtime_ns,
+                                                                                             digest]})))
+    except OSError:  # a read-only cache: hash again next time
+        pass
+    return digest
 
 
 def state_sha256(state: dict[str, np.ndarray]) -> str:

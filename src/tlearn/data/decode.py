@@ -1,7 +1,6 @@
 """Decode one image file into an RGB PIL image, or say exactly why it cannot be decoded."""
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat
@@ -10,6 +9,9 @@ from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tlearn.errors import TlearnError
+from tlearn.files import sha256_file
 
 # Refused as a decompression bomb: checked from the header, before any pixel is decoded, by each call on its own
 # (no process-wide warning filters, which threads race on). Below Pillow's own warning threshold (~89.5 Mpx).
@@ -22,7 +24,7 @@ UNSUPPORTED_EXTENSIONS = {".avif": "AVIF", ".heic": "HEIC", ".heif": "HEIF", ".s
                           ".dng": "camera RAW", ".psd": "Photoshop"}
 
 
-class DecodeError(Exception):
+class DecodeError(TlearnError):
     """An image file that cannot be used, with the reason in words a user can act on."""
 
     def __init__(self, path: str | Path, reason: str):
@@ -56,7 +58,7 @@ def decode_bytes(content: bytes, path: str | Path = "<bytes>", draft_size: tuple
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", draft_size)
         img.load()
-        return _to_rgb(ImageOps.exif_transpose(img))
+        return to_rgb(ImageOps.exif_transpose(img))
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -102,8 +104,8 @@ def file_kind(mode: int) -> str:
 def content_hash(path: str | Path) -> str | None:
     """SHA-256 of a file's bytes (what identifies an image for caches and duplicate checks), None if unreadable."""
     try:
-        with _open_regular(path) as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        _open_regular(path).close()  # a FIFO or a device is never read: it could block or never end
+        return sha256_file(path)
     except (OSError, DecodeError):
         return None
 
@@ -120,7 +122,7 @@ def load_image(path: str | Path, draft_size: tuple[int, int] | None = None, *,
     return decode_bytes(read_regular_file(path), path, draft_size, max_pixels=max_pixels)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

@@ -19,6 +19,7 @@ import imagehash
 import numpy as np
 
 from tlearn.data.decode import DecodeError, decode_bytes, read_regular_file
+from tlearn.files import cache_root
 
 NEAR_DUPLICATE_BITS = 4  # max Hamming distance between the 64-bit perceptual hashes of near-duplicates
 METHOD = "phash8-draft256-v1"  # names how `phash` is computed: a change of method must not reuse old rows
@@ -112,9 +113,7 @@ class _Store:
 
     @classmethod
     def open(cls, cache_dir: Path | None) -> _Store:
-        from tlearn.features.cache import default_cache_dir  # the one place that knows where the cache lives
-
-        directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        directory = Path(cache_dir) if cache_dir is not None else cache_root()
         try:
             directory.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(directory / "fingerprints.sqlite", timeout=60)

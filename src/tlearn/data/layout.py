@@ -16,14 +16,13 @@ import numpy as np
 from tlearn.data.decode import is_image_path
 from tlearn.data.discovery import Scan, Skipped, sub_folders, walk_images
 from tlearn.data.fingerprints import Fingerprint, fingerprint_files
-from tlearn.data.splits import Leak, SplitError, carve, find_leaks
+from tlearn.data.splits import Leak, carve, find_leaks
+from tlearn.errors import DatasetError
 
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "validation", "valid"), "test": ("test", "testing")}
 SPLIT_OF = {name: split for split, names in SPLIT_FOLDERS.items() for name in names}
 
 
-class DatasetError(ValueError):
-    """The dataset folder cannot be used as given; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -190,15 +189,12 @@ def _carve_missing(per_split: dict[str, dict[str, list[Path]]], split_folders: d
                    ) -> tuple[dict[str, dict[str, list[Path]]], str]:
     """The splits with val (and test, for one folder per class) carved out, and the layout in words."""
     rule = f"stratified, by content hash, near-duplicates together, seed {seed}"
-    try:
-        if not split_folders:
-            carved = carve(per_split[""], prints, {"test": test_fraction, "val": val_fraction}, seed, "the dataset")
-            return carved, (f"one folder per class; train/val/test carved {1 - val_fraction - test_fraction:.0%}/"
-                            f"{val_fraction:.0%}/{test_fraction:.0%} ({rule})")
-        layout = "folders " + "/".join(f.name for f in split_folders.values())
-        if "val" in per_split:
-            return per_split, layout
-        carved = carve(per_split["train"], prints, {"val": val_fraction}, seed, str(split_folders["train"]))
-        return {**per_split, **carved}, f"{layout}; val carved from train ({val_fraction:.0%}, {rule})"
-    except SplitError as exc:
-        raise DatasetError(str(exc)) from None
+    if not split_folders:
+        carved = carve(per_split[""], prints, {"test": test_fraction, "val": val_fraction}, seed, "the dataset")
+        return carved, (f"one folder per class; train/val/test carved {1 - val_fraction - test_fraction:.0%}/"
+                        f"{val_fraction:.0%}/{test_fraction:.0%} ({rule})")
+    layout = "folders " + "/".join(f.name for f in split_folders.values())
+    if "val" in per_split:
+        return per_split, layout
+    carved = carve(per_split["train"], prints, {"val": val_fraction}, seed, str(split_folders["train"]))
+    return {**per_split, **carved}, f"{layout}; val carved from train ({val_fraction:.0%}, {rule})"

@@ -12,10 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlearn.data.fingerprints import Fingerprint, near_pairs
-
-
-class SplitError(ValueError):
-    """A class has too few images to carve the splits asked for."""
+from tlearn.errors import DatasetError
 
 
 @dataclass(frozen=True, order=True)
@@ -32,14 +29,14 @@ def carve(by_class: dict[str, list[Path]], prints: dict[Path, Fingerprint], frac
     """Split each class into "train" and the splits of `fractions` (name -> share of the images, in order).
 
     Every carved split gets at least one group of each class when the class has more than one; raise
-    SplitError when a class has fewer images than splits.
+    DatasetError when a class has fewer images than splits.
     """
     carved: dict[str, dict[str, list[Path]]] = {name: {} for name in ("train", *fractions)}
     for cls in sorted(by_class):
         files = by_class[cls]
         if len(files) < len(carved):
             plural = "" if len(files) == 1 else "s"
-            raise SplitError(f"class {cls!r} has only {len(files)} image{plural} in {source}: at least "
+            raise DatasetError(f"class {cls!r} has only {len(files)} image{plural} in {source}: at least "
                              f"{len(carved)} are needed to carve a {' and a '.join(fractions)} split; add images or "
                              f"provide {' and '.join(f'a {name}/' for name in fractions)} folder")
         placed: dict[str, list[tuple[float, list[Path]]]] = {name: [] for name in carved}

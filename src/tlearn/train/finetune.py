@@ -34,8 +34,8 @@ from tlearn.backbones import Preprocessing
 from tlearn.classifier import Classifier
 from tlearn.data.decoded import DecodedImages
 from tlearn.engines.runtimes import keep_freed_memory
-from tlearn.train.settings import FinetuneSettings  # noqa: F401  (part of this module's interface)
 from tlearn.train.augment import batch_mixer, eval_transform, train_transform
+from tlearn.train.settings import FinetuneSettings  # noqa: F401  (part of this module's interface)
 
 MONITOR = "val_accuracy"
 LAST_CHECKPOINT = "last.ckpt"
