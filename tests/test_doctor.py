@@ -15,6 +15,7 @@ from conftest import shared_dataset
 from tlearn.cli import app
 from tlearn.data import find_dataset
 from tlearn.data.doctor import examine_dataset, quarantine, quick_check
+from tlearn.errors import DatasetError
 
 runner = CliRunner()
 
@@ -119,7 +120,7 @@ def test_quarantine_moves_flagged_files_with_reasons_and_deletes_nothing(demo_co
 
 def test_quarantine_inside_the_dataset_is_refused(demo_copy):
     report = examine_dataset(demo_copy, progress=False)
-    with pytest.raises(ValueError, match="inside the dataset"):
+    with pytest.raises(DatasetError, match="inside the dataset"):
         quarantine(report, demo_copy / "train" / "quarantine")
 
 

@@ -382,13 +382,13 @@ CASES: dict[str, Case] = {
 }
 
 
-# The bundle side of issue 13 (the lead's): written here so that they can be flipped once the checks land.
-LEAD_CASES: dict[str, Case] = {
+# The bundle side of issue 13 (the lead's checks): tampered model folders.
+BUNDLE_CASES: dict[str, Case] = {
     "model_weights_flipped": _tampered(_flip_bytes, r"model.safetensors"),
     "model_weights_truncated": _tampered(
         lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:100_000]),
         r"model.safetensors"),
-    "config_temperature_nan": _tampered(_edit_config(lambda c: c["calibration"].update(temperature="NaN")),
+    "config_temperature_nan": _tampered(_edit_config(lambda c: c.update(temperature="NaN")),
                                         r"temperature"),
     "config_classes_a_string": _tampered(_edit_config(lambda c: c.update(classes="brickgrassgravel")),
                                          r"classes"),
@@ -423,10 +423,9 @@ def _labelled(stdout: str) -> dict[str, str]:
     return {Path(row["path"].lstrip("'")).name: row["label"] for row in csv.DictReader(io.StringIO(stdout))}
 
 
-@pytest.mark.parametrize("kind", list(CASES) + [
-    pytest.param(kind, marks=pytest.mark.xfail(reason="lead: bundle checks", strict=False)) for kind in LEAD_CASES])
+@pytest.mark.parametrize("kind", list(CASES) + list(BUNDLE_CASES))
 def test_hostile_input(kind, demo_model_dir, demo_data, cache_dir, tmp_path, monkeypatch):
-    case = CASES.get(kind) or LEAD_CASES[kind]
+    case = CASES.get(kind) or BUNDLE_CASES[kind]
     monkeypatch.setenv("TLEARN_CACHE", str(cache_dir))  # the demo photos' features are cached there
     work = tmp_path / "work"
     work.mkdir()
@@ -449,4 +448,4 @@ def test_hostile_input(kind, demo_model_dir, demo_data, cache_dir, tmp_path, mon
 
 
 def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 60
+    assert len(CASES) + len(BUNDLE_CASES) >= 60

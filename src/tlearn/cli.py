@@ -291,6 +291,7 @@ def _write_predictions(rows, fmt: Format, output: Optional[Path], k: int, with_t
     from rich.progress import Progress
 
     from tlearn.outputs import atomic_text_file, stdout_text
+    from tlearn.predict import Unreadable
 
     opened = atomic_text_file(output) if output else stdout_text()
     with opened as sink, Progress(console=err, transient=True, disable=not progress) as bar:
