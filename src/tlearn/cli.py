@@ -26,8 +26,8 @@ out = Console()
 err = Console(stderr=True)
 
 Backbone = Annotated[str, typer.Option(help="Backbone name (see `tlearn backbones`).")]
-CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder [default: $TLEARN_CACHE or "
-                                                       "~/.cache/tlearn].")]
+CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: $TLEARN_CACHE or "
+                                                       "~/.cache/tlearn).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
@@ -48,7 +48,7 @@ Engine = Annotated[EngineName, typer.Option(help="Inference engine for the backb
                                                  "one that agrees with torch on this model.")]
 Precision = Annotated[Optional[PrecisionName], typer.Option(
     help="Precision of the frozen-backbone forward (int8 is calibrated on training images) "
-         "[default: fp32 for train, the model's own otherwise].")]
+         "(default: fp32 for train, the model's own otherwise).")]
 
 
 class Recipe(str, Enum):
@@ -75,7 +75,7 @@ _USER_ERRORS = (TlearnError,)
 def train(
     data: Annotated[Path, typer.Argument(help="Dataset folder: one sub-folder per class, or train/ val/ test/.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write "
-                                                    "[default: ./<data folder name>-model].")] = None,
+                                                    "(default: ./<data folder name>-model).")] = None,
     backbone: Backbone = "efficientnet_lite0",
     weights: Annotated[Optional[Path], typer.Option(help="Backbone weights file instead of the registry's.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for splits and training.")] = 0,
@@ -397,9 +397,9 @@ def _print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None
 @app.command()
 def report(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
-    data: Annotated[Optional[Path], typer.Argument(help="Dataset folder [default: the one it was trained on].")] = None,
+    data: Annotated[Optional[Path], typer.Argument(help="Dataset folder (default: the one it was trained on).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o",
-                                                    help="Report folder [default: MODEL/report].")] = None,
+                                                    help="Report folder (default: MODEL/report).")] = None,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -417,11 +417,11 @@ def report(
 def export(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="ONNX file to write "
-                                                     "[default: MODEL/model.onnx, or model-int8.onnx].")] = None,
+                                                     "(default: MODEL/model.onnx, or model-int8.onnx).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Quantise the backbone to int8 (static, calibrated on the "
                                                       "training images); looser verification tolerance.")] = False,
     images: Annotated[Optional[list[Path]], typer.Option(
-        help="Images or folders to verify on [default: the model's test/val images].")] = None,
+        help="Images or folders to verify on (default: the model's test/val images).")] = None,
 ) -> None:
     """Export the whole classifier as one ONNX file (pixels in, calibrated probabilities out), verified against
     the torch model."""
@@ -445,18 +445,26 @@ def export(
 @app.command()
 def backbones() -> None:
     """List the backbones, their input size, parameter count and whether their weights are on this machine."""
+    from rich import box
+
     from tlearn.backbones import BACKBONES, parameter_count, weights_available
 
-    table = Table()
-    table.add_column("name", no_wrap=True)  # the one column a narrow terminal must not cut: it is what you type
-    for title in ("architecture (timm)", "input", "parameters", "weights offline"):
-        table.add_column(title)
+    # fits 80 columns: a narrow terminal cuts nothing
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for title in ("name", "architecture (timm)"):
+        table.add_column(title, no_wrap=True)
+    for title in ("input", "params", "weights"):
+        table.add_column(title, no_wrap=True, justify="right" if title == "params" else "left")
+    missing = []
     for name, spec in BACKBONES.items():
         here = weights_available(name)
+        missing += [] if here else [name]
         table.add_row(name, spec.architecture, f"{spec.preprocessing.input_size}px",
-                      f"{parameter_count(name) / 1e6:.1f}M",
-                      "[green]yes[/]" if here else f"[red]no[/] ({spec.weights_hint})")
+                      f"{parameter_count(name) / 1e6:.1f}M", "[green]yes[/]" if here else "[red]no[/]")
     out.print(table)
+    if missing:
+        out.print(f"missing weights: `tlearn fetch-weights NAME` on a machine with network (then copy the file "
+                  f"here), or `--weights FILE`; for {', '.join(missing)}", highlight=False)
 
 
 @app.command("fetch-weights")
@@ -489,5 +497,65 @@ def demo(
     predict(out_dir / "model", [data / "test"], top_k=2)
 
 
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most images per engine call (requests are merged).")] = 16,
+    batch_timeout_ms: Annotated[float, typer.Option(help="How long an image waits for others to fill a batch.")
+                                ] = 5.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body (413 above).")] = 20.0,
+    max_images: Annotated[int, typer.Option(help="Most images per request (413 above).")] = 32,
+    max_pixels: Annotated[int, typer.Option(help="Most decoded pixels per image, checked before decoding "
+                                                 "(413 above).")] = 40_000_000,
+    queue: Annotated[int, typer.Option(help="Most requests in the server at once (503 + Retry-After above).")] = 64,
+    timeout_s: Annotated[float, typer.Option(help="Most seconds per request (504 above).")] = 10.0,
+    token: Annotated[Optional[str], typer.Option(envvar="TLEARN_TOKEN", help="Require 'Authorization: Bearer "
+                                                 "TOKEN' (401 otherwise); health probes stay open.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="The model's name in URLs (default: the folder's name).")
+                    ] = None,
+    min_confidence: Annotated[Optional[float], typer.Option(help="Label predictions whose calibrated top "
+                                                            "probability is below this 'uncertain'.",
+                                                            min=0.0, max=1.0)] = None,
+    decode_threads: Annotated[int, typer.Option(help="Threads decoding uploaded images.")] = 2,
+    engine: Engine = EngineName.auto,
+) -> None:
+    """Serve a model over HTTP: a web page, POST /v1/predict, KServe v2, TorchServe-style routes, /metrics."""
+    from tlearn.serve import ServeSettings, run
+
+    try:
+        settings = ServeSettings(name=name or model.resolve().name, max_batch=max_batch,
+                                 batch_timeout_ms=batch_timeout_ms, max_body_mb=max_body_mb, max_images=max_images,
+                                 max_pixels=max_pixels, queue=queue, timeout_s=timeout_s, token=token or None,
+                                 min_confidence=min_confidence, decode_threads=decode_threads)
+        run(model, settings, host=host, port=port, engine=engine.value)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+
+
+class Interrupted(BaseException):
+    """Ctrl-C, raised past click (which would print "Aborted!" and exit 1) so that main can say what was kept."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted
+
+
+def main() -> None:
+    """The `tlearn` console script: the typer app, with Ctrl-C explained (exit 130)."""
+    import signal
+
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        app()
+    except Interrupted:
+        err.print("\ninterrupted. Nothing half-written was kept: a model folder is written whole or not at all, and "
+                  "any output file only when complete. Features extracted so far are cached: the same command "
+                  "continues from there (a fine-tune continues with --resume).", highlight=False)
+        raise SystemExit(130) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()
