@@ -234,6 +234,17 @@ def _train(change: Callable[[Path], None], says: str, exits=(0,)) -> Case:
     return Case(build, exits, says)
 
 
+def _hostile_class_names(work, model, demo):
+    """Three classes named with bytes that are not UTF-8, markup and an escape sequence (each its own photos)."""
+    root = work / "data"
+    for cls, name in (("brick", b"b\xffes"), ("grass", b"[red]gr\x1b[2Jass"), ("gravel", "gravel $x$ ü".encode())):
+        folder = Path(os.fsdecode(bytes(root) + b"/" + name))
+        folder.mkdir(parents=True)
+        for i, source in enumerate(sorted((demo / "train" / cls).glob("*.png"))[:6]):
+            shutil.copy(source, folder / f"{i}.png")
+    return ["train", str(root), "--out", str(work / "out-model"), "-q"]
+
+
 def _unreadable_files(root: Path) -> None:
     (root / "brick" / "broken.png").write_bytes(b"not a png")
     (root / "grass" / "cut.png").write_bytes((root / "grass" / "0.png").read_bytes()[:200])
@@ -374,6 +385,7 @@ CASES: dict[str, Case] = {
     # datasets (train)
     "train_split_names_collide": _train(_split_collision, r"Train/ and train/|train/ and Train/", exits=(2,)),
     "train_beside_tlearn_outputs": _train(lambda r: (_plant_model(r), _plant_report(r)), r"classes\W+3\b"),
+    "train_hostile_class_names": Case(_hostile_class_names, (0,), r"classes\W+3\b"),
     "train_with_unreadable_files": _train(_unreadable_files, r"skipped 2 unreadable(.|\n)*broken.png"),
     "data_is_a_file": Case(lambda w, m, d: ["doctor", str(_inputs(w, d) / "good0.png")], (2,), r"is a file"),
     "data_missing": Case(lambda w, m, d: ["doctor", str(w / "nothing")], (2,), r"does not exist"),

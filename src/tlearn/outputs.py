@@ -40,11 +40,14 @@ def csv_cell(text: str) -> str:
     return "'" + safe if text.startswith(FORMULA_STARTS) else safe
 
 
+def plain_text(text: str | os.PathLike) -> str:
+    """`text` with control characters and undecodable bytes shown as escapes (\\x1b, \\xff): printable anywhere."""
+    return "".join(_escape_char(c) if _is_control(c) or _is_surrogate(c) else c for c in os.fspath(text))
+
+
 def terminal_text(text: str | os.PathLike) -> str:
     """`text` made safe to print with Rich: control characters and undecodable bytes escaped, markup inert."""
-    text = os.fspath(text)
-    shown = "".join(_escape_char(c) if _is_control(c) or _is_surrogate(c) else c for c in text)
-    return escape(shown)
+    return escape(plain_text(text))
 
 
 def json_text(document: object) -> str:
