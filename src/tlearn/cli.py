@@ -269,7 +269,7 @@ def predict(
         rows = clf.iter_predict(files, top_k=k, min_confidence=min_confidence)
         unreadable = [Unreadable(os.fsdecode(p.path), p.reason) for p in problems]
         written = _write_predictions(rows, fmt, output, k, min_confidence is not None, unreadable,
-                                     progress=not quiet and len(files) >= PROGRESS_FROM)
+                                     progress=len(files) if not quiet and len(files) >= PROGRESS_FROM else 0)
     except _USER_ERRORS as exc:
         _fail(exc)
     for u in unreadable:
@@ -285,9 +285,10 @@ PROGRESS_FROM = 64  # images; fewer are predicted before a bar would be worth dr
 
 
 def _write_predictions(rows, fmt: Format, output: Optional[Path], k: int, with_top_label: bool,
-                       unreadable: list[Unreadable], progress: bool) -> int:
+                       unreadable: list[Unreadable], progress: int) -> int:
     """Write every Prediction of `rows` to `output` (whole or not at all) or standard output; collect the
-    Unreadable ones into `unreadable`; return how many predictions were written."""
+    Unreadable ones into `unreadable`; return how many predictions were written. `progress`: the number of
+    images, for a bar on stderr (0: no bar)."""
     from rich.progress import Progress
 
     from tlearn.outputs import atomic_text_file, stdout_text
@@ -295,7 +296,7 @@ def _write_predictions(rows, fmt: Format, output: Optional[Path], k: int, with_t
 
     opened = atomic_text_file(output) if output else stdout_text()
     with opened as sink, Progress(console=err, transient=True, disable=not progress) as bar:
-        task = bar.add_task("predicting", total=None)
+        task = bar.add_task("predicting", total=progress or None)
         write = _csv_rows(sink, k, with_top_label) if fmt is Format.csv else _json_rows(sink, unreadable)
         next(write)
         written = 0
