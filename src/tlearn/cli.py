@@ -286,60 +286,17 @@ PROGRESS_FROM = 64  # images; fewer are predicted before a bar would be worth dr
 
 def _write_predictions(rows, fmt: Format, output: Optional[Path], k: int, with_top_label: bool,
                        unreadable: list[Unreadable], progress: int) -> int:
-    """Write every Prediction of `rows` to `output` (whole or not at all) or standard output; collect the
-    Unreadable ones into `unreadable`; return how many predictions were written. `progress`: the number of
-    images, for a bar on stderr (0: no bar)."""
+    """Write the predictions to `output` (whole or not at all) or standard output, a bar on stderr when
+    `progress` (the number of images) is not 0; return how many were written."""
     from rich.progress import Progress
 
-    from tlearn.outputs import atomic_text_file, stdout_text
-    from tlearn.predict import Unreadable
+    from tlearn.outputs import atomic_text_file, stdout_text, write_predictions
 
     opened = atomic_text_file(output) if output else stdout_text()
     with opened as sink, Progress(console=err, transient=True, disable=not progress) as bar:
         task = bar.add_task("predicting", total=progress or None)
-        write = _csv_rows(sink, k, with_top_label) if fmt is Format.csv else _json_rows(sink, unreadable)
-        next(write)
-        written = 0
-        for row in rows:
-            bar.advance(task)
-            if isinstance(row, Unreadable):
-                unreadable.append(row)
-            else:
-                write.send(row)
-                written += 1
-        write.close()
-    return written
-
-
-def _csv_rows(sink, k: int, with_top_label: bool):
-    """A coroutine writing one CSV row per Prediction sent (header first); `top_label` keeps the best label of an
-    'uncertain' row."""
-    from tlearn.outputs import csv_cell, csv_writer
-
-    writer = csv_writer(sink)
-    extra = [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")]
-    writer.writerow(["path", "label", "score"] + (["top_label"] if with_top_label else []) + extra)
-    while True:
-        row = yield
-        writer.writerow([csv_cell(row.source), csv_cell(row.label), f"{row.score:.6f}"] +
-                        ([csv_cell(row.top_label)] if with_top_label else []) +
-                        [v for label, score in row.top[1:] for v in (csv_cell(label), f"{score:.6f}")])
-        sink.flush()
-
-
-def _json_rows(sink, unreadable: list[Unreadable]):
-    """A coroutine collecting the Predictions sent; on close, writes them with the unreadable files as JSON."""
-    from tlearn.outputs import json_text
-
-    predictions = []
-    try:
-        while True:
-            row = yield
-            predictions.append({"path": row.source, "label": row.label, "score": row.score,
-                                "top": [{"label": label, "score": score} for label, score in row.top]})
-    except GeneratorExit:
-        sink.write(json_text({"predictions": predictions,
-                              "unreadable": [{"path": u.source, "reason": u.reason} for u in unreadable]}) + "\n")
+        return write_predictions(rows, sink, fmt.value, k, with_top_label, unreadable,
+                                 advance=lambda: bar.advance(task))
 
 
 @app.command()

@@ -19,7 +19,7 @@ import sys
 import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterable, Iterator
 
 from rich.markup import escape
 
@@ -57,6 +57,39 @@ def json_text(document: object) -> str:
 
 def csv_writer(handle: IO[str]) -> csv.writer:
     return csv.writer(handle, lineterminator="\n")
+
+
+def write_predictions(rows: Iterable, sink: IO[str], fmt: str = "csv", k: int = 1, with_top_label: bool = False,
+                      unreadable: list | None = None, advance: Callable[[], object] = lambda: None) -> int:
+    """Write each Prediction of `rows` to `sink`: CSV one row as it arrives (path, label, score, [top_label],
+    label_2, score_2, ...), or JSON at the end with the unreadable files. The Unreadable rows are appended to
+    `unreadable`; return how many predictions were written."""
+    from tlearn.predict import Unreadable
+
+    unreadable = [] if unreadable is None else unreadable
+    writer = csv_writer(sink) if fmt == "csv" else None
+    if writer:
+        writer.writerow(["path", "label", "score"] + (["top_label"] if with_top_label else []) +
+                        [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")])
+    predictions, written = [], 0
+    for row in rows:
+        advance()
+        if isinstance(row, Unreadable):
+            unreadable.append(row)
+            continue
+        written += 1
+        if writer:
+            writer.writerow([csv_cell(row.source), csv_cell(row.label), f"{row.score:.6f}"] +
+                            ([csv_cell(row.top_label)] if with_top_label else []) +
+                            [v for label, score in row.top[1:] for v in (csv_cell(label), f"{score:.6f}")])
+            sink.flush()
+        else:
+            predictions.append({"path": row.source, "label": row.label, "score": row.score,
+                                "top": [{"label": label, "score": score} for label, score in row.top]})
+    if writer is None:
+        sink.write(json_text({"predictions": predictions,
+                              "unreadable": [{"path": u.source, "reason": u.reason} for u in unreadable]}) + "\n")
+    return written
 
 
 def check_output_path(path: Path, force: bool = False) -> None:
