@@ -376,6 +376,9 @@ def test_leaks_across_given_splits_are_listed(tmp_path):
     ds = find_dataset(tmp_path)
     assert [(leak.paths, leak.splits) for leak in ds.leaks] == [
         ((tmp_path / "train/a/1.jpg", tmp_path / "val/a/seen.png"), ("train", "val"))]
+    recorded = ds.describe_leaks()
+    assert recorded["count"] == 1 and recorded["examples"][0]["paths"] == ["train/a/1.jpg", "val/a/seen.png"]
+    assert recorded["examples"][0]["splits"] == ["train", "val"] and recorded["examples"][0]["bits"] <= 4
 
 
 def test_fingerprints_are_cached_by_content(tmp_path, monkeypatch):

@@ -55,6 +55,12 @@ class Dataset:
             raise DatasetError(f"{self.root} has no {name!r} split (it has: {', '.join(self.splits)})")
         return self.splits[name]
 
+    def describe_leaks(self, examples: int = 10) -> dict:
+        """The leak count and the first `examples` pairs (relative paths): for a warning and for metrics.json."""
+        return {"count": len(self.leaks),
+                "examples": [{"paths": [os.path.relpath(p, self.root) for p in leak.paths],
+                              "splits": list(leak.splits), "bits": leak.bits} for leak in self.leaks[:examples]]}
+
     def describe(self) -> dict:
         """The split actually used, as relative paths: saved with the model so it can be reproduced."""
         return {"layout": self.layout, "classes": self.classes,
