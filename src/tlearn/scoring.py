@@ -30,7 +30,7 @@ def score_dataset(predictor: Predictor, data: str | Path, splits: Sequence[str],
         for split in splits:
             if split not in dataset.splits and len(splits) > 1:
                 continue  # e.g. no test split: score what there is
-            paths = dataset.split(split) and dataset.paths(split)
+            paths = dataset.paths(split)  # a split the dataset lacks is a DatasetError that names the ones it has
             features = extract_features(paths, cache, lambda: predictor.features, bundle.preprocessing,
                                         batch_size=predictor.batch_size, workers=predictor.workers,
                                         progress=progress, description=split)
