@@ -55,12 +55,17 @@ def test_openvino_telemetry_is_what_the_guard_would_catch_and_quiet_openvino_sto
     assert attempts == ""
 
 
-def test_train_and_predict_make_no_outbound_connection(demo_data, tmp_path):
-    result, attempts = _guarded_run(["-m", "tlearn.cli", "train", str(demo_data), "--out", str(tmp_path / "model"),
-                                     "-q", "--engine", "openvino"], tmp_path)
+@pytest.mark.slow
+def test_demo_train_evaluate_predict_doctor_export_make_no_outbound_connection(tmp_path):
+    """`make demo` (tlearn demo: build the data, train, evaluate, predict), then doctor and export, as a new
+    user on a fresh home and cache: not one attempt to resolve or reach an address outside loopback."""
+    result, attempts = _guarded_run(["-m", "tlearn.cli", "demo", "--out", str(tmp_path / "demo")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy" in result.stdout or "accuracy" in result.stdout
     assert attempts == ""
-    result, attempts = _guarded_run(["-m", "tlearn.cli", "predict", str(tmp_path / "model"),
-                                     str(demo_data / "test"), "--engine", "openvino"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(result.stdout.splitlines()) == 19 and attempts == ""
+    for args in (["predict", str(tmp_path / "demo/model"), str(tmp_path / "demo/data/test"), "--engine", "openvino"],
+                 ["doctor", str(tmp_path / "demo/data"), "-q"],
+                 ["export", str(tmp_path / "demo/model"), "--out", str(tmp_path / "model.onnx")]):
+        result, attempts = _guarded_run(["-m", "tlearn.cli", *args], tmp_path)
+        assert result.returncode == 0, (args, result.stderr[-3000:])
+        assert attempts == "", args
