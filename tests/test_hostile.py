@@ -245,6 +245,21 @@ def _hostile_class_names(work, model, demo):
     return ["train", str(root), "--out", str(work / "out-model"), "-q"]
 
 
+def _hostile_names_in_train_output(work, model, demo):
+    """A dataset folder and a broken file named with markup and escape sequences: train names them inertly."""
+    root = _dataset(work, demo)
+    hostile = root.rename(work / "[red]data\x1b[2J")
+    (hostile / "brick" / "\x1b]0;owned\x07[bold]x.png").write_bytes(b"not a png")
+    return ["train", str(hostile), "--out", str(work / "out-model"), "-q"]
+
+
+def _evaluate_hostile_classes(work, model, demo):
+    """A model trained on the hostile class names, evaluated: the per-class table shows the names inertly."""
+    trained = runner.invoke(app, _hostile_class_names(work, model, demo))
+    assert trained.exit_code == 0, trained.output
+    return ["evaluate", str(work / "out-model"), str(work / "data"), "--split", "test"]
+
+
 def _unreadable_files(root: Path) -> None:
     (root / "brick" / "broken.png").write_bytes(b"not a png")
     (root / "grass" / "cut.png").write_bytes((root / "grass" / "0.png").read_bytes()[:200])
@@ -386,6 +401,9 @@ CASES: dict[str, Case] = {
     "train_split_names_collide": _train(_split_collision, r"Train/ and train/|train/ and Train/", exits=(2,)),
     "train_beside_tlearn_outputs": _train(lambda r: (_plant_model(r), _plant_report(r)), r"classes\W+3\b"),
     "train_hostile_class_names": Case(_hostile_class_names, (0,), r"classes\W+3\b"),
+    "train_hostile_names_on_terminal": Case(_hostile_names_in_train_output, (0,),
+                                            r"\[red\]data\\x1b\[2J(.|\n)*\\x1b\]0;owned\\x07\[bold\]x.png"),
+    "evaluate_hostile_class_names": Case(_evaluate_hostile_classes, (0,), r"b\\xffes(.|\n)*\[red\]gr\\x1b\[2Jass"),
     "train_with_unreadable_files": _train(_unreadable_files, r"skipped 2 unreadable(.|\n)*broken.png"),
     "data_is_a_file": Case(lambda w, m, d: ["doctor", str(_inputs(w, d) / "good0.png")], (2,), r"is a file"),
     "data_missing": Case(lambda w, m, d: ["doctor", str(w / "nothing")], (2,), r"does not exist"),
@@ -449,6 +467,7 @@ def test_hostile_input(kind, demo_model_dir, demo_data, cache_dir, tmp_path, mon
     flat = " ".join(output.split())  # the same text unwrapped, for messages a terminal width folded
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in output
+    assert "\x1b" not in output and "\x07" not in output  # no name's escape sequence reaches the terminal
     assert result.exit_code in case.exits, output[-2000:]
     assert re.search(case.says, output) or re.search(case.says, flat), output[-2000:]
     after = _snapshot(work)

@@ -133,12 +133,12 @@ def train(
     except _USER_ERRORS as exc:
         _fail(exc)
     _print_summary(clf, out_dir)
-    out.print(f"report: {out_dir / 'report' / 'report.html'}", highlight=False)
+    out.print(f"report: {terminal_text(out_dir / 'report' / 'report.html')}", highlight=False)
 
 
 def _print_summary(clf, out_dir: Path) -> None:
     s, bundle = clf.summary_, clf.bundle_
-    table = Table(title=f"tlearn train: {s.data}", show_header=False, title_justify="left")
+    table = Table(title=f"tlearn train: {terminal_text(s.data)}", show_header=False, title_justify="left")
     table.add_row("layout", s.layout)
     table.add_row("classes", str(s.classes))
     table.add_row("images", ", ".join(f"{k} {v}" for k, v in s.images.items()))
@@ -164,13 +164,13 @@ def _print_summary(clf, out_dir: Path) -> None:
                         for split in calibration["ece_after"])
         table.add_row("calibration", f"temperature {calibration['temperature']:.3f} (fitted on val); ECE {ece}")
     table.add_row("time", f"{s.seconds:.1f}s")
-    table.add_row("model", str(out_dir))
+    table.add_row("model", terminal_text(out_dir))
     out.print(table)
     _print_data_warning(bundle.extra.get("data_checks", {}))
     if s.skipped_files:
         err.print(f"[yellow]skipped {len(s.skipped_files)} unreadable file(s):[/]")
         for path, reason in s.skipped_files:
-            err.print(f"  {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"  {terminal_text(path)}: {terminal_text(reason)}", highlight=False, soft_wrap=True)
 
 
 def _interval(m: dict, key: str) -> str:
@@ -184,8 +184,8 @@ def _print_data_warning(checks: dict) -> None:
         err.print(f"[bold red on white] WARNING: {len(errors)} data problem(s) make these numbers untrustworthy "
                   "[/]", highlight=False)
         for finding in errors[:10]:
-            err.print(f"  [red]{finding['kind']}[/]: {finding['message']}: {', '.join(finding['paths'])}",
-                      highlight=False)
+            err.print(f"  [red]{finding['kind']}[/]: {terminal_text(finding['message'])}: "
+                      f"{terminal_text(', '.join(finding['paths']))}", highlight=False)
         err.print("  run `tlearn doctor DATA` for the full list (it also checks near-duplicates).")
 
 
@@ -217,7 +217,7 @@ def evaluate(
               f"n={metrics['n']} (brackets: bootstrap 95% CI)")
     table = Table("class", "precision", "recall", "f1", "n")
     for name, row in metrics["per_class"].items():
-        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+        table.add_row(terminal_text(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
                       str(row["support"]))
     out.print(table)
     _print_confusion(metrics)
@@ -225,9 +225,10 @@ def evaluate(
 
 def _print_confusion(metrics: dict) -> None:
     classes = metrics["classes"]
-    table = Table("true \\ predicted", *[c[:10] for c in classes], title="confusion matrix", title_justify="left")
+    table = Table("true \\ predicted", *[terminal_text(c[:10]) for c in classes], title="confusion matrix",
+                  title_justify="left")
     for name, row in zip(classes, metrics["confusion_matrix"]):
-        table.add_row(name, *[str(v) for v in row])
+        table.add_row(terminal_text(name), *[str(v) for v in row])
     out.print(table)
 
 
@@ -368,7 +369,7 @@ def report(
         path = tlearn.load(model, cache_dir=cache_dir, progress=not quiet).report(out_dir or model / "report", data)
     except _USER_ERRORS as exc:
         _fail(exc)
-    out.print(f"report: {path}", highlight=False)
+    out.print(f"report: {terminal_text(path)}", highlight=False)
 
 
 @app.command()
