@@ -249,13 +249,16 @@ def test_symlinked_class_folders_are_followed_and_loops_named(tmp_path):
     (root / "b").symlink_to(outside / "b", target_is_directory=True)
     (root / "a" / "again").symlink_to(root / "a", target_is_directory=True)  # a loop
     (root / "a" / "up").symlink_to(root, target_is_directory=True)  # another, through the root
+    (root / "a" / "way-up").symlink_to(tmp_path, target_is_directory=True)  # the folder that holds the dataset
+    (root / "root-again").symlink_to(root, target_is_directory=True)  # a class folder that is the root itself
     (root / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     (root / "a" / "self.jpg").symlink_to(root / "a" / "self.jpg")
     ds = find_dataset(root)
     assert ds.classes == ["a", "b"]
     assert sum(len(v) for v in ds.splits.values()) == 8
     skipped = _skipped(ds)
-    assert "loop" in skipped["again"] and "loop" in skipped["up"]
+    assert "loop" in skipped["again"] and "loop" in skipped["up"] and "loop" in skipped["way-up"]
+    assert "loop" in skipped["root-again"]
     assert "broken symbolic link" in skipped["gone.jpg"] and "loop" in skipped["self.jpg"]
 
 

@@ -46,7 +46,8 @@ def sub_folders(folder: Path, scan: Scan) -> list[Path]:
     the files beside them go to `scan.ignored`, what cannot be used to `scan.skipped`."""
     folders = []
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
     except OSError as exc:
         scan.skipped.append(Skipped(folder, f"cannot list folder ({exc.strerror or exc})"))
         return []
@@ -55,7 +56,9 @@ def sub_folders(folder: Path, scan: Scan) -> list[Path]:
         if entry.name.startswith("."):
             continue
         if _is_dir(entry.path):
-            if is_tlearn_output(path):
+            if _leads_back(path, folder):
+                scan.skipped.append(Skipped(path, f"symbolic link loop (leads back to {os.path.realpath(path)})"))
+            elif is_tlearn_output(path):
                 scan.skipped.append(Skipped(path, "written by tlearn (a model or report folder), not data"))
             else:
                 folders.append(path)
@@ -76,7 +79,7 @@ def walk_images(folder: Path, stop_at: Path | None = None) -> Scan:
         scan.skipped.append(Skipped(Path(exc.filename or folder), f"cannot list folder ({exc.strerror or exc})"))
 
     for directory, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if _follow(Path(directory, d), visited, scan))
+        dirs[:] = sorted(d for d in dirs if _follow(Path(directory, d), Path(directory), visited, scan))
         for name in sorted(files):
             path = Path(directory, name)
             if name.startswith("."):
@@ -106,19 +109,26 @@ def is_tlearn_output(folder: Path) -> bool:
         return False
 
 
-def _follow(path: Path, visited: set[str], scan: Scan) -> bool:
-    """Whether the walk goes into sub-folder `path`: not hidden, not tlearn's output, not seen before."""
+def _follow(path: Path, parent: Path, visited: set[str], scan: Scan) -> bool:
+    """Whether the walk goes into sub-folder `path` of `parent`: not hidden, not tlearn's output, not a folder
+    seen before or one that holds the walk itself (a link to an ancestor)."""
     if path.name.startswith("."):
         return False
     if is_tlearn_output(path):
         scan.skipped.append(Skipped(path, "written by tlearn (a model or report folder), not data"))
         return False
     real = os.path.realpath(path)
-    if real in visited:
+    if real in visited or _leads_back(path, parent):
         scan.skipped.append(Skipped(path, f"symbolic link loop (leads back to {real}, already included)"))
         return False
     visited.add(real)
     return True
+
+
+def _leads_back(path: Path, parent: Path) -> bool:
+    """True when sub-folder `path` of `parent` is really `parent` or one of its ancestors (a link loop)."""
+    real, here = os.path.realpath(path), os.path.realpath(parent)
+    return here == real or here.startswith(real.rstrip(os.sep) + os.sep)
 
 
 def _file_problem(path: Path) -> str | None:
