@@ -39,7 +39,8 @@ def test_sources_follow_symlinked_folders_without_looping(hymenoptera_small, tmp
     (tmp_path / "root" / "ants").symlink_to(hymenoptera_small / "train" / "ants")
     (tmp_path / "root" / "loop").symlink_to(tmp_path / "root")
     found = expand_sources([tmp_path / "root"])
-    assert len(found.files) == 6 and not found.missing
+    assert len(found.files) == 6
+    assert [(Path(m.source).name, "loop" in m.reason) for m in found.missing] == [("loop", True)]  # a row, named
 
 
 # ---- sink -------------------------------------------------------------------------------------------------------
@@ -202,3 +203,8 @@ def test_cli_ray_needs_parquet_output(hym_model, tmp_path):
 
     result = CliRunner().invoke(app, ["predict", str(hym_model), str(tmp_path), "--ray", "local"])
     assert result.exit_code == 2 and "--output OUT.parquet" in result.output
+    (tmp_path / "bad.jpg").write_text("not an image")
+    result = CliRunner().invoke(app, ["predict", str(hym_model), str(tmp_path / "bad.jpg"), "--output",
+                                      str(tmp_path / "out.parquet")])
+    assert result.exit_code == 1 and "1 unreadable" in result.output  # as for CSV: a row says why
+    assert read_predictions(tmp_path / "out.parquet").column("error").to_pylist()[0].startswith("not an image")

@@ -118,8 +118,9 @@ class Bundle:
                   "temperature": self.temperature, "engine": self.engine.to_dict() if self.engine else None,
                   "training": self.training, "split": self.split, "extra": self.extra, "files": digests,
                   "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=False,
-                                                     default=_json_default))
+        # ASCII escapes: a class or file name that is not valid UTF-8 (surrogates) survives, under any locale
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=True, default=_json_default),
+                                          encoding="ascii")
 
     # ---- reading ----------------------------------------------------------------------------------------------
     @classmethod

@@ -1,18 +1,21 @@
 """`tlearn` command line: parse arguments, call the Python API, print. No logic of its own."""
 from __future__ import annotations
 
-import csv
 import json
-import sys
+import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tlearn.errors import TlearnError
+from tlearn.outputs import terminal_text  # light: rich.markup and the standard library
+
+if TYPE_CHECKING:
+    from tlearn.predict import Unreadable
 
 # Everything else is imported inside the command that needs it: `tlearn --help` and `tlearn predict` must start
 # fast, and predicting needs no torch.
@@ -60,8 +63,7 @@ class Format(str, Enum):
 
 
 def _fail(exc: Exception) -> None:
-    err.print("[bold red]error:[/] ", end="", highlight=False)
-    err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {terminal_text(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -134,12 +136,12 @@ def train(
     except _USER_ERRORS as exc:
         _fail(exc)
     _print_summary(clf, out_dir)
-    out.print(f"report: {out_dir / 'report' / 'report.html'}", highlight=False)
+    out.print(f"report: {terminal_text(out_dir / 'report' / 'report.html')}", highlight=False)
 
 
 def _print_summary(clf, out_dir: Path) -> None:
     s, bundle = clf.summary_, clf.bundle_
-    table = Table(title=f"tlearn train: {s.data}", show_header=False, title_justify="left")
+    table = Table(title=f"tlearn train: {terminal_text(s.data)}", show_header=False, title_justify="left")
     table.add_row("layout", s.layout)
     table.add_row("classes", str(s.classes))
     table.add_row("images", ", ".join(f"{k} {v}" for k, v in s.images.items()))
@@ -165,13 +167,13 @@ def _print_summary(clf, out_dir: Path) -> None:
                         for split in calibration["ece_after"])
         table.add_row("calibration", f"temperature {calibration['temperature']:.3f} (fitted on val); ECE {ece}")
     table.add_row("time", f"{s.seconds:.1f}s")
-    table.add_row("model", str(out_dir))
+    table.add_row("model", terminal_text(out_dir))
     out.print(table)
     _print_data_warning(bundle.extra.get("data_checks", {}))
     if s.skipped_files:
         err.print(f"[yellow]skipped {len(s.skipped_files)} unreadable file(s):[/]")
         for path, reason in s.skipped_files:
-            err.print(f"  {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"  {terminal_text(path)}: {terminal_text(reason)}", highlight=False, soft_wrap=True)
 
 
 def _interval(m: dict, key: str) -> str:
@@ -185,8 +187,8 @@ def _print_data_warning(checks: dict) -> None:
         err.print(f"[bold red on white] WARNING: {len(errors)} data problem(s) make these numbers untrustworthy "
                   "[/]", highlight=False)
         for finding in errors[:10]:
-            err.print(f"  [red]{finding['kind']}[/]: {finding['message']}: {', '.join(finding['paths'])}",
-                      highlight=False)
+            err.print(f"  [red]{finding['kind']}[/]: {terminal_text(finding['message'])}: "
+                      f"{terminal_text(', '.join(finding['paths']))}", highlight=False)
         err.print("  run `tlearn doctor DATA` for the full list (it also checks near-duplicates).")
 
 
@@ -218,7 +220,7 @@ def evaluate(
               f"n={metrics['n']} (brackets: bootstrap 95% CI)")
     table = Table("class", "precision", "recall", "f1", "n")
     for name, row in metrics["per_class"].items():
-        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+        table.add_row(terminal_text(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
                       str(row["support"]))
     out.print(table)
     _print_confusion(metrics)
@@ -226,9 +228,10 @@ def evaluate(
 
 def _print_confusion(metrics: dict) -> None:
     classes = metrics["classes"]
-    table = Table("true \\ predicted", *[c[:10] for c in classes], title="confusion matrix", title_justify="left")
+    table = Table("true \\ predicted", *[terminal_text(c[:10]) for c in classes], title="confusion matrix",
+                  title_justify="left")
     for name, row in zip(classes, metrics["confusion_matrix"]):
-        table.add_row(name, *[str(v) for v in row])
+        table.add_row(terminal_text(name), *[str(v) for v in row])
     out.print(table)
 
 
@@ -238,14 +241,17 @@ def predict(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively), globs; with "
                                               "--output OUT.parquet also manifests (.txt/.csv) and s3:// gs:// "
                                               "URIs.")],
-    top_k: Annotated[int, typer.Option(help="How many labels per image, best first.")] = 1,
+    top_k: Annotated[int, typer.Option(help="How many labels per image, best first.", min=1)] = 1,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.csv,
-    output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output (a new file, or a "
+                                                        "previous .csv/.json result).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --output replace any existing file.")] = False,
     engine: Engine = EngineName.auto,
     precision: Precision = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 32,
     min_confidence: Annotated[Optional[float], typer.Option(
         help="Label images whose (calibrated) top probability is below this 'uncertain'.", min=0.0, max=1.0)] = None,
+    quiet: Quiet = False,
     ray: Annotated[Optional[str], typer.Option(
         "--ray", metavar="local|auto|ADDRESS",
         help="Run on Ray Data (the ray extra): 'local' starts a cluster sized to this machine; 'auto' joins the one "
@@ -256,56 +262,61 @@ def predict(
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Parquet output: a column with every "
                                                                         "class's probability.")] = False,
 ) -> None:
-    """Predict labels for images; unreadable files are listed on stderr, not fatal. With --output OUT.parquet, a
-    folder of Parquet parts with a manifest (see docs/scale-out.md)."""
+    """Predict labels for images, one row per image (progress and unreadable files on stderr). With --output
+    OUT.parquet: a folder of Parquet parts with a manifest, unreadable files as rows (see docs/scale-out.md).
+
+    Exit code 0: every image predicted; 1: some files could not be read (the others are written); 2: nothing
+    to predict, or a usage error."""
     if ray is not None or resume or probabilities or (output is not None and output.suffix == ".parquet"):
         _predict_parquet(model, paths, output, ray, resume, top_k, min_confidence, probabilities, engine,
                          precision, batch_size)
         return
     import tlearn
+    from tlearn.data.discovery import find_images
+    from tlearn.outputs import check_output_path
     from tlearn.predict import Unreadable
 
     try:
+        if output:
+            check_output_path(output, force)
+        files, problems = find_images(paths)
+        if not files:
+            raise TlearnError("nothing to predict: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
+                                    if problems else "nothing to predict: no image files in the paths given")
         clf = tlearn.load(model, progress=False, engine=engine.value, precision=precision and precision.value,
                           batch_size=batch_size)
+        k = min(top_k, len(clf.classes_))
+        rows = clf.iter_predict(files, top_k=k, min_confidence=min_confidence)
+        unreadable = [Unreadable(os.fsdecode(p.path), p.reason) for p in problems]
+        written = _write_predictions(rows, fmt, output, k, min_confidence is not None, unreadable,
+                                     progress=len(files) if not quiet and len(files) >= PROGRESS_FROM else 0)
     except _USER_ERRORS as exc:
         _fail(exc)
-    if top_k < 1:
-        _fail(ValueError("--top-k must be at least 1"))
-    k = min(top_k, len(clf.classes_))
-    sink = open(output, "w", newline="") if output else sys.stdout
-    unreadable: list[Unreadable] = []
-    try:
-        rows = clf.iter_predict(paths, top_k=k, min_confidence=min_confidence)
-        if fmt is Format.csv:
-            writer = csv.writer(sink)
-            writer.writerow(["path", "label", "score"]
-                            + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")])
-            for row in rows:
-                if isinstance(row, Unreadable):
-                    unreadable.append(row)
-                    continue
-                writer.writerow([row.source, row.label, f"{row.score:.6f}"] +
-                                [v for label, score in row.top[1:] for v in (label, f"{score:.6f}")])
-                sink.flush()
-        else:
-            predictions = []
-            for row in rows:
-                if isinstance(row, Unreadable):
-                    unreadable.append(row)
-                else:
-                    predictions.append({"path": row.source, "label": row.label, "score": row.score,
-                                        "top": [{"label": label, "score": score} for label, score in row.top]})
-            json.dump({"predictions": predictions,
-                       "unreadable": [{"path": u.source, "reason": u.reason} for u in unreadable]}, sink, indent=1)
-            sink.write("\n")
-    except _USER_ERRORS as exc:
-        _fail(exc)
-    finally:
-        if output:
-            sink.close()
     for u in unreadable:
-        err.print(f"unreadable: {u.source}: {u.reason}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"unreadable: {terminal_text(u.source)}: {terminal_text(u.reason)}", highlight=False,
+                  soft_wrap=True)
+    if output:
+        err.print(f"wrote {written} prediction(s) to {terminal_text(output)}", highlight=False, soft_wrap=True)
+    if unreadable:
+        raise typer.Exit(1)
+
+
+PROGRESS_FROM = 64  # images; fewer are predicted before a bar would be worth drawing
+
+
+def _write_predictions(rows, fmt: Format, output: Optional[Path], k: int, with_top_label: bool,
+                       unreadable: list[Unreadable], progress: int) -> int:
+    """Write the predictions to `output` (whole or not at all) or standard output, a bar on stderr when
+    `progress` (the number of images) is not 0; return how many were written."""
+    from rich.progress import Progress
+
+    from tlearn.outputs import atomic_text_file, stdout_text, write_predictions
+
+    opened = atomic_text_file(output) if output else stdout_text()
+    with opened as sink, Progress(console=err, transient=True, disable=not progress) as bar:
+        task = bar.add_task("predicting", total=progress or None)
+        return write_predictions(rows, sink, fmt.value, k, with_top_label, unreadable,
+                                 advance=lambda: bar.advance(task))
 
 
 def _predict_parquet(model: Path, paths: list[str], output: Optional[Path], ray: Optional[str], resume: bool,
@@ -326,6 +337,8 @@ def _predict_parquet(model: Path, paths: list[str], output: Optional[Path], ray:
     err.print(f"wrote {manifest['rows_this_run']} row(s) ({manifest['errors_this_run']} unreadable) to {output} in "
               f"{manifest['seconds']:.1f}s ({manifest['images_per_second'] or 0:.0f} images/s, {manifest['mode']}, "
               f"{manifest['cores']} cores); {manifest['rows']} row(s) in all", highlight=False)
+    if manifest["errors_this_run"]:
+        raise typer.Exit(1)  # as for CSV/JSON: some files could not be read (their rows say why)
 
 
 @app.command()
@@ -335,6 +348,7 @@ def doctor(
     quarantine: Annotated[Optional[Path], typer.Option(help="MOVE flagged files into this folder (outside DATA), "
                                                             "with reasons.csv; nothing is deleted.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the carved splits (as in `tlearn train`).")] = 0,
+    cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
     """Check a dataset: unreadable/odd files, duplicates, leakage between splits, conflicting labels, balance.
@@ -342,14 +356,15 @@ def doctor(
     Exit code 1 when a problem would corrupt an evaluation (leakage, conflicting labels, unusable layout)."""
     from tlearn.data.doctor import examine_dataset
     from tlearn.data.doctor import quarantine as move_flagged
+    from tlearn.outputs import json_text
 
     try:
-        report = examine_dataset(data, seed=seed, progress=not (quiet or as_json))
+        report = examine_dataset(data, seed=seed, progress=not (quiet or as_json), cache_dir=cache_dir)
         moved = move_flagged(report, quarantine) if quarantine else []
     except _USER_ERRORS as exc:
         _fail(exc)
     if as_json:
-        print(json.dumps({**report.to_dict(), "quarantined": moved}, indent=1))
+        print(json_text({**report.to_dict(), "quarantined": moved}))
     else:
         _print_doctor(report, moved, quarantine)
     if report.errors:
@@ -357,19 +372,23 @@ def doctor(
 
 
 def _print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None:
-    out.print(f"[bold]tlearn doctor[/]: {report.root} ({report.layout or 'layout not usable'}), "
+    safe = terminal_text
+    out.print(f"[bold]tlearn doctor[/]: {safe(report.root)} ({safe(report.layout or 'layout not usable')}), "
               f"{report.files_checked} files", highlight=False)
-    table = Table("split", *report.classes, "imbalance", title="images per class", title_justify="left")
+    table = Table("split", *[safe(c) for c in report.classes], "imbalance", title="images per class",
+                  title_justify="left")
     for split, counts in report.counts.items():
-        table.add_row(split, *[str(counts.get(c, 0)) for c in report.classes], f"{report.imbalance[split]:.2f}")
+        table.add_row(safe(split), *[str(counts.get(c, 0)) for c in report.classes], f"{report.imbalance[split]:.2f}")
     out.print(table)
     for finding in report.findings:
         colour = "red" if finding.severity == "error" else "yellow"
-        out.print(f"[{colour}]{finding.severity}[/] [bold]{finding.kind}[/]: {finding.message}", highlight=False)
+        out.print(f"[{colour}]{finding.severity}[/] [bold]{finding.kind}[/]: {safe(finding.message)}",
+                  highlight=False, soft_wrap=True)
         for path in finding.paths:
-            out.print(f"    {path}", highlight=False)
+            out.print(f"    {safe(path)}", highlight=False, soft_wrap=True)  # whole, to copy and paste
     if moved:
-        out.print(f"moved {len(moved)} file(s) to {quarantine} (reasons in {quarantine / 'reasons.csv'})")
+        out.print(f"moved {len(moved)} file(s) to {safe(quarantine)} (reasons in "
+                  f"{safe(quarantine / 'reasons.csv')})", highlight=False)
     verdict = (f"[bold red]{len(report.errors)} error(s)[/] that corrupt an evaluation" if report.errors
                else "[green]no errors[/]")
     out.print(f"{verdict}, {len(report.warnings)} warning(s)")
@@ -391,7 +410,7 @@ def report(
         path = tlearn.load(model, cache_dir=cache_dir, progress=not quiet).report(out_dir or model / "report", data)
     except _USER_ERRORS as exc:
         _fail(exc)
-    out.print(f"report: {path}", highlight=False)
+    out.print(f"report: {terminal_text(path)}", highlight=False)
 
 
 @app.command()

@@ -21,7 +21,7 @@ def score_dataset(predictor: Predictor, data: str | Path, splits: Sequence[str],
     bundle = predictor.bundle
     training = bundle.training
     dataset = find_dataset(data, training.get("seed", 0), training.get("val_fraction", 0.15),
-                           training.get("test_fraction", 0.15))
+                           training.get("test_fraction", 0.15), cache_dir=cache_dir)
     if dataset.classes != bundle.classes:
         raise DatasetError(f"{dataset.root} has classes {dataset.classes}, but the model was trained on "
                            f"{bundle.classes}")

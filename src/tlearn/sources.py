@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from tlearn.data.decode import IMAGE_EXTENSIONS
+from tlearn.data.decode import is_image_path
+from tlearn.data.discovery import walk_images
 
 MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".tsv", ".lst"})
 GLOB_CHARACTERS = frozenset("*?[")
@@ -39,10 +40,10 @@ class Sources:
 
 
 def expand_sources(sources: Sequence[str | os.PathLike]) -> Sources:
-    """Folders (recursive, symlinks followed), globs (`**` recursive), manifests (.txt/.csv/.tsv/.lst: one path per
-    line, or a `path` column; relative paths are relative to the manifest's folder), single files of any kind,
-    and URIs (`s3://`, `gs://`, `file://`... through pyarrow's filesystems). Local paths come out absolute (symlinks
-    kept as named)."""
+    """Folders (recursive, links to folders followed once: tlearn.data.discovery), globs (`**` recursive),
+    manifests (.txt/.csv/.tsv/.lst: one path per line, or a `path` column; relative paths are relative to the
+    manifest's folder), single files of any kind, and URIs (`s3://`, `gs://`, `file://`... through pyarrow's
+    filesystems). Local paths come out absolute (links kept as named)."""
     seen: dict[str, None] = {}
     missing: list[Missing] = []
     for source in sources:
@@ -65,12 +66,14 @@ def _expand_one(source: str, missing: list[Missing], manifest_allowed: bool) -> 
     path = Path(os.path.abspath(os.path.expanduser(source)))
     if any(c in source for c in GLOB_CHARACTERS) and not path.exists():
         matches = sorted(glob.glob(str(path), recursive=True))
-        files = [m for m in matches if os.path.isfile(m) and _is_image_name(m)]
+        files = [m for m in matches if os.path.isfile(m) and is_image_path(Path(m))]
         if not files:
             missing.append(Missing(source, "the pattern matches no image file"))
         yield from files
     elif path.is_dir():
-        yield from (str(p) for p in _walk_images(path))
+        scan = walk_images(path)  # links to folders followed, loops and unusable files named
+        missing.extend(Missing(str(s.path), s.reason) for s in scan.skipped)
+        yield from (str(p) for p in scan.images)
     elif path.is_file() and manifest_allowed and path.suffix.lower() in MANIFEST_EXTENSIONS:
         for entry in read_manifest(path):
             yield from _expand_one(entry, missing, manifest_allowed=False)
@@ -78,25 +81,6 @@ def _expand_one(source: str, missing: list[Missing], manifest_allowed: bool) -> 
         yield str(path)
     else:
         missing.append(Missing(str(path), "no such file or folder"))
-
-
-def _walk_images(root: Path) -> list[Path]:
-    """Image files under `root`, sorted; symlinked folders are followed, each real folder visited once."""
-    found, visited = [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in visited:  # a symlink loop, or a folder linked twice
-            subfolders[:] = []
-            continue
-        visited.add(real)
-        subfolders.sort()
-        found.extend(Path(folder) / n for n in names if _is_image_name(n))
-    return sorted(found)
-
-
-def _is_image_name(name: str) -> bool:
-    base = os.path.basename(name)
-    return os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS and not base.startswith(".")
 
 
 def read_manifest(path: Path) -> list[str]:
@@ -143,7 +127,8 @@ def _expand_uri(uri: str, missing: list[Missing]) -> Iterable[str]:
     except (OSError, ValueError) as exc:
         missing.append(Missing(uri, f"cannot list it ({exc})"))
         return []
-    found = sorted(f"{scheme}://{i.path}" for i in listing if i.type == fs.FileType.File and _is_image_name(i.path))
+    found = sorted(f"{scheme}://{i.path}" for i in listing
+                   if i.type == fs.FileType.File and is_image_path(Path(i.path)))
     if pattern:
         found = [f for f in found if fnmatch.fnmatchcase(f, pattern)]
         if not found:

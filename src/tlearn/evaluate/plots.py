@@ -67,8 +67,8 @@ def confusion_matrices(matrix: list[list[int]], classes: list[str], counts_path:
     image = ax.imshow(counts, cmap="Blues")
     if not annotated:  # with every value written in its cell, a colour scale would say nothing more
         fig.colorbar(image, ax=ax, fraction=0.046)
-    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xticks(range(len(classes)), _labels(classes), rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), _labels(classes), fontsize=8)
     ax.set(xlabel="predicted", ylabel="true")
     cells = [(i, j) for (i, j), value in np.ndenumerate(counts) if value and annotated]
     texts = [ax.text(j, i, "", ha="center", va="center", fontsize=7) for i, j in cells]
@@ -109,7 +109,7 @@ def per_class_bars(per_class: dict[str, dict], path: Path) -> Path:
     fig, ax = _subplots(max(6.0, 0.5 * len(names) + 2), 3.6)
     for k, metric in enumerate(("precision", "recall", "f1")):
         ax.bar(x + (k - 1) * 0.27, [per_class[n][metric] for n in names], width=0.27, label=metric)
-    ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
+    ax.set_xticks(x, _labels(names), rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
                   fontsize=8)
     ax.set(ylim=(0, 1.05), title=title)
     ax.legend(loc="lower right", fontsize=8)
@@ -149,3 +149,11 @@ def coverage(rows: list[dict], path: Path, split: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     return _save(fig, path)
+
+
+def _labels(names: list[str]) -> list[str]:
+    """Class names as matplotlib draws them: control characters and bytes that are not UTF-8 escaped (the font
+    renderer refuses surrogates), '$' kept literal (not the start of mathtext)."""
+    from tlearn.outputs import plain_text
+
+    return [plain_text(name).replace("$", r"\$") for name in names]
