@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,18 @@ def test_report_modules_import_nothing_heavy():
             "print(*(m for m in ('torch', 'timm', 'sklearn', 'scipy', 'matplotlib.pyplot') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == []
+
+
+def test_train_warns_about_near_duplicates_across_given_splits(demo_data, tmp_path, cache_dir):
+    """A given split that leaks (the same photo in train and val): train says so with an example, metrics.json
+    counts it."""
+    import shutil
+
+    data = shutil.copytree(demo_data, tmp_path / "data")
+    shutil.copy(data / "train" / "brick" / "brick_00.png", data / "val" / "brick" / "copy_of_brick_00.png")
+    result = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "m"), "--cache-dir", str(cache_dir),
+                                 "-q"])
+    assert result.exit_code == 0, result.output
+    assert "near-duplicate image pair(s) sit in different splits" in result.output
+    assert "copy_of_brick_00.png" in result.output
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["leaks"]["count"] >= 1

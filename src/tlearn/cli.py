@@ -157,7 +157,7 @@ def _print_summary(clf, out_dir: Path) -> None:
         for stage, m in clf.metrics_["stages"].items():
             table.add_row(f"{stage} val / test", " / ".join(f"{m[k]['accuracy']:.4f}" for k in m))
         table.add_row("kept", f"{ft['chosen']} (better on val)")
-    for split, m in ((k, v) for k, v in clf.metrics_.items() if k != "stages"):
+    for split, m in ((k, v) for k, v in clf.metrics_.items() if k in ("val", "test")):
         table.add_row(f"{split} accuracy", f"{m['accuracy']:.4f} {_interval(m, 'accuracy')} (mean class "
                                            f"{m['mean_class_accuracy']:.4f} {_interval(m, 'mean_class_accuracy')}, "
                                            f"n={m['n']})")
@@ -170,10 +170,21 @@ def _print_summary(clf, out_dir: Path) -> None:
     table.add_row("model", terminal_text(out_dir))
     out.print(table)
     _print_data_warning(bundle.extra.get("data_checks", {}))
+    _print_leaks(clf.metrics_.get("leaks", {}))
     if s.skipped_files:
         err.print(f"[yellow]skipped {len(s.skipped_files)} unreadable file(s):[/]")
         for path, reason in s.skipped_files:
             err.print(f"  {terminal_text(path)}: {terminal_text(reason)}", highlight=False, soft_wrap=True)
+
+
+def _print_leaks(leaks: dict) -> None:
+    if leaks.get("count"):
+        err.print(f"[bold yellow]warning:[/] {leaks['count']} exact or near-duplicate image pair(s) sit in different "
+                  "splits, so the val/test figures above are optimistic (counted in metrics.json under \"leaks\"); "
+                  "e.g.:", highlight=False)
+        for example in leaks["examples"][:5]:
+            err.print(f"  {' <-> '.join(terminal_text(p) for p in example['paths'])} ({' / '.join(example['splits'])}, "
+                      f"{example['bits']} bits apart)", highlight=False)
 
 
 def _interval(m: dict, key: str) -> str:

@@ -170,6 +170,8 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
     logits = {s: fit.head.logits(x).astype(np.float64) for s, x in split.xs.items() if s in ("val", "test")}
     bundle.metrics = {s: classification_metrics(split.ys[s], x.argmax(1), dataset.classes, settings.seed)
                       for s, x in logits.items()}
+    # near-duplicates across splits make val/test optimistic: counted with the figures they inflate
+    bundle.metrics["leaks"] = dataset.describe_leaks()
     extracted = sum(f.computed for f in split.features.values())
     summary = TrainSummary(
         data=str(dataset.root), layout=dataset.layout, classes=len(dataset.classes),
