@@ -19,7 +19,7 @@ class FinetuneSettings:
     augment: str = "flip"  # see augment.POLICIES
     mixup: float = 0.0  # Beta(alpha, alpha) strength; 0 = off
     cutmix: float = 0.0
-    patience: int = 4  # epochs without a better val accuracy before stopping
+    patience: int = 4  # epochs without a better inner-split accuracy before stopping
     train_bn: bool = False  # update BatchNorm statistics of the unfrozen layers
     imbalance_ratio: float = 3.0  # class weights when max/min train images per class exceeds this
     precision: str = "auto"  # Lightning precision; "auto" = bf16-mixed on a CPU with bf16 support, else 32-true
@@ -28,6 +28,9 @@ class FinetuneSettings:
     num_nodes: int = 1
     strategy: str = "auto"
     deterministic: bool = False
+    trunk_cache: bool = True  # train the top on cached trunk activations of fixed views, when the trunk is frozen
+    views: int = 6  # fixed views per train image with the trunk cache (augment "flip"): image, mirror, 4 crops
+    inner_fraction: float = 0.15  # of train, held out to choose the epoch and the stage (val only reports)
 
     def to_dict(self) -> dict:
         return asdict(self)
