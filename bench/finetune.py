@@ -20,23 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from tlearn.data.far_sets import make_digits_dataset
+
 SHARED = Path(os.environ.get("TLEARN_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" /
                              "datasets"))
-
-
-def make_digits(root: Path) -> Path:
-    """ROOT/<digit>/*.png: the 1797 digits scikit-learn ships, 8x8 greyscale upscaled to 64x64 (nearest)."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for k, (image, label) in enumerate(zip(digits.images, digits.target)):
-        folder = root / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = (image / 16 * 255).astype(np.uint8)
-        Image.fromarray(pixels).resize((64, 64), Image.NEAREST).save(folder / f"{k:04d}.png")
-    return root
 
 
 def main() -> None:
@@ -48,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = make_digits(tmp / "digits") if args.dataset == "digits" else SHARED / args.dataset
+        data = make_digits_dataset(tmp / "digits") if args.dataset == "digits" else SHARED / args.dataset
         out = args.keep or tmp / "model"
         command = [str(Path(sys.executable).with_name("tlearn")), "train", str(data), "--out", str(out), "-q",
                    "--cache-dir", str(tmp / "cache"), "--fine-tune", "--train-precision", args.precision, *args.extra]

@@ -267,7 +267,8 @@ def _trainer(settings: FinetuneSettings, precision: str, checkpoints: Path, run_
                                  enable_version_counter=False),
                  EarlyStopping(MONITOR, mode="max", patience=settings.patience)]
     lines = wants_epoch_lines(progress)
-    callbacks.append(EpochLines() if lines else RichProgressBar())
+    if progress:
+        callbacks.append(EpochLines() if lines else RichProgressBar())
     devices = int(settings.devices) if settings.devices.isdigit() else settings.devices
     return L.Trainer(max_epochs=settings.epochs, precision=precision, accelerator=settings.accelerator,
                      devices=devices, num_nodes=settings.num_nodes, strategy=settings.strategy,
