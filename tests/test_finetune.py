@@ -3,6 +3,7 @@ the inner split that chooses, the one pixel pipeline, kill -9 + resume, 2-proces
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import signal
@@ -26,8 +27,14 @@ from tlearn.data.decoded import decode_resized
 from tlearn.data.far_sets import make_digits_dataset
 from tlearn.engines import stream_pixels
 from tlearn.train.augment import ViewSpec, train_transform, view_pixels
-from tlearn.train.finetune import (FinetuneModule, FinetuneSettings, class_weights, resolve_unfreeze, unfreeze,
-                                   warmup_cosine)
+from tlearn.train.finetune import (
+    FinetuneModule,
+    FinetuneSettings,
+    class_weights,
+    resolve_unfreeze,
+    unfreeze,
+    warmup_cosine,
+)
 from tlearn.train.head import LinearHead
 from tlearn.train.recipe import fine_tune_stage, inner_split, val_score
 from tlearn.train.trunk import TrunkCache, cut_backbone, trunk_key, trunk_outputs
@@ -67,7 +74,7 @@ def test_decoded_images_are_resized_once_and_augmented_to_the_input_size(demo_im
 
 
 def test_view_zero_is_the_prediction_pixels_and_views_are_seeded_by_content(demo_data):
-    path = sorted((demo_data / "train" / "brick").glob("*.png"))[0]
+    path = min((demo_data / "train" / "brick").glob("*.png"))
     image, key = load_image(path), content_hash(path)
     views = view_pixels(image, PREP, ViewSpec(6), key)
     assert views.shape == (6, 3, 224, 224) and views.dtype == np.uint8
@@ -171,7 +178,7 @@ def test_warmup_then_cosine_to_zero():
         optimizer.step()
         schedule.step()
     assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert all(a >= b for a, b in zip(factors[3:], factors[4:])) and factors[-1] < 0.01
+    assert all(a >= b for a, b in itertools.pairwise(factors[3:])) and factors[-1] < 0.01
 
 
 def test_fine_tuned_weights_get_a_new_digest(lite0):
@@ -190,8 +197,8 @@ def test_inner_split_is_stratified_seeded_and_leaves_every_class_in_train():
 
 
 def test_val_score_is_accuracy_and_log_loss_without_scikit_learn():
-    from sklearn.metrics import log_loss  # the reference only
     from scipy.special import softmax
+    from sklearn.metrics import log_loss  # the reference only
 
     logits = np.random.default_rng(0).normal(size=(30, 4)) * 3
     y = np.arange(30) % 4
@@ -245,6 +252,13 @@ def test_augmentation_that_cannot_be_cached_falls_back_to_the_full_image_loop(li
                             progress=False, cache_dir=tmp_path)
     assert tuned.result.inputs == "images" and "draws new pixels" in tuned.result.notes[0]
     assert tuned.logits["val"].shape == (18, 3) and not (tmp_path / "trunk").exists()
+
+
+def _train(data: Path, out: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([*TLEARN, "train", str(data), "--out", str(out), "--cache-dir", str(cache), "--quiet",
+                             "--fine-tune", "--batch-size", "4", *extra], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow

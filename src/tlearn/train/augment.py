@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -81,7 +82,6 @@ def _random_box(rng: np.random.Generator, width: int, height: int, min_scale: fl
 def train_transform(preprocessing: Preprocessing, policy: str = "trivial") -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (3, H, W) with shorter side resize_size() -> normalised float (3, size, size), randomly cropped,
     flipped and (per policy) distorted: the full-image loop's augmentation."""
-    import torch
     from torchvision.transforms import v2
 
     check_policy(policy)

@@ -20,7 +20,12 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import (
+    BaseFinetuning,
+    EarlyStopping,
+    ModelCheckpoint,
+    RichProgressBar,
+)
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from timm.layers import freeze_batch_norm_2d, unfreeze_batch_norm_2d
@@ -36,7 +41,7 @@ from tlearn.classifier import Classifier
 from tlearn.engines.runtimes import keep_freed_memory
 from tlearn.train.augment import batch_mixer
 from tlearn.train.epoch_lines import EpochLines, wants_epoch_lines
-from tlearn.train.settings import FinetuneSettings  # noqa: F401  (part of this module's interface)
+from tlearn.train.settings import FinetuneSettings
 
 MONITOR = "inner_accuracy"  # early stopping and the best checkpoint: on the inner split carved from train, never val
 LAST_CHECKPOINT = "last.ckpt"

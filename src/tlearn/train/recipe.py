@@ -57,8 +57,15 @@ def fine_tune_stage(dataset: Dataset, spec: BackboneSpec, backbone, head: Linear
     import lightning as L
 
     from tlearn.classifier import Classifier
-    from tlearn.train.finetune import (FinetuneModule, class_weights, fine_tune, plain_batch_norm, predict_logits,
-                                       resolve_precision, resolve_unfreeze)
+    from tlearn.train.finetune import (
+        FinetuneModule,
+        class_weights,
+        fine_tune,
+        plain_batch_norm,
+        predict_logits,
+        resolve_precision,
+        resolve_unfreeze,
+    )
     from tlearn.train.stage_inputs import prepare_inputs
 
     labels = dataset.labels("train")

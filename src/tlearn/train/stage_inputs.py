@@ -15,7 +15,13 @@ from tlearn.data import Dataset
 from tlearn.train.augment import CACHEABLE, ViewSpec, train_transform
 from tlearn.train.finetune import FinetuneModule, FinetuneSettings, StageData
 from tlearn.train.inputs import AugmentedImages, CachedViews, EvalPixels, eval_pixels
-from tlearn.train.trunk import TrunkCache, TrunkCut, cut_backbone, trunk_key, trunk_outputs
+from tlearn.train.trunk import (
+    TrunkCache,
+    TrunkCut,
+    cut_backbone,
+    trunk_key,
+    trunk_outputs,
+)
 
 SCORED_SPLITS = ("inner", "val", "test")
 TRAIN_DTYPE, EVAL_DTYPE = "float16", "float32"  # many views of train, kept small; scored splits kept exact
@@ -42,7 +48,7 @@ def prepare_inputs(module: FinetuneModule, dataset: Dataset, spec: BackboneSpec,
               "inner": ([p for p, m in zip(paths, inner) if m], labels[inner])}
     splits.update({s: (dataset.paths(s), dataset.labels(s)) for s in ("val", "test") if s in dataset.splits})
     cut, notes = _trunk_cut(module, spec, settings, unfrozen)
-    args = dict(workers=workers, batch_size=batch_size, progress=progress)
+    args = {"workers": workers, "batch_size": batch_size, "progress": progress}
     if cut is not None:
         module.run_top_only(cut.top)
         return _cached(module, spec, cut, splits, settings, notes, cache_dir=cache_dir, **args)

@@ -11,14 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 
 from tlearn.backbones import Preprocessing, state_sha256
@@ -126,7 +133,7 @@ def trunk_outputs(cut: TrunkCut, preprocessing: Preprocessing, paths: Sequence[P
             ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="tlearn-views") as pool:
         task = bar.add_task(f"trunk activations ({description})", total=len(todo))
         draft = (2 * preprocessing.resize_size(),) * 2  # the draft decoding prediction uses (engines.stream_pixels)
-        decode = lambda i: _views(paths[i], hashes[i], preprocessing, views, draft)  # noqa: E731
+        decode = partial(_views, paths, hashes, preprocessing, views, draft)
         chunks = [todo[s:s + per_forward] for s in range(0, len(todo), per_forward)]
         pending = [pool.map(decode, chunk) for chunk in chunks[:2]]
         for k, chunk in enumerate(chunks):
@@ -145,14 +152,14 @@ def trunk_outputs(cut: TrunkCut, preprocessing: Preprocessing, paths: Sequence[P
     return TrunkOutputs(stacked, kept, failures, computed=len(todo))
 
 
-def _views(path: Path, key: str, preprocessing: Preprocessing, views: ViewSpec,
-           draft: tuple[int, int]) -> np.ndarray | str:
-    """uint8 views of one file, or the reason it cannot be used."""
+def _views(paths: Sequence[Path], hashes: list[str | None], preprocessing: Preprocessing, views: ViewSpec,
+           draft: tuple[int, int], i: int) -> np.ndarray | str:
+    """uint8 views of file i, or the reason it cannot be used."""
     try:
-        return view_pixels(load_image(path, draft), preprocessing, views, key)
+        return view_pixels(load_image(paths[i], draft), preprocessing, views, hashes[i])
     except DecodeError as exc:
         return exc.reason
-    except Exception as exc:  # a transform failing on a strange image must not end the run either
+    except Exception as exc:  # noqa: BLE001  a transform failing on a strange image must not end the run either
         return f"cannot preprocess image ({type(exc).__name__}: {exc})"
 
 
