@@ -40,7 +40,9 @@ def main() -> None:
         command = [str(Path(sys.executable).with_name("tlearn")), "train", str(data), "--out", str(out), "-q",
                    "--cache-dir", str(tmp / "cache"), "--fine-tune", "--train-precision", args.precision, *args.extra]
         start = time.perf_counter()
-        subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # TLEARN_CACHE too: the fine-tune's trunk cache starts empty as the feature cache does
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TLEARN_CACHE": str(tmp / "cache")}
+        subprocess.run(command, check=True, env=env)
         wall = time.perf_counter() - start
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         metrics = json.loads((out / "metrics.json").read_text())
