@@ -57,12 +57,14 @@ def main() -> None:
             for _, layer in layers[cut:]:
                 layer.requires_grad_(True)
             with torch.inference_mode():
-                below = median_seconds(lambda: run(x, 0, cut))
+                below = median_seconds(lambda cut=cut: run(x, 0, cut))
             with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
                 with torch.no_grad():
                     acts = run(x, 0, cut)
-                full = median_seconds(lambda: head(run(run(x, 0, cut), cut, len(layers))).float().sum().backward())
-                cached = median_seconds(lambda: head(run(acts, cut, len(layers))).float().sum().backward())
+                full = median_seconds(
+                    lambda cut=cut: head(run(run(x, 0, cut), cut, len(layers))).float().sum().backward())
+                cached = median_seconds(
+                    lambda cut=cut, acts=acts: head(run(acts, cut, len(layers))).float().sum().backward())
             print(json.dumps({"precision": precision, "cut": cut_name, "trunk_share_of_forward": round(below / whole, 3),
                               "full_step_ms": round(full * 1000), "cached_step_ms": round(cached * 1000),
                               "step_speedup": round(full / cached, 2), "activation_shape": list(acts.shape[1:]),
