@@ -1,5 +1,5 @@
 # Two entry points: `make demo` (install + run the main job offline on a built-in demo)
-# and `make test` (install + run the whole test suite). .ci/run calls `make test`.
+# and `make test` (install + browser + lint + the whole test suite). .ci/run calls `make test`.
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +15,18 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/tlearn demo --out demo-output
 
-test: install
+# The browser tests need Debian's Chromium: installed here, visibly, never from inside a test.
+browser:
+	@command -v chromium >/dev/null || (echo "installing Debian's chromium for the browser tests" && \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+lint: install
+	$(BIN)/ruff check src tests bench
+
+test: install browser lint
 	$(BIN)/python -m pytest
 
-.PHONY: install demo test
+test-fast: install lint
+	$(BIN)/python -m pytest -m "not slow"
+
+.PHONY: install demo browser lint test test-fast

@@ -5,7 +5,8 @@ here). Usage, from the repo root:
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/classic_memory.py vgg16 [--images 200] [--batch-size 32]
 
-The datasets folder is ../shared/datasets next to the repo, or $TLEARN_DATASETS. It prints the exact `/usr/bin/time -v tlearn train ...` command it ran, and its peak RSS and wall time.
+The datasets folder is ../shared/datasets next to the repo, or $TLEARN_DATASETS. It prints the exact
+`/usr/bin/time -v tlearn train ...` command it ran, and its peak RSS and wall time.
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def main() -> None:
         weights = scratch / f"{args.backbone}.pth"
         torch.save(TORCHVISION[args.backbone](weights=None).state_dict(), weights)
         command = ["/usr/bin/time", "-v", str(Path(sys.executable).parent / "tlearn"), "train", str(data),
-                   "--backbone", args.backbone, "--weights", str(weights), "--batch-size", str(args.batch_size), "--engine", args.engine,
+                   "--backbone", args.backbone, "--weights", str(weights), "--batch-size", str(args.batch_size),
+                   "--engine", args.engine,
                    "--out", str(scratch / "model"), "--cache-dir", str(scratch / "cache"), "--quiet"]
         print("$", " ".join(command))
         run, peak_pss_kb = run_sampled(command)
@@ -89,7 +91,8 @@ def main() -> None:
             sys.exit(run.stderr)
         peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
         wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", run.stderr).group(1)
-        print(f"{args.backbone}: {args.images} images, batch {args.batch_size}, engine {args.engine}: peak RSS {peak_kb / 1024**2:.2f} GiB "
+        print(f"{args.backbone}: {args.images} images, batch {args.batch_size}, engine {args.engine}: "
+              f"peak RSS {peak_kb / 1024**2:.2f} GiB "
               f"(largest single process), peak PSS of the whole process tree {peak_pss_kb / 1024**2:.2f} GiB, "
               f"wall {wall}")
 

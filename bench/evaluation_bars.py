@@ -46,7 +46,7 @@ def calibration_bar(work: Path) -> tuple[list[str], Path]:
     seconds = time.perf_counter() - start
     config = json.loads((model / "config.json").read_text())
     metrics = json.loads((model / "metrics.json").read_text())
-    cal = config["calibration"]
+    cal = config["extra"]["calibration"]
     lines = [f"- `tlearn train oxford17flowers` ({seconds:.0f}s incl. report; features from the cache when warm)",
              f"- temperature {cal['temperature']:.3f} fitted on val (n={metrics['val']['n']})"]
     for split in ("val", "test"):

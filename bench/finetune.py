@@ -56,7 +56,7 @@ def main() -> None:
         "kept": ft["chosen"], "precision": ft["precision_used"], "epochs_run": ft["epochs_run"],
         "best_epoch": ft["best_epoch"], "finetune_seconds": round(ft["seconds"], 1),
         "seconds_per_epoch": round(ft["seconds"] / max(1, ft["epochs_run"]), 1),
-        "load_average": os.getloadavg(), "history": config["history"]}))
+        "load_average": os.getloadavg(), "history": config["extra"]["history"]}))
 
 
 if __name__ == "__main__":

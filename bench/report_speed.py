@@ -41,7 +41,7 @@ def store_inputs(data: Path, cache: Path, folder: Path) -> None:
         "classes": bundle.classes, "seed": clf.seed, "paths": {n: [str(p) for p in s.paths] for n, s in scored.items()},
         "calibration": bundle.extra.get("calibration", {}), "history": bundle.extra.get("history", []),
         "data_checks": bundle.extra.get("data_checks", {}),
-        "facts": {"backbone": bundle.backbone.get("name", bundle.backbone["architecture"]),
+        "facts": {"backbone": bundle.backbone.name,
                   "recipe": bundle.training.get("recipe", "?"), "layout": bundle.split.get("layout", "?")}}))
 
 

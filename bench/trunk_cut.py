@@ -65,7 +65,8 @@ def main() -> None:
                     lambda cut=cut: head(run(run(x, 0, cut), cut, len(layers))).float().sum().backward())
                 cached = median_seconds(
                     lambda cut=cut, acts=acts: head(run(acts, cut, len(layers))).float().sum().backward())
-            print(json.dumps({"precision": precision, "cut": cut_name, "trunk_share_of_forward": round(below / whole, 3),
+            share = round(below / whole, 3)
+            print(json.dumps({"precision": precision, "cut": cut_name, "trunk_share_of_forward": share,
                               "full_step_ms": round(full * 1000), "cached_step_ms": round(cached * 1000),
                               "step_speedup": round(full / cached, 2), "activation_shape": list(acts.shape[1:]),
                               "load_average": os.getloadavg()}), flush=True)

@@ -19,7 +19,7 @@ runner = CliRunner()
 def test_demo_model_learns_the_textures(demo_model):
     assert demo_model.metrics_["test"]["accuracy"] >= 0.9
     assert demo_model.metrics_["val"]["n"] == 18
-    assert demo_model.summary_["extracted"] + demo_model.summary_["from_cache"] == 84
+    assert demo_model.summary_.extracted + demo_model.summary_.from_cache == 84
 
 
 def test_unfitted_classifier_says_what_to_do():
@@ -34,12 +34,12 @@ def test_predict_files_folders_and_unreadable(demo_model, demo_data, tmp_path):
     preds = [r for r in rows if isinstance(r, Prediction)]
     assert len(preds) == 6 and all(p.label == "grass" for p in preds)
     assert all(len(p.top) == 2 and p.top[0][1] >= p.top[1][1] for p in preds)
-    assert sorted(Path(r.path).name for r in rows if isinstance(r, Unreadable)) == ["bad.jpg", "missing.png"]
+    assert sorted(Path(r.source).name for r in rows if isinstance(r, Unreadable)) == ["bad.jpg", "missing.png"]
 
 
 def test_second_fit_uses_the_cache_and_gives_the_same_model(demo_model, demo_data, cache_dir):
     again = tlearn.ImageClassifier(cache_dir=cache_dir, progress=False).fit(demo_data)
-    assert again.summary_["extracted"] == 0
+    assert again.summary_.extracted == 0
     assert again.metrics_ == demo_model.metrics_
 
 
@@ -60,19 +60,88 @@ def test_retrain_on_cached_features_imports_no_torch_and_writes_the_same_model(d
     assert (again.predict_proba(files) == demo_model.predict_proba(files)).all()
 
 
-def test_prediction_with_an_exported_engine_imports_no_torch(demo_model, demo_data, cache_dir, tmp_path):
-    """Once the backbone's engine is exported and verified (by training, in the feature cache), a loaded model
-    predicts without building the network: numpy head, engine from its files; the same probabilities."""
+def test_prediction_imports_no_torch(demo_model, demo_data, tmp_path):
+    """A model folder carries its verified engine: loading and predicting build no network and import no torch,
+    timm or Lightning, whatever the feature cache holds, and give the same probabilities."""
     folder = demo_model.save(tmp_path / "model")
     files = sorted((demo_data / "test").rglob("*.png"))[:4]
     script = (f"import sys, json, tlearn\n"
-              f"clf = tlearn.load({str(folder)!r}, cache_dir={str(cache_dir)!r})\n"
-              f"proba = clf.predict_proba({[str(f) for f in files]!r})\n"
-              "print(json.dumps([proba.tolist(), sorted(m for m in ('torch', 'timm') if m in sys.modules)]))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+              f"p = tlearn.Predictor.load({str(folder)!r})\n"
+              f"rows = p.predict({[str(f) for f in files]!r})\n"
+              "heavy = [m for m in ('torch', 'timm', 'lightning', 'torchvision', 'sklearn') if m in sys.modules]\n"
+              "print(json.dumps([[r.probabilities for r in rows], heavy]))\n")
+    env = {**os.environ, "TLEARN_CACHE": str(tmp_path / "empty-cache")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     proba, heavy = json.loads(done.stdout.strip().splitlines()[-1])
     assert heavy == []
     assert abs(np.array(proba) - demo_model.predict_proba(files)).max() < 1e-5
+
+
+def test_predictor_takes_paths_bytes_pil_images_and_arrays_alike(demo_model, demo_data, tmp_path):
+    from PIL import Image
+
+    predictor = tlearn.Predictor.load(demo_model.save(tmp_path / "m"))
+    path = sorted((demo_data / "test" / "gravel").iterdir())[0]
+    image = Image.open(path).convert("RGB")
+    rows = predictor.predict([path, path.read_bytes(), image, np.asarray(image), b"not an image"], top_k=3)
+    assert [r.source for r in rows[1:]] == ["<image 1>", "<image 2>", "<image 3>", "<image 4>"]
+    assert isinstance(rows[4], Unreadable) and "not an image" in rows[4].reason
+    first = np.array(rows[0].probabilities)
+    for row in rows[1:4]:
+        assert row.label == "gravel" and np.abs(np.array(row.probabilities) - first).max() < 1e-6
+    assert predictor.card.name == "m" and predictor.card.classes == ["brick", "grass", "gravel"]
+    assert len(predictor.card.model_sha256) == 64 and predictor.card.engine in ("openvino", "onnx")
+
+
+def test_predictor_is_thread_safe(demo_model, demo_data, tmp_path):
+    """Many threads share one Predictor (one engine session): every answer equals the single-threaded one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    predictor = tlearn.Predictor.load(demo_model.save(tmp_path / "m"))
+    files = sorted((demo_data / "test").rglob("*.png"))
+    expected = {str(f): predictor.predict([f])[0].probabilities for f in files}
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda f: predictor.predict([f])[0], files * 4))
+    assert all(np.allclose(r.probabilities, expected[r.source], atol=1e-6) for r in got)
+
+
+def test_retrain_with_a_corrupt_file_imports_no_torch_the_second_time(hymenoptera_small, tmp_path):
+    """Decode failures are cached by content like features: a dataset with a bad file still re-trains from the
+    cache alone."""
+    data = link_subset(hymenoptera_small, tmp_path / "data", {"train": 4, "val": 3})
+    good = next((hymenoptera_small / "train" / "ants").iterdir()).read_bytes()
+    (data / "train" / "ants" / "corrupt.jpg").write_bytes(good[:400])
+    script = (f"import sys, tlearn\n"
+              f"clf = tlearn.ImageClassifier(cache_dir={str(tmp_path / 'cache')!r}, progress=False)"
+              f".fit({str(data)!r})\n"
+              "print(clf.summary_.extracted, len(clf.summary_.skipped_files), 'torch' in sys.modules)\n")
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert first.stdout.split()[:2] == ["14", "1"]
+    assert second.stdout.split() == ["0", "1", "False"]
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"batch_size": -1}, "batch_size must be >= 1"),
+    ({"test_fraction": 1.0}, "test_fraction must be"),
+    ({"val_fraction": 0.0}, "val_fraction must be"),
+    ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction \\+ test_fraction"),
+    ({"engine": "tensorrt"}, "unknown engine"),
+    ({"precision": "fp8"}, "unknown precision"),
+    ({"recipe": "magic"}, "unknown recipe"),
+    ({"backbone": "alexnet"}, "unknown backbone"),
+])
+def test_settings_are_checked_before_any_work(demo_data, settings, message):
+    with pytest.raises(tlearn.TlearnError, match=message):
+        tlearn.ImageClassifier(progress=False, **settings).fit(demo_data)
+
+
+def test_importing_tlearn_changes_nothing_process_wide():
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    script = "import os, tlearn, tlearn.cli; print(os.environ.get('HF_HUB_OFFLINE'))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == "None"
 
 
 def test_cli_train_evaluate_predict_with_bad_files(hymenoptera_small, tmp_path, cache_dir):
@@ -85,14 +154,15 @@ def test_cli_train_evaluate_predict_with_bad_files(hymenoptera_small, tmp_path, 
     assert result.exit_code == 0, result.output
     assert "val accuracy" in result.output and "skipped 2 unreadable" in result.output
     config = json.loads((model / "config.json").read_text())
-    assert sorted(Path(s["path"]).name for s in config["training"]["skipped_files"]) == ["README.jpg", "truncated.jpg"]
+    assert sorted(Path(s["path"]).name for s in config["extra"]["skipped_files"]) == ["README.jpg", "truncated.jpg"]
     assert (data / "train/ants/truncated.jpg").exists()
 
     result = runner.invoke(app, ["evaluate", str(model), str(data), "--split", "val", "--json",
                                  "--cache-dir", str(cache_dir)])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
-    assert metrics["n"] == 8 and metrics["accuracy"] == json.loads((model / "metrics.json").read_text())["val"]["accuracy"]
+    recorded = json.loads((model / "metrics.json").read_text())["val"]
+    assert metrics["n"] == 8 and metrics["accuracy"] == recorded["accuracy"]
 
     result = runner.invoke(app, ["predict", str(model), str(data / "val"), str(data / "train/bees/README.jpg"),
                                  "--top-k", "2", "--format", "json"])
@@ -113,6 +183,8 @@ def test_cli_errors_name_the_problem(tmp_path):
     assert result.exit_code == 2 and "config.json is missing" in result.output
     result = runner.invoke(app, ["train", str(tmp_path), "--backbone", "alexnet", "-q"])
     assert result.exit_code == 2 and "unknown backbone" in result.output
+    result = runner.invoke(app, ["train", str(tmp_path), "--batch-size", "0", "-q"])
+    assert result.exit_code == 2 and "batch_size must be >= 1" in result.output
 
 
 def test_backbones_command_lists_offline_weights():
@@ -132,3 +204,16 @@ def test_console_script_runs_the_demo(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "test accuracy" in done.stdout and "brick_00.png" in done.stdout
     assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
+
+
+def test_train_on_new_images_imports_no_torch_once_the_engine_is_exported(demo_data, hymenoptera_small, tmp_path):
+    """A first train exports and verifies the backbone's engine into the cache: a train on images never seen
+    runs them through that engine (and takes the backbone's tensors from the cache) without torch or timm."""
+    cache = tmp_path / "cache"
+    tlearn.ImageClassifier(cache_dir=cache, progress=False).fit(demo_data)
+    data = link_subset(hymenoptera_small, tmp_path / "data", {"train": 3, "val": 2})
+    script = (f"import sys, tlearn\n"
+              f"clf = tlearn.ImageClassifier(cache_dir={str(cache)!r}, progress=False).fit({str(data)!r})\n"
+              "print(clf.summary_.extracted, [m for m in ('torch', 'timm') if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "10 []"

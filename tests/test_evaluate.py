@@ -5,8 +5,13 @@ import numpy as np
 import pytest
 
 from tlearn.evaluate import classification_metrics
-from tlearn.evaluate.calibration import (accuracy_coverage, calibrate, expected_calibration_error, fit_temperature,
-                                         reliability_bins)
+from tlearn.evaluate.calibration import (
+    accuracy_coverage,
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_bins,
+)
 from tlearn.evaluate.metrics import ScoredSplit, bootstrap_intervals
 
 
@@ -22,8 +27,7 @@ def noisy_predictions(n: int, accuracy: float, classes: int = 5, seed: int = 0):
 def test_metrics_are_scikit_learns(n, accuracy, classes, seed):
     """Computed in numpy from the confusion matrix (importing scikit-learn costs a re-train ~0.5 s): the same
     numbers as scikit-learn's, including classes that never occur or are never predicted."""
-    from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score,
-                                 precision_recall_fscore_support)
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     y, p = noisy_predictions(n, accuracy, classes, seed)
     y[y == classes - 1] = 0  # the last class never occurs in y_true ...

@@ -73,8 +73,7 @@ def test_exported_file_alone_matches_predict_proba(exported, model_dir, images):
     expected = tlearn.load(model_dir, progress=False).predict_proba(images)
     assert json.loads(props["classes"]) == ["ants", "bees"] and props["precision"] == "fp32"
     assert "calibrated class probabilities" in props["output"]
-    assert float(props["temperature"]) == json.loads((model_dir / "config.json").read_text())["calibration"][
-        "temperature"]
+    assert float(props["temperature"]) == json.loads((model_dir / "config.json").read_text())["temperature"]
     assert np.allclose(got.sum(1), 1, atol=1e-5)
     assert (got.argmax(1) == expected.argmax(1)).all()
     assert np.abs(got - expected).max() <= 1e-3
@@ -105,7 +104,7 @@ def test_int8_export_is_quantised_and_close(model_dir, images, tmp_path):
 def test_int8_export_needs_the_training_images(model_dir, tmp_path):
     moved = shutil.copytree(model_dir, tmp_path / "model")
     config = json.loads((moved / "config.json").read_text())
-    config["data_checks"]["root"] = str(tmp_path / "gone")
+    config["extra"]["data_checks"]["root"] = str(tmp_path / "gone")
     (moved / "config.json").write_text(json.dumps(config))
     result = runner.invoke(app, ["export", str(moved), "--int8"])
     assert result.exit_code == 2 and "calibrates on the model's training images" in result.output

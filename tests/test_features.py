@@ -6,7 +6,13 @@ from PIL import Image
 
 from tlearn.backbones import create_backbone, get_spec
 from tlearn.data import load_image
+from tlearn.engines import PixelsToOutputs, TorchEngine
 from tlearn.features import FeatureCache, extract_features, feature_key
+
+
+def _extract(model, prep, files, cache, **options):
+    return extract_features(files, cache, lambda: TorchEngine(PixelsToOutputs(model, prep)), prep, progress=False,
+                            **options)
 
 
 def _setup(tmp_path, demo_data, n=6):
@@ -24,24 +30,24 @@ def _setup(tmp_path, demo_data, n=6):
 
 def test_features_match_a_direct_forward_and_are_cached(tmp_path, demo_data):
     files, model, prep, cache = _setup(tmp_path, demo_data)
-    first = extract_features(model, prep, files, cache, batch_size=4, progress=False)
+    first = _extract(model, prep, files, cache, batch_size=4)
     assert first.computed == len(files) and first.vectors.shape == (len(files), 1280)
     with torch.no_grad():
         direct = model(prep.eval_transform()(load_image(files[0]))[None])[0].numpy()
     np.testing.assert_allclose(first.vectors[0], direct, rtol=1e-3, atol=1e-3)
 
-    again = extract_features(model, prep, files, cache, progress=False)
+    again = _extract(model, prep, files, cache)
     assert again.computed == 0
     np.testing.assert_array_equal(again.vectors, first.vectors)
 
 
 def test_only_changed_and_added_files_are_recomputed(tmp_path, demo_data):
     files, model, prep, cache = _setup(tmp_path, demo_data)
-    extract_features(model, prep, files, cache, progress=False)
+    _extract(model, prep, files, cache)
     Image.open(files[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(files[0])  # new content
     added = files[0].with_name("added.png")
     shutil.copy(sorted((demo_data / "val").rglob("*.png"))[0], added)
-    result = extract_features(model, prep, files + [added], cache, progress=False)
+    result = _extract(model, prep, files + [added], cache)
     assert result.computed == 2
     assert len(result.kept) == len(files) + 1
 
@@ -51,10 +57,13 @@ def test_bad_files_are_reported_and_skipped(tmp_path, demo_data):
     broken = files[0].with_name("broken.png")
     broken.write_bytes(files[0].read_bytes()[:200])
     missing = files[0].with_name("missing.png")
-    result = extract_features(model, prep, [broken, *files, missing], cache, progress=False)
+    result = _extract(model, prep, [broken, *files, missing], cache)
     assert result.kept.tolist() == [1, 2, 3]
     assert [p.name for p, _ in result.failures] == ["broken.png", "missing.png"]
     assert broken.exists()  # reported, never deleted
+    again = extract_features([broken, *files], cache, lambda: (_ for _ in ()).throw(AssertionError("engine opened")),
+                             prep, progress=False)
+    assert again.computed == 0 and [p.name for p, _ in again.failures] == ["broken.png"]  # the failure is cached
 
 
 def test_cache_key_depends_on_weights_and_preprocessing():

@@ -280,7 +280,7 @@ def test_kill_9_during_fine_tuning_then_resume_loses_no_finished_epoch(hymenopte
     resumed = _train(hymenoptera_small, out, cache_dir, "--epochs", "2", "--patience", "9", "--resume")
     log = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, log[-3000:]
-    history = json.loads((out / "config.json").read_text())["history"]
+    history = json.loads((out / "config.json").read_text())["extra"]["history"]
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[:len(saved)] == saved  # the epochs finished before the kill, exactly as they were
     csv_logs = sorted((out / "run" / "logs").glob("version_*/metrics.csv"))

@@ -40,13 +40,12 @@ def test_fit_records_calibration_and_data_checks(demo_model):
     assert set(calibration["ece_before"]) == {"val", "test"}
     checks = demo_model.bundle_.extra["data_checks"]
     assert checks["errors"] == 0 and checks["files_checked"] == 84
-    assert demo_model.summary_["data_checks"] == checks
+    assert checks["root"] == demo_model.summary_.data
 
 
 def test_predict_applies_the_saved_temperature(saved_model, demo_data, cache_dir):
     clf = tlearn.load(saved_model, cache_dir=cache_dir, progress=False)
-    clf.bundle_.extra["calibration"] = {"temperature": 3.0}  # a clearly non-trivial temperature
-    clf._model = None
+    clf.bundle_.temperature = 3.0  # a clearly non-trivial temperature
     val = clf.scored_splits(demo_data, splits=("val",))["val"]
     proba = clf.predict_proba(val.paths)
     assert np.allclose(proba, val.proba(3.0), atol=2e-3)
@@ -60,8 +59,8 @@ def test_min_confidence_labels_unsure_images_uncertain(saved_model, demo_data):
     threshold = scores[len(scores) // 2]
     rows = clf.predict([demo_data / "test"], min_confidence=threshold)
     for row in rows:
-        assert row.abstained == (row.score < threshold)
-        assert (row.label == "uncertain") == row.abstained
+        assert row.uncertain == (row.score < threshold)
+        assert (row.label == "uncertain") == row.uncertain
     result = runner.invoke(app, ["predict", str(saved_model), str(demo_data / "test"), "--min-confidence",
                                  str(scores[-1])])
     assert result.exit_code == 0
@@ -81,6 +80,7 @@ def test_train_warns_loudly_about_leakage(demo_data, tmp_path, cache_dir):
     assert "corrupt the evaluation" in page and "leaked.png" in page
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium_with_every_image_loaded(demo_model, tmp_path, chromium):
     html = demo_model.report(tmp_path / "report")
     for name in ("confusion_counts.png", "confusion_normalised.png", "per_class.png", "reliability.png",
@@ -94,6 +94,7 @@ def test_report_renders_in_chromium_with_every_image_loaded(demo_model, tmp_path
     assert pixels.shape[0] > 1000 and pixels.std() > 20  # a long page with content, not a blank one
 
 
+@pytest.mark.slow
 def test_report_command_with_training_curves_and_mistakes(saved_model, demo_data, demo_model, tmp_path, chromium,
                                                           cache_dir):
     result = runner.invoke(app, ["report", str(saved_model), str(demo_data), "--out", str(tmp_path / "r"),

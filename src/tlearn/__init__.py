@@ -1,10 +1,22 @@
-"""tlearn: transfer learning for image classification on an ordinary CPU, offline."""
-import os
+"""tlearn: transfer learning for image classification on an ordinary CPU, offline.
 
-# No network is configured here by default: without this a Hugging Face hub lookup hangs ~50 s before failing.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+The names below are loaded on first use (PEP 562): `tlearn --help` and `import tlearn.errors` stay fast.
+"""
+__version__ = "0.2.0"
+__all__ = ["ImageClassifier", "NotFittedError", "Prediction", "Predictor", "TlearnError", "Unreadable", "load",
+           "__version__"]
+_HOME = {"ImageClassifier": "tlearn.api", "load": "tlearn.api", "NotFittedError": "tlearn.errors",
+         "TlearnError": "tlearn.errors", "Prediction": "tlearn.predict", "Predictor": "tlearn.predict",
+         "Unreadable": "tlearn.predict"}
 
-from tlearn.api import ImageClassifier, NotFittedError, load  # noqa: E402
 
-__version__ = "0.1.0"
-__all__ = ["ImageClassifier", "NotFittedError", "load", "__version__"]
+def __getattr__(name: str):
+    if name in _HOME:
+        import importlib
+
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'tlearn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -1,36 +1,76 @@
-"""A trained model on disk: `model.safetensors` + `config.json` + `metrics.json`. The only module that knows it.
+"""A trained model on disk, the only module that knows its format.
 
-Nothing in a bundle is a pickle and loading one never unpickles: tensors come from safetensors, the rest is JSON.
-Tensors are numpy arrays here; torch is imported only to build the network (`build_model`).
+    MODEL/config.json          typed, versioned record: classes, backbone, preprocessing, calibration, provenance,
+                               and the SHA-256 of every other file of the model (checked on every load)
+    MODEL/model.safetensors    backbone + head tensors
+    MODEL/metrics.json         val/test metrics with confidence intervals
+    MODEL/engine/backbone.onnx the backbone's verified exported engine (uint8 pixels in, pooled features out)
+    MODEL/engine/reference.safetensors   probe pixels and eager-torch outputs it was verified against
+    MODEL/report/              the HTML report (derived; not checked)
+
+Nothing in a model folder is a pickle and loading one never unpickles. A folder is written whole or not at all:
+`ModelFolder` builds it beside its final place and swaps it in with one atomic rename.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 import os
 import platform
+import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from tlearn.backbones import Preprocessing
+from tlearn.backbones.registry import BACKBONES, WeightsInfo
+from tlearn.errors import BundleError
+from tlearn.files import sha256_file as file_sha256
 from tlearn.train.head import LinearHead
 
-if TYPE_CHECKING:
-    from tlearn.classifier import Classifier
+FORMAT_VERSION = 2
+CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "model.safetensors", "metrics.json"
+ENGINE_FILE, REFERENCE_FILE = "engine/backbone.onnx", "engine/reference.safetensors"
+INTERPOLATIONS = ("bicubic", "bilinear")
+PRECISIONS = ("fp32", "bf16", "int8")
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.json", "metrics.json"
+
+@dataclass(frozen=True)
+class BackboneRecord:
+    """Which network the model is built on and where its weights came from."""
+
+    name: str
+    architecture: str
+    weights: WeightsInfo
+    feature_dim: int
+    feature_key: str  # feature-cache key of this exact network (changes when fine-tuning changes the weights)
+    precision: str = "fp32"  # of the frozen-backbone forward the head was trained on
+    fine_tuned_sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BackboneRecord":
+        return cls(**{**data, "weights": WeightsInfo(**data["weights"])})
 
 
-class BundleError(ValueError):
-    """A folder that is not a usable tlearn model, with what is wrong with it."""
+@dataclass(frozen=True)
+class EngineRecord:
+    """The exported backbone in the folder, and what it was verified against."""
+
+    precision: str  # of the exported file: fp32 (also run as bf16 by OpenVINO) or int8
+    verdicts: dict  # "<runtime>-<version>-<precision>" -> {"ok", "max_abs_diff", "min_cosine", "detail"}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -38,67 +78,97 @@ class Bundle:
     """Everything needed to predict, and to trace how the model was made."""
 
     classes: list[str]
-    backbone: dict  # name, architecture, weights {source, sha256}, feature_dim, feature_key
+    backbone: BackboneRecord
     preprocessing: Preprocessing
     state: dict[str, np.ndarray]  # "backbone.*" and "head.*" tensors
-    training: dict = field(default_factory=dict)  # recipe settings and what was chosen
+    temperature: float = 1.0  # calibration: probabilities are softmax(logits / temperature)
+    training: dict = field(default_factory=dict)  # recipe settings and what was chosen (provenance, free-form)
     split: dict = field(default_factory=dict)  # the files of each split actually used
     metrics: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)  # sections added by later stages (calibration, history, ...)
+    extra: dict = field(default_factory=dict)  # provenance sections: calibration details, data checks, history
+    engine: EngineRecord | None = None
+    engine_files: tuple[Path, Path] | None = None  # (exported backbone ONNX, its reference) to ship with the model
+    files: dict = field(default_factory=dict)  # SHA-256 of each file, as written in (and checked against) the config
 
+    # ---- writing ----------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write the bundle folder; each file is written to a temporary name first and renamed into place."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"format": "tlearn-bundle", "format_version": FORMAT_VERSION, "classes": self.classes,
-                  "backbone": self.backbone, "preprocessing": self.preprocessing.to_dict(),
-                  "training": self.training, "split": self.split, **self.extra,
-                  "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        _atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(
-            {k: np.ascontiguousarray(v) for k, v in self.state.items()}, tmp, metadata={"format": "tlearn"}))
-        _atomic(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
-        _atomic(directory / METRICS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(self.metrics, indent=1)))
-        return directory
+        """Write the model into `directory`, replacing whatever model was there, whole or not at all."""
+        with ModelFolder(directory) as folder:
+            self.write(folder)
+        return Path(directory)
 
+    def write(self, folder: Path) -> None:
+        """Write the bundle's files into `folder` (an empty staging folder: see ModelFolder)."""
+        files = {WEIGHTS_FILE: lambda p: save_file({k: np.ascontiguousarray(v) for k, v in self.state.items()}, p,
+                                                   metadata={"format": "tlearn"}),
+                 METRICS_FILE: lambda p: p.write_text(json.dumps(self.metrics, indent=1))}
+        if self.engine_files is not None:
+            model_file, reference_file = self.engine_files
+            files[ENGINE_FILE] = lambda p: shutil.copyfile(model_file, p)
+            files[REFERENCE_FILE] = lambda p: shutil.copyfile(reference_file, p)
+        digests = {}
+        for name, write in files.items():
+            path = folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(path)
+            digests[name] = file_sha256(path)
+        self.files = digests
+        config = {"format": "tlearn-bundle", "format_version": FORMAT_VERSION, "classes": self.classes,
+                  "backbone": self.backbone.to_dict(), "preprocessing": self.preprocessing.to_dict(),
+                  "temperature": self.temperature, "engine": self.engine.to_dict() if self.engine else None,
+                  "training": self.training, "split": self.split, "extra": self.extra, "files": digests,
+                  "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=False,
+                                                     default=_json_default))
+
+    # ---- reading ----------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, directory: str | Path) -> "Bundle":
+    def load(cls, directory: str | Path, *, tensors: bool = True) -> "Bundle":
+        """Read and check a model folder: every file's SHA-256 against the config, every config value against its
+        type and range, the tensors against the config. BundleError names what is wrong."""
         directory = Path(directory)
         if not directory.is_dir():
             raise BundleError(f"{directory} is not a folder; give the model folder written by `tlearn train`")
         config = _read_json(directory / CONFIG_FILE)
-        if config.get("format") != "tlearn-bundle":
-            raise BundleError(f"{directory / CONFIG_FILE} is not a tlearn model config")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise BundleError(f"{directory} was written by a newer tlearn (format {config['format_version']}); "
-                              "upgrade tlearn to load it")
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            raise BundleError(f"{directory} has no {WEIGHTS_FILE}")
+        _check_format(directory, config)
+        _check_files(directory, config.get("files"))
         try:
-            state = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise BundleError(f"{weights} is not a readable safetensors file ({exc})") from None
-        metrics = _read_json(directory / METRICS_FILE) if (directory / METRICS_FILE).exists() else {}
-        known = {"format", "format_version", "classes", "backbone", "preprocessing", "training", "split",
-                 "versions", "created"}
-        try:
-            return cls(list(config["classes"]), dict(config["backbone"]),
-                       Preprocessing.from_dict(config["preprocessing"]), state, config.get("training", {}),
-                       config.get("split", {}), metrics, {k: v for k, v in config.items() if k not in known})
-        except (KeyError, TypeError, ValueError) as exc:
+            bundle = cls(
+                classes=_classes(config["classes"]), backbone=BackboneRecord.from_dict(config["backbone"]),
+                preprocessing=_preprocessing(config["preprocessing"]), state={},
+                temperature=_temperature(config["temperature"]), training=dict(config.get("training") or {}),
+                split=dict(config.get("split") or {}), metrics=_read_json(directory / METRICS_FILE),
+                extra=dict(config.get("extra") or {}),
+                engine=EngineRecord(**config["engine"]) if config.get("engine") else None,
+                engine_files=(directory / ENGINE_FILE, directory / REFERENCE_FILE) if config.get("engine") else None,
+                files=dict(config["files"]))
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{directory / CONFIG_FILE} is incomplete or malformed ({exc!r})") from None
+        if not known_architecture(bundle.backbone.architecture):
+            raise BundleError(f"{directory / CONFIG_FILE} names an architecture tlearn does not know: "
+                              f"{bundle.backbone.architecture!r}")
+        if tensors:
+            bundle.state = _read_tensors(directory / WEIGHTS_FILE)
+            bundle.check_tensors(directory)
+        return bundle
 
-    def temperature(self) -> float:
-        """The calibration temperature (config "calibration"); 1 when there is none."""
-        temperature = float(self.extra.get("calibration", {}).get("temperature", 1.0))
-        if temperature <= 0:
-            raise BundleError(f"calibration temperature must be positive, not {temperature}")
-        return temperature
+    def check_tensors(self, directory: Path) -> None:
+        head_w, head_b = self.state.get("head.weight"), self.state.get("head.bias")
+        if head_w is None or head_b is None:
+            raise BundleError(f"{directory / WEIGHTS_FILE} has no head (head.weight and head.bias are needed)")
+        expected = (len(self.classes), self.backbone.feature_dim)
+        if head_w.shape != expected or head_b.shape != (len(self.classes),):
+            raise BundleError(f"{directory / WEIGHTS_FILE}: the head is {head_w.shape}, but the config has "
+                              f"{len(self.classes)} classes and {self.backbone.feature_dim} features")
+        if not (np.isfinite(head_w).all() and np.isfinite(head_b).all()):
+            raise BundleError(f"{directory / WEIGHTS_FILE}: the head holds NaN or infinite values")
 
     def head(self, calibrated: bool = False) -> LinearHead:
         """The linear head on pooled backbone features (numpy, no torch): logits as it was trained, or divided by
         the calibration temperature (`calibrated`, what predictions use)."""
-        scale = self.temperature() if calibrated else 1.0
+        scale = self.temperature if calibrated else 1.0
         return LinearHead(self.state["head.weight"] / scale, self.state["head.bias"] / scale)
 
     def backbone_state(self) -> dict[str, np.ndarray]:
@@ -111,34 +181,154 @@ class Bundle:
         files = [Path(root) / relative for relative, _ in self.split.get("files", {}).get(split, [])] if root else []
         return files if files and all(f.is_file() for f in files) else []
 
-    def build_model(self) -> Classifier:
-        """The classifier with the bundle's weights, in eval mode; no network, no weights package needed.
+    def build_model(self):
+        """The torch classifier with the bundle's weights and its calibration folded into the head (eval mode)."""
+        from tlearn.errors import require
 
-        A calibration temperature T (config "calibration") is folded into the head: logits / T, same argmax."""
+        require("torch", "train", "building the torch model")
         import timm
         import torch
         from torch import nn
 
         from tlearn.classifier import Classifier
 
-        backbone = timm.create_model(self.backbone["architecture"], pretrained=False, num_classes=0)
-        n_features, n_classes = self.state["head.weight"].shape[1], len(self.classes)
-        model = Classifier(backbone, nn.Linear(n_features, n_classes))
+        with torch.device("meta"):
+            backbone = timm.create_model(self.backbone.architecture, pretrained=False, num_classes=0)
+        n_features, n_classes = self.backbone.feature_dim, len(self.classes)
+        with torch.device("meta"):
+            model = Classifier(backbone, nn.Linear(n_features, n_classes))
         try:
-            model.load_state_dict({k: torch.from_numpy(v) for k, v in self.state.items()}, strict=True)
+            model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.state.items()}, strict=True,
+                                  assign=True)
         except RuntimeError as exc:
-            raise BundleError(f"model weights do not fit the {self.backbone['architecture']} architecture: "
+            raise BundleError(f"model weights do not fit the {self.backbone.architecture} architecture: "
                               f"{str(exc).splitlines()[0]} ...") from None
-        temperature = self.temperature()
+        _fill_buffers(model)
         with torch.no_grad():
-            model.head.weight /= temperature
-            model.head.bias /= temperature
+            model.head.weight /= self.temperature
+            model.head.bias /= self.temperature
         return model.eval()
+
+
+RUN_FOLDER = "run"  # fine-tuning checkpoints and logs, kept across re-writes of the model (--resume needs them)
+
+
+class ModelFolder:
+    """A staging folder beside `target` that replaces it on a clean exit (atomically, where Linux allows), and
+    vanishes on an error. A `target` that exists must be a tlearn model, or hold nothing but a fine-tune's run/
+    folder: anything else is the user's, and is refused. A run/ folder is carried over into the new model."""
+
+    def __init__(self, target: str | Path):
+        self.target = Path(target)
+        if self.target.exists():
+            if not self.target.is_dir():
+                raise BundleError(f"{self.target} is a file; give a folder for the model")
+            others = [p for p in self.target.iterdir() if p.name != RUN_FOLDER]
+            if others and not (self.target / CONFIG_FILE).is_file():
+                raise BundleError(f"{self.target} is a folder that is not a tlearn model and not empty; refusing to "
+                                  "replace it: choose another --out, or empty it")
+            if (self.target / CONFIG_FILE).is_file() and _read_json_or_none(self.target / CONFIG_FILE, "format") \
+                    != "tlearn-bundle":
+                raise BundleError(f"{self.target} holds a config.json that is not a tlearn model's; refusing to "
+                                  "replace it")
+
+    def __enter__(self) -> Path:
+        parent = self.target.resolve().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{self.target.name}.new-"))
+        except OSError as exc:
+            raise BundleError(f"cannot write the model next to {self.target}: {exc.strerror or exc}") from None
+        os.chmod(self.staging, 0o755)
+        return self.staging
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return
+        try:
+            _fsync_tree(self.staging)
+            if (self.target / RUN_FOLDER).is_dir() and not (self.staging / RUN_FOLDER).exists():
+                os.rename(self.target / RUN_FOLDER, self.staging / RUN_FOLDER)
+            _swap_in(self.staging, self.target)
+        except OSError as error:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise BundleError(f"cannot write the model to {self.target}: {error.strerror or error}") from None
+
+
+def is_model_folder(path: Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file() and _read_json_or_none(Path(path) / CONFIG_FILE, "format") \
+        == "tlearn-bundle"
+
+
+# ---- checks -------------------------------------------------------------------------------------------------------
+def _check_format(directory: Path, config: dict) -> None:
+    if config.get("format") != "tlearn-bundle":
+        raise BundleError(f"{directory / CONFIG_FILE} is not a tlearn model config")
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"{directory / CONFIG_FILE}: format_version must be a whole number, not {version!r}")
+    if version > FORMAT_VERSION:
+        raise BundleError(f"{directory} was written by a newer tlearn (format {version}); upgrade tlearn to load it")
+    if version < FORMAT_VERSION:
+        raise BundleError(f"{directory} is an older tlearn model (format {version}, this tlearn reads "
+                          f"{FORMAT_VERSION}): train it again with this version")
+
+
+def _check_files(directory: Path, files) -> None:
+    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
+        raise BundleError(f"{directory / CONFIG_FILE} does not list the model's files and their SHA-256")
+    for name, digest in files.items():
+        path = directory / name
+        if not isinstance(name, str) or ".." in Path(name).parts or Path(name).is_absolute():
+            raise BundleError(f"{directory / CONFIG_FILE} lists a file outside the model folder: {name!r}")
+        if not path.is_file():
+            raise BundleError(f"{directory} is incomplete: {name} is missing")
+        if file_sha256(path) != digest:
+            raise BundleError(f"{path} has been changed or truncated since the model was written (its SHA-256 "
+                              "does not match config.json): restore it or train again")
+
+
+def _classes(value) -> list[str]:
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, str) and c for c in value):
+        raise BundleError(f"classes must be a list of at least two non-empty names, not {value!r:.80}")
+    if len(set(value)) != len(value):
+        raise BundleError("classes has the same name twice")
+    return list(value)
+
+
+def _preprocessing(data) -> Preprocessing:
+    prep = Preprocessing.from_dict(data)
+    if not 16 <= prep.input_size <= 1024:
+        raise BundleError(f"preprocessing input_size must be between 16 and 1024, not {prep.input_size}")
+    if not 0.1 <= prep.crop_pct <= 1.0:
+        raise BundleError(f"preprocessing crop_pct must be between 0.1 and 1, not {prep.crop_pct}")
+    if prep.interpolation not in INTERPOLATIONS:
+        raise BundleError(f"preprocessing interpolation must be one of {', '.join(INTERPOLATIONS)}, not "
+                          f"{prep.interpolation!r}")
+    if len(prep.mean) != 3 or len(prep.std) != 3 or not all(math.isfinite(v) for v in prep.mean + prep.std) \
+            or min(prep.std) <= 0:
+        raise BundleError(f"preprocessing mean and std must be 3 finite numbers each, std positive "
+                          f"(mean {prep.mean}, std {prep.std})")
+    return prep
+
+
+def _temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise BundleError(f"the calibration temperature must be a finite positive number, not {value!r}")
+    return float(value)
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BundleError(f"{path.parent} is not a tlearn model folder: {path.name} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -148,22 +338,84 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _read_json_or_none(path: Path, key: str):
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        return json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+# ---- writing a folder whole ---------------------------------------------------------------------------------------
+def _fsync_tree(folder: Path) -> None:
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = Path(root) / name
+            os.chmod(path, 0o644)
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.close(descriptor)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Put `staging` at `target`. An existing target is exchanged with it in one renameat2 call (Linux), so a
+    kill at any moment leaves either the old model or the new one there; the old one is then removed."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    if not _exchange(staging, target):  # not Linux, or a file system without RENAME_EXCHANGE
+        old = staging.with_name(staging.name.replace(".new-", ".old-"))
+        os.rename(target, old)
+        os.rename(staging, target)
+        staging = old
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
+
+
+def _fill_buffers(model) -> None:
+    """Buffers a state dict does not hold (none in timm's backbones so far) stay on the meta device after
+    load_state_dict(assign=True): materialise them as zeros rather than fail later."""
+    import torch
+
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_meta:
+                module.register_buffer(name, torch.zeros(buffer.shape, dtype=buffer.dtype))
 
 
 def _versions() -> dict:
     versions = {"python": platform.python_version()}
-    for package in ("tlearn", "torch", "torchvision", "timm", "numpy", "pillow", "scikit-learn", "safetensors"):
+    for package in ("tlearn", "torch", "timm", "numpy", "pillow", "onnxruntime", "openvino", "safetensors"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def known_architecture(architecture: str) -> bool:
+    """Architecture names come from the registry only (a config naming "hf-hub:..." must not reach timm)."""
+    return any(spec.architecture == architecture for spec in BACKBONES.values())

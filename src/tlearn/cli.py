@@ -12,13 +12,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-import tlearn
-from tlearn.backbones import BACKBONES, WeightsUnavailable, fetch_weights, parameter_count, weights_available
-from tlearn.bundle import BundleError
-from tlearn.data import DatasetError
-from tlearn.engines import EngineError
-from tlearn.predict import Unreadable
-from tlearn.train.settings import FinetuneSettings
+from tlearn.errors import TlearnError
+
+# Everything else is imported inside the command that needs it: `tlearn --help` and `tlearn predict` must start
+# fast, and predicting needs no torch.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate and use image classifiers by transfer learning, on CPU, offline.")
@@ -63,11 +60,13 @@ class Format(str, Enum):
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err.print("[bold red]error:[/] ", end="", highlight=False)
+    err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
-_USER_ERRORS = (DatasetError, BundleError, WeightsUnavailable, ValueError, FileNotFoundError, EngineError)
+# Problems a user can fix: one line and exit 2. Anything else is a bug and shows its traceback (exit 1).
+_USER_ERRORS = (TlearnError,)
 
 
 @app.command()
@@ -114,11 +113,14 @@ def train(
                                          "checkpoint in OUT/run (same command otherwise).")] = False,
 ) -> None:
     """Train a classifier on DATA and write a model folder (fine-tuning checkpoints and logs in OUT/run)."""
+    import tlearn
+    from tlearn.train.settings import FinetuneSettings
+
     out_dir = out_dir or Path(f"{data.resolve().name}-model")
     settings = FinetuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, unfreeze=unfreeze, augment=augment,
                                 mixup=mixup, cutmix=cutmix, patience=patience, train_bn=train_bn,
-                                precision=train_precision, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                                strategy=strategy, deterministic=deterministic)
+                                precision=train_precision, accelerator=accelerator, devices=devices,
+                                num_nodes=num_nodes, strategy=strategy, deterministic=deterministic)
     try:
         clf = tlearn.ImageClassifier(backbone, weights=weights, seed=seed, batch_size=batch_size,
                                      cache_dir=cache_dir, progress=not quiet, engine=engine.value,
@@ -126,25 +128,25 @@ def train(
                                      recipe="finetune" if fine_tune else recipe.value, finetune=settings,
                                      run_dir=out_dir / "run").fit(data, resume=resume)
         clf.save(out_dir)
-        report = clf.report(out_dir / "report")
     except _USER_ERRORS as exc:
         _fail(exc)
     _print_summary(clf, out_dir)
-    out.print(f"report: {report}", highlight=False)
+    out.print(f"report: {out_dir / 'report' / 'report.html'}", highlight=False)
 
 
-def _print_summary(clf: tlearn.ImageClassifier, out_dir: Path) -> None:
-    s = clf.summary_
-    table = Table(title=f"tlearn train: {s['data']}", show_header=False, title_justify="left")
-    table.add_row("layout", s["layout"])
-    table.add_row("classes", str(s["classes"]))
-    table.add_row("images", ", ".join(f"{k} {v}" for k, v in s["images"].items()))
-    rate = f" ({s['images_per_second']:.0f} img/s)" if s["images_per_second"] else ""
-    table.add_row("features", f"{s['extracted']} extracted in {s['extract_seconds']:.1f}s{rate}, "
-                              f"{s['from_cache']} from cache")
-    table.add_row("head", f"linear softmax, C={s['C']:g} (chosen on val)")
-    if "finetune" in s:
-        ft = s["finetune"]
+def _print_summary(clf, out_dir: Path) -> None:
+    s, bundle = clf.summary_, clf.bundle_
+    table = Table(title=f"tlearn train: {s.data}", show_header=False, title_justify="left")
+    table.add_row("layout", s.layout)
+    table.add_row("classes", str(s.classes))
+    table.add_row("images", ", ".join(f"{k} {v}" for k, v in s.images.items()))
+    rate = f" ({s.images_per_second:.0f} img/s)" if s.images_per_second else ""
+    built = f"; engine built once in {s.engine_build_seconds:.1f}s" if s.engine_build_seconds else ""
+    table.add_row("features", f"{s.extracted} extracted in {s.extract_seconds:.1f}s{rate}, {s.from_cache} from "
+                              f"cache{built}")
+    table.add_row("head", f"linear softmax, C={s.head_C:g} (chosen on val)")
+    if s.finetune:
+        ft = s.finetune
         table.add_row("fine-tune", f"{ft['epochs_run']} epoch(s) in {ft['seconds']:.0f}s, best {ft['best_epoch']}, "
                                    f"{ft['precision_used']}, unfrozen {','.join(ft['unfrozen']) or 'all'}")
         for stage, m in clf.metrics_["stages"].items():
@@ -154,19 +156,19 @@ def _print_summary(clf: tlearn.ImageClassifier, out_dir: Path) -> None:
         table.add_row(f"{split} accuracy", f"{m['accuracy']:.4f} {_interval(m, 'accuracy')} (mean class "
                                            f"{m['mean_class_accuracy']:.4f} {_interval(m, 'mean_class_accuracy')}, "
                                            f"n={m['n']})")
-    calibration = clf.bundle_.extra.get("calibration")
+    calibration = bundle.extra.get("calibration")
     if calibration:
         ece = ", ".join(f"{split} {calibration['ece_before'][split]:.3f} -> {calibration['ece_after'][split]:.3f}"
                         for split in calibration["ece_after"])
         table.add_row("calibration", f"temperature {calibration['temperature']:.3f} (fitted on val); ECE {ece}")
-    table.add_row("time", f"{s['seconds']:.1f}s")
+    table.add_row("time", f"{s.seconds:.1f}s")
     table.add_row("model", str(out_dir))
     out.print(table)
-    _print_data_warning(s.get("data_checks", {}))
-    if s["skipped_files"]:
-        err.print(f"[yellow]skipped {len(s['skipped_files'])} unreadable file(s):[/]")
-        for path, reason in s["skipped_files"]:
-            err.print(f"  {path}: {reason}", highlight=False, soft_wrap=True)
+    _print_data_warning(bundle.extra.get("data_checks", {}))
+    if s.skipped_files:
+        err.print(f"[yellow]skipped {len(s.skipped_files)} unreadable file(s):[/]")
+        for path, reason in s.skipped_files:
+            err.print(f"  {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _interval(m: dict, key: str) -> str:
@@ -197,6 +199,8 @@ def evaluate(
     precision: Precision = None,
 ) -> None:
     """Measure a trained model on one split of DATA."""
+    import tlearn
+
     try:
         metrics = tlearn.load(model, cache_dir=cache_dir, progress=not (quiet or as_json), engine=engine.value,
                               precision=precision and precision.value).evaluate(data, split)
@@ -239,6 +243,9 @@ def predict(
         help="Label images whose (calibrated) top probability is below this 'uncertain'.", min=0.0, max=1.0)] = None,
 ) -> None:
     """Predict labels for images; unreadable files are listed on stderr, not fatal."""
+    import tlearn
+    from tlearn.predict import Unreadable
+
     try:
         clf = tlearn.load(model, progress=False, engine=engine.value, precision=precision and precision.value,
                           batch_size=batch_size)
@@ -253,12 +260,13 @@ def predict(
         rows = clf.iter_predict(paths, top_k=k, min_confidence=min_confidence)
         if fmt is Format.csv:
             writer = csv.writer(sink)
-            writer.writerow(["path", "label", "score"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")])
+            writer.writerow(["path", "label", "score"]
+                            + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")])
             for row in rows:
                 if isinstance(row, Unreadable):
                     unreadable.append(row)
                     continue
-                writer.writerow([row.path, row.label, f"{row.score:.6f}"] +
+                writer.writerow([row.source, row.label, f"{row.score:.6f}"] +
                                 [v for label, score in row.top[1:] for v in (label, f"{score:.6f}")])
                 sink.flush()
         else:
@@ -267,10 +275,10 @@ def predict(
                 if isinstance(row, Unreadable):
                     unreadable.append(row)
                 else:
-                    predictions.append({"path": row.path, "label": row.label, "score": row.score,
+                    predictions.append({"path": row.source, "label": row.label, "score": row.score,
                                         "top": [{"label": label, "score": score} for label, score in row.top]})
             json.dump({"predictions": predictions,
-                       "unreadable": [{"path": u.path, "reason": u.reason} for u in unreadable]}, sink, indent=1)
+                       "unreadable": [{"path": u.source, "reason": u.reason} for u in unreadable]}, sink, indent=1)
             sink.write("\n")
     except _USER_ERRORS as exc:
         _fail(exc)
@@ -278,7 +286,7 @@ def predict(
         if output:
             sink.close()
     for u in unreadable:
-        err.print(f"unreadable: {u.path}: {u.reason}", highlight=False, soft_wrap=True)
+        err.print(f"unreadable: {u.source}: {u.reason}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -293,7 +301,8 @@ def doctor(
     """Check a dataset: unreadable/odd files, duplicates, leakage between splits, conflicting labels, balance.
 
     Exit code 1 when a problem would corrupt an evaluation (leakage, conflicting labels, unusable layout)."""
-    from tlearn.data.doctor import examine_dataset, quarantine as move_flagged
+    from tlearn.data.doctor import examine_dataset
+    from tlearn.data.doctor import quarantine as move_flagged
 
     try:
         report = examine_dataset(data, seed=seed, progress=not (quiet or as_json))
@@ -331,11 +340,14 @@ def _print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None
 def report(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
     data: Annotated[Optional[Path], typer.Argument(help="Dataset folder [default: the one it was trained on].")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder [default: MODEL/report].")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o",
+                                                    help="Report folder [default: MODEL/report].")] = None,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
     """Write an HTML report (metrics with confidence intervals, confusion matrix, calibration, mistakes)."""
+    import tlearn
+
     try:
         path = tlearn.load(model, cache_dir=cache_dir, progress=not quiet).report(out_dir or model / "report", data)
     except _USER_ERRORS as exc:
@@ -355,6 +367,8 @@ def export(
 ) -> None:
     """Export the whole classifier as one ONNX file (pixels in, calibrated probabilities out), verified against
     the torch model."""
+    import tlearn
+
     out_file = out_file or model / ("model-int8.onnx" if int8 else "model.onnx")
     try:
         check = tlearn.load(model, progress=False).export(out_file, int8=int8, images=images)
@@ -373,6 +387,8 @@ def export(
 @app.command()
 def backbones() -> None:
     """List the backbones, their input size, parameter count and whether their weights are on this machine."""
+    from tlearn.backbones import BACKBONES, parameter_count, weights_available
+
     table = Table()
     table.add_column("name", no_wrap=True)  # the one column a narrow terminal must not cut: it is what you type
     for title in ("architecture (timm)", "input", "parameters", "weights offline"):
@@ -390,6 +406,8 @@ def fetch_weights_command(
     name: Annotated[str, typer.Argument(help="Backbone name (see `tlearn backbones`).")],
 ) -> None:
     """Download a backbone's ImageNet weights into the local weights cache (needs network and HF_HUB_OFFLINE=0)."""
+    from tlearn.backbones import fetch_weights
+
     try:
         path = fetch_weights(name)
     except _USER_ERRORS as exc:

@@ -8,52 +8,50 @@ from __future__ import annotations
 import json
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from tlearn.bundle import Bundle
-from tlearn.engines import probe_pixels, stream_pixels
-from tlearn.predict import expand_paths
+from tlearn.errors import TlearnError, require
+from tlearn.predict import Predictor, expand_paths
 
 if TYPE_CHECKING:
-    from tlearn.classifier import Classifier
     from tlearn.engines.export import ExportCheck
 
 CHECK_IMAGES = 64  # held-out images an export is verified on
+CALIBRATION_IMAGES = 128  # int8 activation ranges: enough images to cover the classes, few enough to be quick
 
 
-def export_bundle(bundle: Bundle, model: Classifier, path: Path, *, int8: bool = False,
-                  images: Sequence[str | Path] | None = None,
-                  calibration: Callable[[Sequence[Path]], Iterable[np.ndarray]] | None = None,
-                  batch_size: int = 32, workers: int | None = None) -> ExportCheck:
-    """Write `model` (built from `bundle`) to `path` and verify it; see ImageClassifier.export for the promise.
+def export_bundle(bundle: Bundle, predictor: Predictor, path: Path, *, int8: bool = False,
+                  images: Sequence[str | Path] | None = None, seed: int = 0) -> ExportCheck:
+    """Write the torch model built from `bundle` to `path` as ONNX and verify it; see ImageClassifier.export.
 
-    `calibration` turns training files into uint8 batches for int8's activation ranges."""
+    The images it is checked (and, for int8, calibrated) on go through the predictor's pixel pipeline."""
+    require("torch", "train", "exporting a model")
     from tlearn.engines.export import export_classifier
 
-    pixels, source = check_pixels(bundle, images, batch_size, workers)
+    pixels, source = check_pixels(bundle, predictor, images)
     batches = None
     if int8:
         train = bundle.split_files("train")
-        if not train or calibration is None:
-            raise ValueError("an int8 export calibrates on the model's training images, and they are no longer "
-                             f"where it was trained ({bundle.extra.get('data_checks', {}).get('root')}); "
-                             "export without --int8, or put the dataset back")
-        batches = calibration(train)
-    return export_classifier(model, bundle.preprocessing, Path(path), properties(bundle, "int8" if int8 else "fp32"),
-                             pixels, source, batches)
+        if not train:
+            raise TlearnError("an int8 export calibrates on the model's training images, and they are no longer "
+                              f"where it was trained ({bundle.extra.get('data_checks', {}).get('root')}); "
+                              "export without --int8, or put the dataset back")
+        order = np.random.default_rng(seed).permutation(len(train))[:CALIBRATION_IMAGES]
+        batches = (b.pixels for b in predictor.pixel_batches([train[i] for i in sorted(order)]) if len(b.indices))
+    return export_classifier(bundle.build_model(), bundle.preprocessing, Path(path),
+                             properties(bundle, "int8" if int8 else "fp32"), pixels, source, batches)
 
 
-def check_pixels(bundle: Bundle, images: Sequence[str | Path] | None, batch_size: int = 32,
-                 workers: int | None = None) -> tuple[np.ndarray, str]:
+def check_pixels(bundle: Bundle, predictor: Predictor, images: Sequence[str | Path] | None) -> tuple[np.ndarray, str]:
     """uint8 pixels an export is verified on, and where they come from: `images`, else up to 64 of the model's
-    own test (or val) images, else scikit-image's photos."""
-    preprocessing = bundle.preprocessing
+    own test (or val) images, else the probe photos its engine was verified on."""
     if images:
         paths, missing = expand_paths(images)
         if missing or not paths:
-            raise FileNotFoundError(f"no image to verify the export on: {missing[0].path if missing else images}")
+            raise TlearnError(f"no image to verify the export on: {missing[0].source if missing else images}")
         source = f"{len(paths)} image(s) given"
     else:
         split = "test" if bundle.split_files("test") else "val"
@@ -61,28 +59,31 @@ def check_pixels(bundle: Bundle, images: Sequence[str | Path] | None, batch_size
         paths = recorded[::max(1, len(recorded) // CHECK_IMAGES)][:CHECK_IMAGES]
         source = f"{len(paths)} images of the model's {split} split"
         if not paths:
-            return probe_pixels(preprocessing), "scikit-image's sample photos (the training data is not here)"
-    batches = list(stream_pixels(paths, preprocessing, batch_size, workers))
+            from tlearn.engines import read_reference
+
+            return read_reference(bundle.engine_files[1])[0], "the probe photos (the training data is not here)"
+    batches = list(predictor.pixel_batches(paths))
     errors = [(paths[i], reason) for b in batches for i, reason in b.errors]
     if errors:
-        raise ValueError(f"cannot read {errors[0][0]}: {errors[0][1]}")
+        raise TlearnError(f"cannot read {errors[0][0]}: {errors[0][1]}")
     return np.concatenate([b.pixels for b in batches]), source
 
 
 def properties(bundle: Bundle, precision: str) -> dict[str, str]:
     """What a consumer of the exported ONNX file needs to know, as its metadata_props."""
     prep, size = bundle.preprocessing, bundle.preprocessing.input_size
-    temperature = bundle.temperature()
     return {
         "producer": f"tlearn {metadata.version('tlearn')}",
         "classes": json.dumps(bundle.classes),
         "input": f"pixels: uint8 RGB (batch, 3, {size}, {size}), the image resized ({prep.interpolation}, shorter "
                  f"side to {prep.resize_size()}) and centre-cropped to {size}x{size}; mean/std are applied inside",
         "output": f"probabilities: float32 (batch, {len(bundle.classes)}), calibrated class probabilities "
-                  f"(softmax of logits / temperature {temperature:.4g}) in the order of `classes`",
+                  f"(softmax of logits / temperature {bundle.temperature:.4g}) in the order of `classes`",
         "preprocessing": json.dumps({**prep.to_dict(), "resize_shorter_side": prep.resize_size(),
-                                     "crop": "centre", "channels": "RGB", "layout": "NCHW", "dtype": "uint8"}),
-        "temperature": repr(temperature),
+                                     "crop": "centre", "channels": "RGB", "layout": "NCHW", "dtype": "uint8",
+                                     "rule": prep.rule()}),
+        "temperature": repr(bundle.temperature),
         "precision": precision,
-        "backbone": json.dumps({k: bundle.backbone.get(k) for k in ("name", "architecture", "precision")}),
+        "backbone": json.dumps({"name": bundle.backbone.name, "architecture": bundle.backbone.architecture,
+                                "precision": bundle.backbone.precision}),
     }

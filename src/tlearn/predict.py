@@ -1,39 +1,226 @@
-"""Batch prediction over files and folders with a trained classifier."""
+"""The Predictor: a model folder loaded once, its verified engine opened once, predictions for any consumer.
+
+Every consumer predicts through it: `tlearn predict`, `evaluate`, the export check, the server and the cluster job.
+It needs no torch: the backbone runs on the exported engine in the model folder (onnxruntime or OpenVINO) and the
+head in numpy. It never writes into the model folder, which may be read-only.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator, Sequence, Union
 
 import numpy as np
-from scipy.special import softmax
+from PIL import Image
 
-from tlearn.backbones import Preprocessing
-from tlearn.data.decode import is_image_path
-
+from tlearn.bundle import WEIGHTS_FILE, Bundle
+from tlearn.data.decode import DecodeError, decode_bytes, is_image_path, load_image, to_rgb
+from tlearn.data.pipeline import PixelBatch, default_workers
+from tlearn.errors import BundleError, check_range
 
 UNCERTAIN = "uncertain"  # the label of a prediction whose confidence is below the threshold asked for
 
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
-@dataclass
+
+@dataclass(frozen=True)
 class Prediction:
-    path: str
-    top: list[tuple[str, float]]  # (label, probability), best first
-    abstained: bool = False  # confidence below the min_confidence asked for
+    source: str  # the file's path, or "<image N>" for an image given in memory
+    top: tuple[tuple[str, float], ...]  # (label, calibrated probability), best first
+    uncertain: bool = False  # top probability below the min_confidence asked for
+    probabilities: tuple[float, ...] | None = None  # every class, in the model's class order
 
     @property
     def label(self) -> str:
-        return UNCERTAIN if self.abstained else self.top[0][0]
+        return UNCERTAIN if self.uncertain else self.top[0][0]
+
+    @property
+    def top_label(self) -> str:
+        return self.top[0][0]
 
     @property
     def score(self) -> float:
         return self.top[0][1]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Unreadable:
-    path: str
+    source: str
     reason: str
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a person or a client needs to know about a served model."""
+
+    name: str
+    classes: list[str]
+    backbone: str
+    architecture: str
+    input_size: int
+    weights_source: str
+    weights_sha256: str
+    model_sha256: str  # of model.safetensors
+    metrics: dict
+    recipe: str
+    temperature: float
+    engine: str  # the runtime actually used
+    precision: str
+    tlearn_version: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Predictor:
+    """A trained model ready to predict: thread-safe, batches what it is given."""
+
+    def __init__(self, bundle: Bundle, engine, *, name: str = "model", batch_size: int = 32,
+                 workers: int | None = None, model_sha256: str = ""):
+        self.bundle, self.engine = bundle, engine
+        self.classes, self.preprocessing = bundle.classes, bundle.preprocessing
+        self.input_size = bundle.preprocessing.input_size
+        self.batch_size = check_range("batch_size", batch_size, 1)
+        self.workers = default_workers() if workers is None else check_range("workers", workers, 1)
+        self._head = bundle.head(calibrated=True)
+        self._lock = threading.Lock()  # one engine session: its requests are not shared between threads
+        self._draft = (2 * bundle.preprocessing.resize_size(),) * 2
+        self.card = ModelCard(
+            name=name, classes=list(bundle.classes), backbone=bundle.backbone.name,
+            architecture=bundle.backbone.architecture, input_size=self.input_size,
+            weights_source=bundle.backbone.weights.source, weights_sha256=bundle.backbone.weights.sha256,
+            model_sha256=model_sha256, metrics=bundle.metrics, recipe=str(bundle.training.get("recipe", "head")),
+            temperature=bundle.temperature, engine=getattr(engine, "name", "?"),
+            precision=getattr(engine, "precision", bundle.backbone.precision), tlearn_version=_version())
+
+    @classmethod
+    def load(cls, directory: str | Path, *, engine: str = "auto", precision: str | None = None,
+             batch_size: int = 32, workers: int | None = None) -> "Predictor":
+        """Read the model folder (every file checked against its SHA-256) and open its engine once."""
+        directory = Path(directory)
+        return cls.from_bundle(Bundle.load(directory), engine=engine, precision=precision, batch_size=batch_size,
+                               workers=workers, name=directory.resolve().name)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, *, engine: str = "auto", precision: str | None = None,
+                    batch_size: int = 32, workers: int | None = None, name: str = "model") -> "Predictor":
+        """A Predictor of `bundle`, running its verified exported engine (no torch)."""
+        from tlearn.engines import open_files
+
+        if bundle.engine is None or bundle.engine_files is None:
+            raise BundleError("this model carries no exported engine: train it again with this tlearn")
+        precision = precision or bundle.backbone.precision
+        if precision != bundle.backbone.precision and "int8" in (precision, bundle.backbone.precision):
+            raise BundleError(f"this model's head was trained on {bundle.backbone.precision} features; it cannot "
+                              f"predict at {precision}")
+        if engine == "torch":  # the eager reference, on request: needs the train extra
+            from tlearn.engines import PixelsToOutputs, TorchEngine
+
+            opened = TorchEngine(PixelsToOutputs(bundle.build_model().backbone, bundle.preprocessing), precision)
+        else:
+            opened = open_files(*bundle.engine_files, bundle.engine.verdicts, engine, precision,
+                                compile_cache=compile_cache())
+        return cls(bundle, opened, name=name, batch_size=batch_size, workers=workers,
+                   model_sha256=bundle.files.get(WEIGHTS_FILE, ""))
+
+    # ---- single steps (the server and the cluster job compose these) ----------------------------------------
+    def to_pixels(self, image: ImageInput, *, max_pixels: int | None = None) -> np.ndarray:
+        """Decode (EXIF-rotated RGB, big JPEGs at reduced size), resize and centre-crop: uint8 (3, H, W).
+
+        Raises DecodeError naming the problem. Thread-safe: pure CPU work, meant for a thread pool."""
+        limits = {} if max_pixels is None else {"max_pixels": max_pixels}
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            picture = decode_bytes(bytes(image), "<bytes>", self._draft, **limits)
+        elif isinstance(image, (str, os.PathLike)):
+            picture = load_image(image, self._draft, **limits)
+        elif isinstance(image, Image.Image):
+            picture = to_rgb(image)
+        elif isinstance(image, np.ndarray):
+            picture = _array_image(image)
+        else:
+            raise DecodeError("<input>", f"not an image: {type(image).__name__}")
+        try:
+            return self.preprocessing.to_pixels(picture)
+        except Exception as exc:  # a transform failing on a strange image is a fact about that image
+            raise DecodeError("<input>", f"cannot preprocess image ({type(exc).__name__}: {exc})") from None
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """Pooled backbone features of uint8 pixels (n, 3, H, W)."""
+        pixels = self._check_pixels(pixels)
+        with self._lock:
+            return self.engine(pixels)
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities (n, classes), float64, of uint8 pixels (n, 3, H, W)."""
+        return softmax(self._head.logits(self.features(pixels)))
+
+    def rank(self, source: str, probabilities: np.ndarray, top_k: int = 1,
+             min_confidence: float | None = None) -> Prediction:
+        """The Prediction of one row of probabilities: the top_k classes, "uncertain" below min_confidence."""
+        k = max(1, min(int(top_k), len(self.classes)))
+        best = np.argsort(-probabilities, kind="stable")[:k]
+        top = tuple((self.classes[c], float(probabilities[c])) for c in best)
+        uncertain = min_confidence is not None and top[0][1] < min_confidence
+        return Prediction(source, top, uncertain, tuple(float(p) for p in probabilities))
+
+    # ---- whole jobs --------------------------------------------------------------------------------------------
+    def predict(self, images: Sequence[ImageInput], top_k: int = 1,
+                min_confidence: float | None = None) -> list[Prediction | Unreadable]:
+        """One Prediction (or Unreadable, with the reason) per image, in input order. Paths may be files; in-memory
+        images (bytes, PIL, uint8 (H, W, 3) arrays) are named "<image N>"."""
+        _check_options(top_k, min_confidence)
+        names = [os.fsdecode(i) if isinstance(i, (str, os.PathLike)) else f"<image {n}>" for n, i in enumerate(images)]
+        rows: list[Prediction | Unreadable] = []
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="tlearn-decode") as pool:
+            for start in range(0, len(images), self.batch_size):
+                chunk = list(range(start, min(start + self.batch_size, len(images))))
+                decoded = list(pool.map(self._try_pixels, (images[i] for i in chunk)))
+                good = [i for i, d in zip(chunk, decoded) if isinstance(d, np.ndarray)]
+                proba = self.probabilities(np.stack([decoded[i - start] for i in good])) if good else []
+                done = {i: self.rank(names[i], p, top_k, min_confidence) for i, p in zip(good, proba)}
+                rows.extend(done.get(i) or Unreadable(names[i], decoded[i - start]) for i in chunk)
+        return rows
+
+    def iter_files(self, files: Sequence[Path], top_k: int = 1,
+                   min_confidence: float | None = None) -> Iterator[Prediction | Unreadable]:
+        """One row per file, in order, as batches complete: decoding in threads overlaps inference, and memory
+        stays flat however many files there are."""
+        _check_options(top_k, min_confidence)
+        from tlearn.engines import run_batches
+
+        with self._lock:
+            for batch, features in run_batches(self.engine, self.pixel_batches(files)):
+                rows: dict[int, Prediction | Unreadable] = {i: Unreadable(os.fsdecode(files[i]), r)
+                                                            for i, r in batch.errors}
+                if batch.indices:
+                    proba = softmax(self._head.logits(features))
+                    rows.update((i, self.rank(os.fsdecode(files[i]), p, top_k, min_confidence))
+                                for i, p in zip(batch.indices, proba))
+                yield from (rows[i] for i in sorted(rows))
+
+    def pixel_batches(self, files: Sequence[Path]) -> Iterator[PixelBatch]:
+        """uint8 batches of `files` through the one pixel pipeline (tlearn.engines.stream_pixels)."""
+        from tlearn.engines import stream_pixels
+
+        return stream_pixels(files, self.preprocessing, self.batch_size, self.workers)
+
+    def _try_pixels(self, image: ImageInput) -> np.ndarray | str:
+        try:
+            return self.to_pixels(image)
+        except DecodeError as exc:
+            return exc.reason
+
+    def _check_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        pixels = np.asarray(pixels)
+        expected = (3, self.input_size, self.input_size)
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != expected or not len(pixels):
+            raise ValueError(f"pixels must be uint8 (n >= 1, {', '.join(map(str, expected))}), not "
+                             f"{pixels.dtype} {pixels.shape}")
+        return np.ascontiguousarray(pixels)
 
 
 def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Unreadable]]:
@@ -46,31 +233,44 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Unreadab
         elif path.is_file():
             files.append(path)
         else:
-            missing.append(Unreadable(str(path), "no such file or folder"))
+            missing.append(Unreadable(os.fsdecode(path), "no such file or folder"))
     return files, missing
 
 
-def predict_files(head: Callable[[np.ndarray], np.ndarray], classes: list[str], preprocessing: Preprocessing,
-                  files: list[Path], engine: Callable[[np.ndarray], np.ndarray], top_k: int = 1,
-                  batch_size: int = 32, workers: int | None = None,
-                  min_confidence: float | None = None) -> Iterator[Prediction | Unreadable]:
-    """Yield one Prediction or Unreadable per file, in input order, as batches complete.
+def softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, np.float64)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
-    `engine` runs the backbone (see tlearn.engines.open_engine), `head` maps its pooled features to calibrated
-    logits (numpy: Bundle.head). Decoding of the next batches overlaps the forward pass of this one. A
-    prediction whose top probability is below `min_confidence` is marked abstained (label "uncertain").
-    """
-    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
-        raise ValueError(f"min_confidence must be between 0 and 1, not {min_confidence}")
-    from tlearn.engines import run_batches, stream_pixels
 
-    k = max(1, min(top_k, len(classes)))
-    for batch, features in run_batches(engine, stream_pixels(files, preprocessing, batch_size, workers)):
-        rows: dict[int, Prediction | Unreadable] = {i: Unreadable(str(files[i]), r) for i, r in batch.errors}
-        if batch.indices:
-            proba = softmax(np.asarray(head(features), np.float64), axis=1)
-            best = np.argsort(-proba, axis=1, kind="stable")[:, :k]
-            for j, i in enumerate(batch.indices):
-                top = [(classes[c], float(proba[j, c])) for c in best[j]]
-                rows[i] = Prediction(str(files[i]), top, min_confidence is not None and top[0][1] < min_confidence)
-        yield from (rows[i] for i in sorted(rows))
+def _check_options(top_k: int, min_confidence: float | None) -> None:
+    check_range("top_k", top_k, 1)
+    if min_confidence is not None:
+        check_range("min_confidence", min_confidence, 0.0, 1.0)
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise DecodeError("<array>", f"an image array must be uint8 (H, W, 3) RGB, not {array.dtype} {array.shape}")
+    return Image.fromarray(array, "RGB")
+
+
+def compile_cache() -> Path | None:
+    """OpenVINO's compiled-model cache: the user's cache folder (never the model folder), when writable."""
+    from tlearn.features.cache import default_cache_dir
+
+    folder = default_cache_dir() / "openvino"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tlearn")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+

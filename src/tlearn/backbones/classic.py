@@ -14,12 +14,10 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlparse
 
-from typing import TYPE_CHECKING
-
-from huggingface_hub import constants as hub_constants
+from tlearn.errors import TlearnError
 
 if TYPE_CHECKING:  # torch and timm are imported where weights are read, not when the registry is (see registry.py)
     import torch
@@ -30,11 +28,11 @@ HUB_PROBE_SECONDS = 3.0  # huggingface_hub retries an unreachable host for ~25 s
 _TRUE = {"1", "on", "yes", "true"}
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(TlearnError):
     """A weights file that cannot be read, or whose tensors do not fit the architecture; says which ones."""
 
 
-class HubUnavailable(RuntimeError):
+class HubUnavailable(TlearnError):
     """The hub cannot be used now; the message says why and how to get the weights instead."""
 
 
@@ -163,6 +161,8 @@ def fetch_weights(name: str, architecture: str) -> Path:
 
 
 def hub_endpoint() -> str:
+    from huggingface_hub import constants as hub_constants
+
     return (os.environ.get("HF_ENDPOINT") or hub_constants.ENDPOINT).rstrip("/")
 
 
@@ -174,7 +174,8 @@ def _hub_id(architecture: str) -> str:
 
 def _hub_offline_reason() -> str | None:
     """Why the hub cannot be used now (None when it answers), decided in at most HUB_PROBE_SECONDS."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or hub_constants.HF_HUB_OFFLINE:
+    # Offline unless HF_HUB_OFFLINE=0 says otherwise: without network a hub lookup hangs ~50 s before failing.
+    if os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() in _TRUE:
         return "offline mode is on (HF_HUB_OFFLINE=1, tlearn's default; set HF_HUB_OFFLINE=0 to allow downloads)"
     url = urlparse(hub_endpoint())
     if not _reachable(url.hostname or "", url.port or (80 if url.scheme == "http" else 443)):

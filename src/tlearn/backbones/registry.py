@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from tlearn.backbones import classic, efficientnet_lite
+from tlearn.errors import InvalidParameter, WeightsUnavailable
+from tlearn.files import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -21,8 +23,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-class WeightsUnavailable(RuntimeError):
-    """The backbone's pretrained weights are not on this machine; the message says how to get them."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,15 @@ class Preprocessing:
     def resize_size(self) -> int:
         """Shorter side after the resize, before the centre crop."""
         return int(self.input_size / self.crop_pct)
+
+    def rule(self) -> str:
+        """to_pixels in words, exactly enough to reproduce it elsewhere (the README has it in code)."""
+        return (f"an RGB image of W x H becomes (w, h) = the shorter side {self.resize_size()} and the longer side "
+                f"int({self.resize_size()} * longer / shorter); left = round((w - {self.input_size}) / 2), "
+                f"top = round((h - {self.input_size}) / 2); then one PIL {self.interpolation} resize to "
+                f"{self.input_size} x {self.input_size} of the source box (left * W / w, top * H / h, "
+                f"(left + {self.input_size}) * W / w, (top + {self.input_size}) * H / h); large JPEGs may be "
+                f"decoded at a reduced DCT scale first (PIL draft to no less than {2 * self.resize_size()} px)")
 
 
 @dataclass(frozen=True)
@@ -176,7 +185,7 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+        raise InvalidParameter(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -188,8 +197,7 @@ def file_sha256(path: Path) -> str:
 
 @lru_cache(maxsize=16)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    return sha256_file(path)
 
 
 def state_sha256(state: dict[str, np.ndarray]) -> str:

@@ -1,7 +1,6 @@
 """Decode one image file into an RGB PIL image, or say exactly why it cannot be decoded."""
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -10,12 +9,15 @@ from typing import Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tlearn.errors import TlearnError
+from tlearn.files import sha256_file
+
 # Pillow refuses images above ~179 Mpx as a decompression bomb; we do the same with a message of our own.
 MAX_PIXELS = 120_000_000
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
-class DecodeError(Exception):
+class DecodeError(TlearnError):
     """An image file that cannot be used, with the reason in words a user can act on."""
 
     def __init__(self, path: str | Path, reason: str):
@@ -29,7 +31,8 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def decode_bytes(content: bytes, path: str | Path = "<bytes>", draft_size: tuple[int, int] | None = None) -> Image.Image:
+def decode_bytes(content: bytes, path: str | Path = "<bytes>", draft_size: tuple[int, int] | None = None, *,
+                 max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode image bytes to RGB with EXIF orientation applied; raise DecodeError naming the problem.
 
     draft_size lets JPEG decoding scale down by DCT (cheap) to no less than that size.
@@ -38,13 +41,13 @@ def decode_bytes(content: bytes, path: str | Path = "<bytes>", draft_size: tuple
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(content))
-            if img.width * img.height > MAX_PIXELS:
-                raise DecodeError(path, f"image too large ({img.width}x{img.height} pixels, limit {MAX_PIXELS:,})")
+            if img.width * img.height > max_pixels:
+                raise DecodeError(path, f"image too large ({img.width}x{img.height} pixels, limit {max_pixels:,})")
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", draft_size)
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return to_rgb(img)
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -58,8 +61,7 @@ def decode_bytes(content: bytes, path: str | Path = "<bytes>", draft_size: tuple
 def content_hash(path: str | Path) -> str | None:
     """SHA-256 of a file's bytes (what identifies an image for caches and duplicate checks), None if unreadable."""
     try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 
@@ -70,16 +72,17 @@ def content_hashes(paths: Sequence[str | Path], workers: int = 2) -> dict[Path, 
         return dict(zip(paths, pool.map(content_hash, paths)))
 
 
-def load_image(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
+def load_image(path: str | Path, draft_size: tuple[int, int] | None = None, *,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Read and decode one file (see decode_bytes); a missing or unreadable file is a DecodeError too."""
     try:
         content = Path(path).read_bytes()
     except OSError as exc:
         raise DecodeError(path, f"cannot read file ({exc.strerror or exc})") from None
-    return decode_bytes(content, path, draft_size)
+    return decode_bytes(content, path, draft_size, max_pixels=max_pixels)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

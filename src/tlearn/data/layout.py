@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from tlearn.data.decode import is_image_path
+from tlearn.errors import DatasetError
 
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "validation", "valid"), "test": ("test", "testing")}
 
 
-class DatasetError(ValueError):
-    """The dataset folder cannot be used as given; the message says what to fix."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ import numpy as np
 
 from tlearn.backbones import Preprocessing, state_sha256
 from tlearn.data.pipeline import PixelBatch, pixel_batches
+from tlearn.errors import EngineError
+from tlearn.files import write_atomically
 
 if TYPE_CHECKING:
     from torch import nn
@@ -26,8 +28,6 @@ if TYPE_CHECKING:
     from tlearn.engines.reference import PixelsToOutputs
 
 
-class EngineError(RuntimeError):
-    """An engine cannot run this model at this precision here; the message says why and what to use instead."""
 
 
 ENGINES = ("auto", "openvino", "onnx", "torch")
@@ -40,10 +40,13 @@ FP32_MAX_ABS_DIFF = 1e-3
 REDUCED_MIN_COSINE = 0.95
 
 Calibration = Callable[[], Iterable[np.ndarray]]
+REFERENCE_FILE = "reference.safetensors"
+ENGINE_FORMAT = 2  # 2: the eager-torch reference outputs are kept beside the exported files
 
 __all__ = ["ENGINES", "PRECISIONS", "EngineError", "PixelsToOutputs", "engine_key", "open_engine", "open_exported",
            "state_key",
-           "export_onnx", "probe_pixels", "run_batches", "verify", "stream_pixels", "TorchEngine"]
+           "export_onnx", "probe_pixels", "run_batches", "compare", "stream_pixels", "TorchEngine", "open_files",
+           "read_reference", "torch_reference"]
 _LAZY = {"PixelsToOutputs": "reference", "TorchEngine": "reference", "OnnxEngine": "runtimes",
          "OpenVinoEngine": "runtimes", "export_onnx": "export", "quantise_int8": "export"}
 
@@ -88,34 +91,71 @@ def engine_key(model: nn.Module, preprocessing: Preprocessing) -> str:
 
 def state_key(state: dict[str, np.ndarray], preprocessing: Preprocessing) -> str:
     """engine_key of the network whose state dict is `state`, computed without building it."""
-    blob = json.dumps([preprocessing.to_dict(), state_sha256(state)], sort_keys=True)
+    blob = json.dumps([ENGINE_FORMAT, preprocessing.to_dict(), state_sha256(state)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def open_exported(key: str, folder: Path, engine: str = "auto", precision: str = "fp32", threads: int | None = None):
     """The engine open_engine would give for the network with engine key `key`, from the files it exported and
     verified before, without building the network (no torch); None when it has not done so yet."""
-    if engine not in ENGINES or precision not in PRECISIONS or engine == "torch":
+    folder = Path(folder) / key
+    model_file = folder / f"model-{'int8' if precision == 'int8' else 'fp32'}.onnx"
+    if not model_file.exists() or not (folder / REFERENCE_FILE).exists():
         return None
+    try:
+        return open_files(model_file, folder / REFERENCE_FILE, _recorded_verdicts(folder), engine, precision,
+                          threads, folder / "openvino-cache")
+    except EngineError:
+        return None
+
+
+def open_files(model_file: Path, reference_file: Path, verdicts: dict, engine: str = "auto",
+               precision: str = "fp32", threads: int | None = None, compile_cache: Path | None = None):
+    """The fastest installed runtime (or `engine`) that runs the exported `model_file` at `precision` and agrees
+    with the eager-torch outputs in `reference_file`: by a verdict recorded for this runtime's version in
+    `verdicts`, else checked now against the reference (no torch needed). EngineError says why none does."""
+    check_choice_engine(engine, precision)
     from tlearn.engines.runtimes import OnnxEngine, OpenVinoEngine
 
-    folder = Path(folder) / key
+    reasons = []
     for name in (FASTEST_FIRST if engine == "auto" else (engine,)):
         runtime = {"onnx": OnnxEngine, "openvino": OpenVinoEngine}.get(name)
-        if runtime is None or not installed(name) or precision not in runtime.precisions:
+        if runtime is None:
+            reasons.append(f"{name}: needs the network itself (torch), not an exported file")
             continue
-        model_file = folder / f"model-{'int8' if precision == 'int8' else 'fp32'}.onnx"
-        verdict = _recorded_verdicts(folder).get(_verdict_key(name, precision))
-        if not model_file.exists() or verdict is None:
-            return None  # open_engine would try this one first: let it
+        if not installed(name) or precision not in runtime.precisions:
+            reasons.append(f"{name}: {'not installed' if not installed(name) else f'does not run {precision}'}")
+            continue
+        try:
+            opened = (OnnxEngine(model_file, precision, threads) if name == "onnx"
+                      else OpenVinoEngine(model_file, precision, threads, compile_cache))
+        except Exception as exc:  # a damaged file or a runtime refusing it: try the next one
+            reasons.append(f"{name}: cannot load {Path(model_file).name} ({type(exc).__name__}: {exc})")
+            continue
+        verdict = verdicts.get(_verdict_key(name, precision)) or compare(opened, *read_reference(reference_file))
         if verdict["ok"]:
-            try:
-                if name == "onnx":
-                    return OnnxEngine(model_file, precision, threads)
-                return OpenVinoEngine(model_file, precision, threads, folder / "openvino-cache")
-            except Exception:  # a damaged file or a runtime refusing it: open_engine tries the next or says why
-                return None
-    return None
+            return opened
+        reasons.append(f"{name}: disagrees with torch ({verdict['detail']})")
+    raise EngineError(f"no engine runs {Path(model_file).name} at {precision} here ({'; '.join(reasons)})")
+
+
+def check_choice_engine(engine: str, precision: str) -> None:
+    if engine not in ENGINES:
+        raise EngineError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise EngineError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+
+
+def read_reference(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(probe pixels, eager-torch fp32 outputs) an exported engine is verified against."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(path)
+        return tensors["pixels"], tensors["outputs"]
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise EngineError(f"{path} is not a readable engine reference ({exc})") from None
 
 
 def installed(name: str) -> bool:
@@ -130,10 +170,7 @@ def open_engine(model: nn.Module, preprocessing: Preprocessing, folder: Path, en
     `auto` takes the fastest installed engine that runs `precision` and passes verification. int8 needs
     `calibration` (uint8 batches of training images) the first time, to build the quantised model.
     """
-    if engine not in ENGINES:
-        raise EngineError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
-    if precision not in PRECISIONS:
-        raise EngineError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    check_choice_engine(engine, precision)
     from tlearn.engines.reference import PixelsToOutputs
 
     graph = PixelsToOutputs(model, preprocessing)
@@ -175,7 +212,7 @@ def _open_verified(name: str, graph: PixelsToOutputs, folder: Path, precision: s
         raise
     except Exception as exc:  # a runtime refusing the model must let `auto` try the next engine
         raise EngineError(f"{name} cannot load {model_file.name} ({type(exc).__name__}: {exc})") from None
-    verdict = _cached_verdict(folder, name, precision, lambda: verify(engine, graph))
+    verdict = _cached_verdict(folder, name, precision, lambda: compare(engine, *torch_reference(graph, folder)))
     if not verdict["ok"]:
         raise EngineError(f"{name} {precision} disagrees with torch on real photos ({verdict['detail']})")
     return engine
@@ -217,16 +254,30 @@ def _verdict_key(name: str, precision: str) -> str:
     return f"{name}-{metadata.version('onnxruntime' if name == 'onnx' else name)}-{precision}"
 
 
-def verify(engine, graph: PixelsToOutputs) -> dict:
-    """Compare `engine` with eager torch fp32 on real photos: max abs difference and worst row cosine."""
+def torch_reference(graph: PixelsToOutputs, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(probe pixels, eager torch fp32 outputs of `graph` on them), computed once and kept in `folder`: exported
+    engines are verified against them, then and wherever the files travel (no torch needed there)."""
+    from safetensors.numpy import save_file
+
     from tlearn.engines.reference import TorchEngine
 
+    path = Path(folder) / REFERENCE_FILE
+    if path.exists():
+        return read_reference(path)
     pixels = probe_pixels(graph.preprocessing)
-    reference = TorchEngine(graph, "fp32")(pixels)
+    outputs = TorchEngine(graph, "fp32")(pixels)
+    write_atomically(path, lambda tmp: save_file({"pixels": np.ascontiguousarray(pixels),
+                                                  "outputs": np.ascontiguousarray(outputs)}, tmp))
+    return pixels, outputs
+
+
+def compare(engine, pixels: np.ndarray, expected: np.ndarray) -> dict:
+    """Compare `engine` with eager torch fp32's `expected` outputs on `pixels`: max abs difference and worst row
+    cosine; fp32 must agree to FP32_MAX_ABS_DIFF, reduced precisions to REDUCED_MIN_COSINE."""
     outputs = engine(pixels)
-    diff = float(np.abs(outputs - reference).max())
+    diff = float(np.abs(outputs - expected).max())
     cosine = float(min(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)
-                       for a, b in zip(outputs, reference)))
+                       for a, b in zip(outputs, expected)))
     ok = diff <= FP32_MAX_ABS_DIFF if engine.precision == "fp32" else cosine >= REDUCED_MIN_COSINE
     return {"ok": bool(ok), "max_abs_diff": diff, "min_cosine": cosine,
             "detail": f"max abs diff {diff:.2e}, worst cosine {cosine:.4f} on {len(pixels)} photos"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from tlearn.backbones import Preprocessing
 from tlearn.engines import EngineError
 from tlearn.engines.reference import PixelsToOutputs, TorchEngine
 from tlearn.engines.runtimes import OnnxEngine
+from tlearn.files import temporary_beside
 
 INPUT_NAME, OUTPUT_NAME, PROBABILITIES = "pixels", "outputs", "probabilities"
 # An exported classifier must agree with eager torch fp32 on real images, in class probabilities: fp32 to 1e-3 with
@@ -32,7 +32,7 @@ def export_onnx(graph: PixelsToOutputs, path: Path, output_name: str = OUTPUT_NA
     """Write `graph` as ONNX with a dynamic batch dimension (written to a temporary name, then renamed)."""
     size = graph.preprocessing.input_size
     example = torch.zeros((2, 3, size, size), dtype=torch.uint8)
-    with _temporary_beside(path) as tmp, warnings.catch_warnings(), torch.inference_mode():
+    with temporary_beside(path) as tmp, warnings.catch_warnings(), torch.inference_mode():
         # The TorchScript exporter handles this model in seconds and needs no extra package; it is deprecated,
         # not removed, in torch 2.14.
         warnings.simplefilter("ignore")
@@ -50,8 +50,13 @@ def quantise_int8(fp32_file: Path, path: Path, calibration: Iterable[np.ndarray]
     With `only_scope`, only nodes whose name contains it are quantised (e.g. the backbone, not the head).
     """
     try:
-        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
-                                              quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quant_pre_process,
+            quantize_static,
+        )
     except ImportError:
         raise EngineError("int8 needs onnxruntime: pip install 'onnxruntime>=1.20'") from None
 
@@ -63,7 +68,7 @@ def quantise_int8(fp32_file: Path, path: Path, calibration: Iterable[np.ndarray]
             batch = next(self.batches, None)
             return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch)}
 
-    with _temporary_beside(path) as prepared, _temporary_beside(path) as tmp:
+    with temporary_beside(path) as prepared, temporary_beside(path) as tmp:
         quant_pre_process(str(fp32_file), prepared, skip_symbolic_shape=True)
         import onnx  # only here and in _set_properties: a cached re-train never needs it
 
@@ -121,7 +126,7 @@ def export_classifier(classifier: nn.Module, preprocessing: Preprocessing, path:
     precision = "fp32" if calibration is None else "int8"
     graph = PixelsToOutputs(ClassProbabilities(classifier), preprocessing)
     path = Path(path)
-    with _temporary_beside(path) as fp32_file, _temporary_beside(path) as int8_file:
+    with temporary_beside(path) as fp32_file, temporary_beside(path) as int8_file:
         export_onnx(graph, Path(fp32_file), PROBABILITIES)
         candidate = fp32_file if calibration is None else quantise_int8(
             Path(fp32_file), Path(int8_file), calibration, only_scope="/backbone/")
@@ -147,21 +152,3 @@ def _set_properties(path: Path, properties: dict[str, str]) -> None:
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, properties)
     onnx.save(model, str(path))
-
-
-class _temporary_beside:
-    """A temporary file name next to `path` (same file system, so the final rename is atomic), removed on exit."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> str:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        os.chmod(self.tmp, 0o644)  # mkstemp's 0600 would hide a shared model folder's engines from other users
-        return self.tmp
-
-    def __exit__(self, *exc) -> None:
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)

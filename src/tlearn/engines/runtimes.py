@@ -16,7 +16,6 @@ import numpy as np
 
 from tlearn.engines import EngineError
 
-
 # Above this ONNX file size (VGG 528 MB, Inception-ResNet-v2 ~215 MB; EfficientNet-Lite0 18 MB, ResNet-50 ~98 MB)
 # a batch is split across OpenVINO's requests rather than one batch per request: see OpenVinoEngine.pipelined.
 LARGE_MODEL_BYTES = 150 << 20
@@ -69,57 +68,55 @@ class OpenVinoEngine:
         if cache_dir is not None:
             config["CACHE_DIR"] = str(cache_dir)
         self.compiled = ov.Core().compile_model(str(model_file), "CPU", config)
-        depth = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        self.requests, self.precision = [self.compiled.create_infer_request() for _ in range(max(1, depth))], precision
+        jobs = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.queue, self.precision = ov.AsyncInferQueue(self.compiled, jobs), precision
+        self.queue.set_callback(_keep_output)
         large = Path(model_file).stat().st_size > LARGE_MODEL_BYTES
-        self.parts_per_batch = len(self.requests) if large else 1
+        self.parts_per_batch = jobs if large else 1
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """One batch, split across the requests so that every stream works on it."""
-        chunks = [c for c in np.array_split(np.ascontiguousarray(pixels), len(self.requests)) if len(c)]
-        for request, chunk in zip(self.requests, chunks):
-            request.start_async([chunk])
-        return np.concatenate([self._outputs(request) for request, _ in zip(self.requests, chunks)])
+        chunks = [c for c in np.array_split(np.ascontiguousarray(pixels), len(self.queue)) if len(c)]
+        slots: list = [None] * len(chunks)
+        for i, chunk in enumerate(chunks):
+            self.queue.start_async([chunk], (slots, i))
+        self.queue.wait_all()
+        return np.concatenate(slots)
 
     def pipelined(self, batches: Iterable) -> Iterator[tuple[object, np.ndarray | None]]:
-        """(batch, outputs) for each batch (a PixelBatch), in order, with the streams kept busy: work for a free
-        request starts while outputs are handed back and the decoders refill.
+        """(batch, outputs) for each batch (a PixelBatch), in order, with the streams kept busy: OpenVINO's
+        AsyncInferQueue starts each part on a free request (waiting for one when all are busy) while finished
+        batches are handed back and the decoders refill.
 
         A small network runs a whole batch per request (EfficientNet-Lite0 on 2 cores: 75-76% of the forward-only
         speed end to end, 65-69% splitting batches). A large one splits each batch across the requests, so that
         no more images are in flight than one batch: VGG16 at batch 32 peaks at 3.2 GiB of RSS, not 4.0."""
-        free = list(self.requests)
-        pending: deque = deque()  # (batch, the requests running its parts, or None for a batch with no image)
+        pending: deque = deque()  # (batch, the output slots of its parts, or None for a batch with no image)
 
-        def finish():
-            batch, running = pending.popleft()
-            if running is None:
-                return batch, None
-            outputs = np.concatenate([self._outputs(request) for request in running])
-            free.extend(running)
-            return batch, outputs
+        def ready() -> bool:
+            return pending[0][1] is None or all(part is not None for part in pending[0][1])
 
         for batch in batches:
-            if not len(batch.indices):
-                pending.append((batch, None))
-                continue
-            running = []
-            for part in np.array_split(np.ascontiguousarray(batch.pixels), self.parts_per_batch):
-                if not len(part):
-                    continue
-                while not free:
-                    yield finish()
-                request = free.pop()
-                request.start_async([part])
-                running.append(request)
-            pending.append((batch, running))
+            slots = None
+            if len(batch.indices):
+                parts = [p for p in np.array_split(np.ascontiguousarray(batch.pixels), self.parts_per_batch) if len(p)]
+                slots = [None] * len(parts)
+                for i, part in enumerate(parts):
+                    self.queue.start_async([part], (slots, i))  # waits for a free request when all are busy
+            pending.append((batch, slots))
+            while pending and ready():
+                done, outputs = pending.popleft()
+                yield done, None if outputs is None else np.concatenate(outputs)
+        self.queue.wait_all()
         while pending:
-            yield finish()
+            done, outputs = pending.popleft()
+            yield done, None if outputs is None else np.concatenate(outputs)
 
-    @staticmethod
-    def _outputs(request) -> np.ndarray:
-        request.wait()
-        return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+
+def _keep_output(request, slot) -> None:
+    """AsyncInferQueue's callback: copy the finished request's output into its batch's slot."""
+    slots, i = slot
+    slots[i] = np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
 
 def check_precision(engine, precision: str) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 from scipy.special import softmax
 
-
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_BATCH = 200  # resamples drawn at once: bounded memory on large splits
 

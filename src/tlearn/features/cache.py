@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tlearn.files import write_atomically
+
 
 def default_cache_dir() -> Path:
     """$TLEARN_CACHE, else $XDG_CACHE_HOME/tlearn, else ~/.cache/tlearn."""
@@ -31,18 +33,32 @@ class FeatureCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS features (model TEXT NOT NULL, content TEXT NOT NULL, "
                          "dim INTEGER NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (model, content))")
+        # files that could not be decoded: remembered too, so a dataset with a bad file still re-trains from cache
+        self._db.execute("CREATE TABLE IF NOT EXISTS failures (model TEXT NOT NULL, content TEXT NOT NULL, "
+                         "reason TEXT NOT NULL, PRIMARY KEY (model, content))")
 
     def get_many(self, hashes: list[str]) -> dict[str, np.ndarray]:
-        """The cached vectors among `hashes`."""
-        found: dict[str, np.ndarray] = {}
+        """The cached vectors among `hashes` (a vector that is not finite is treated as absent)."""
+        found = {content: np.frombuffer(blob, dtype=np.float32)
+                 for content, dim, blob in self._select("content, dim, vector", "features", hashes)
+                 if len(blob) == 4 * dim}
+        return {h: v for h, v in found.items() if np.isfinite(v).all() and v.any()}
+
+    def failures(self, hashes: list[str]) -> dict[str, str]:
+        """The reasons files among `hashes` could not be decoded, as recorded by put_failures."""
+        return dict(self._select("content, reason", "failures", hashes))
+
+    def put_failures(self, items: list[tuple[str, str]]) -> None:
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO failures (model, content, reason) VALUES (?, ?, ?)",
+                                 [(self.key, h, reason) for h, reason in items])
+
+    def _select(self, columns: str, table: str, hashes: list[str]):
         unique = sorted(set(hashes))
         for start in range(0, len(unique), 500):
             chunk = unique[start:start + 500]
-            rows = self._db.execute(
-                f"SELECT content, vector FROM features WHERE model = ? AND content IN ({','.join('?' * len(chunk))})",
-                [self.key, *chunk])
-            found.update((content, np.frombuffer(blob, dtype=np.float32)) for content, blob in rows)
-        return found
+            yield from self._db.execute(f"SELECT {columns} FROM {table} WHERE model = ? AND content IN "
+                                        f"({','.join('?' * len(chunk))})", [self.key, *chunk])
 
     def put_many(self, items: list[tuple[str, np.ndarray]]) -> None:
         with self._db:
@@ -66,10 +82,7 @@ class FeatureCache:
 
         path = self._backbone_file()
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp)
-            os.replace(tmp, path)
+            write_atomically(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp))
 
     def _backbone_file(self) -> Path:
         # The tensor names are timm's: another timm version may name them differently.

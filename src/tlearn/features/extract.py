@@ -6,17 +6,15 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tlearn.backbones import Preprocessing
 from tlearn.data.decode import content_hash
 from tlearn.features.cache import FeatureCache
-
-if TYPE_CHECKING:
-    from torch import nn
 
 FEATURE_FORMAT = 2  # bump when the way features are computed changes, so old cache entries are not reused
 
@@ -43,44 +41,50 @@ class Features:
     seconds: float = 0.0  # time spent extracting
 
 
-def extract_features(model: nn.Module | None, preprocessing: Preprocessing, paths: Sequence[Path],
-                     cache: FeatureCache, batch_size: int = 32, workers: int | None = None, progress: bool = True,
-                     description: str = "features", engine: Callable[[], Callable] | None = None,
+def extract_features(paths: Sequence[Path], cache: FeatureCache, engine: Callable[[], Callable],
+                     preprocessing: Preprocessing, *, batch_size: int = 32, workers: int | None = None,
+                     progress: bool = True, description: str = "features",
                      hashes: Sequence[str | None] | None = None) -> Features:
-    """Pooled features for `paths`, from the cache where present; decode failures are reported, not raised.
+    """Pooled features for `paths`, from the cache where present; decode failures are reported, not raised, and
+    remembered by content like features, so a re-run decodes nothing it decoded before.
 
-    `engine` opens the inference engine that runs the backbone (see tlearn.engines.open_engine); it is called only
-    when something is left to extract, and the cache key must then include its precision. Without it, `model` runs
-    in eager torch fp32. `hashes` are the files' content hashes when the caller has them already (None: unreadable).
-    Nothing here imports torch unless something is left to extract.
+    `engine` opens the inference engine that runs the backbone (see tlearn.features.backbone); it is called only
+    when something is left to extract. `hashes` are the files' content hashes when the caller has them already
+    (None: unreadable). Nothing here imports torch.
     """
     hashes = [content_hash(p) for p in paths] if hashes is None else list(hashes)
-    cached = cache.get_many([h for h in hashes if h is not None])
-    failures = [(Path(paths[i]), "cannot read file") for i, h in enumerate(hashes) if h is None]
-    todo = [i for i, h in enumerate(hashes) if h is not None and h not in cached]
-    start = time.perf_counter()
+    known = [h for h in hashes if h is not None]
+    cached, failed = cache.get_many(known), cache.failures(known)
+    failures = [(Path(paths[i]), "cannot read file" if h is None else failed[h])
+                for i, h in enumerate(hashes) if h is None or h in failed]
+    todo = [i for i, h in enumerate(hashes) if h is not None and h not in cached and h not in failed]
+    computed, start, seconds = 0, time.perf_counter(), 0.0
     if todo:
-        from tlearn.engines import PixelsToOutputs, TorchEngine, run_batches, stream_pixels
+        run = engine()  # may build, export and compile the engine: outside the timed extraction
+        start = time.perf_counter()
+        from tlearn.engines import run_batches, stream_pixels
 
-        run = engine() if engine is not None else TorchEngine(PixelsToOutputs(model, preprocessing))
         with _progress(progress) as bar:
             task = bar.add_task(f"extracting {description}", total=len(todo))
             batches = stream_pixels([paths[i] for i in todo], preprocessing, batch_size, workers)
             for batch, out in run_batches(run, batches):
+                bad = [(hashes[todo[j]], reason) for j, reason in batch.errors]
                 failures.extend((Path(paths[todo[j]]), reason) for j, reason in batch.errors)
+                cache.put_failures(bad)
                 if batch.indices:
                     fresh = [(hashes[todo[j]], out[k]) for k, j in enumerate(batch.indices)]
                     cache.put_many(fresh)
                     cached.update(fresh)
+                    computed += len(fresh)
                 bar.advance(task, len(batch.indices) + len(batch.errors))
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
     kept = np.array([i for i, h in enumerate(hashes) if h is not None and h in cached], dtype=np.int64)
     dim = next(iter(cached.values())).shape[0] if cached else 0
     vectors = np.stack([cached[hashes[i]] for i in kept]) if len(kept) else np.zeros((0, dim), np.float32)
     failures.sort(key=lambda item: str(item[0]))
-    return Features(vectors, kept, failures, computed=len(todo), seconds=seconds)
+    return Features(vectors, kept, failures, computed=computed, seconds=seconds)
 
 
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=False)
+                    console=Console(stderr=True), disable=not enabled, transient=False)

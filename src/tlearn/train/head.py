@@ -11,10 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from rich.progress import track
-from scipy.optimize import minimize
-from scipy.special import log_softmax
-from threadpoolctl import threadpool_limits
 
 # Inverse regularisation strengths tried, strongest first (C as in scikit-learn: penalty ||W||^2 / (2 C n)).
 DEFAULT_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -62,11 +58,16 @@ def fit_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val:
     sample_weight = weight[yt] / weight[yt].sum()  # as torch's cross_entropy(weight=...): a weighted mean
     # These matrices are small: a second BLAS thread only adds synchronisation (measured on hymenoptera:
     # 0.09 s on one thread, 0.75 s on two; far worse when the other core is busy).
+    from rich.console import Console
+    from rich.progress import track
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(1):
         coordinates, basis = _row_space(xt)
         params = np.zeros(n_classes * (coordinates.shape[1] + 1))
         best, best_score, search = None, None, []
-        for C in track(sorted(c_grid), description="fitting head", disable=not progress):
+        for C in track(sorted(c_grid), description="fitting head", disable=not progress,
+                       console=Console(stderr=True)):
             params = _minimise(params, coordinates, yt, sample_weight, C, n_classes)
             head = _unpack(params, n_classes, basis)
             best, best_score = _score(head, C, xv, yv, search, best, best_score)
@@ -86,6 +87,8 @@ def _row_space(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _score(head: LinearHead, C: float, xv: np.ndarray, yv: np.ndarray, search: list[dict], best, best_score):
     """Record val accuracy and log-loss of `head` in `search`; return the better of it and the best so far."""
+    from scipy.special import log_softmax
+
     logp = log_softmax(xv @ head.weight.T.astype(np.float64) + head.bias, axis=1)
     acc = float((logp.argmax(1) == yv).mean())
     loss = float(-logp[np.arange(len(yv)), yv].mean())
@@ -108,6 +111,8 @@ def _minimise(start: np.ndarray, x: np.ndarray, y: np.ndarray, sample_weight: np
     onehot = np.eye(n_classes)[y]
     x32 = x.astype(np.float32)  # the two products with x in float32 (half the time); all sums in float64
 
+    from scipy.special import log_softmax
+
     def loss_and_gradient(params: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = params[:-n_classes].reshape(n_classes, dim), params[-n_classes:]
         logp = log_softmax(x32 @ w.T.astype(np.float32) + b, axis=1)
@@ -116,6 +121,8 @@ def _minimise(start: np.ndarray, x: np.ndarray, y: np.ndarray, sample_weight: np
         gradient = np.concatenate([((residual.T.astype(np.float32) @ x32) + w / (C * n)).ravel(),
                                    residual.sum(0)])
         return float(loss), gradient
+
+    from scipy.optimize import minimize  # here: prediction loads LinearHead and must start fast
 
     result = minimize(loss_and_gradient, start, jac=True, method="L-BFGS-B",
                       options={"maxiter": MAX_ITERATIONS, "maxcor": HISTORY, "gtol": GRADIENT_TOLERANCE})

@@ -1,7 +1,8 @@
 """Settings of the fine-tuning stage: a plain dataclass, importable without Lightning (which costs seconds)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -20,7 +21,7 @@ class FinetuneSettings:
     mixup: float = 0.0  # Beta(alpha, alpha) strength; 0 = off
     cutmix: float = 0.0
     patience: int = 4  # epochs without a better inner-split accuracy before stopping
-    train_bn: bool = False  # update BatchNorm statistics of the unfrozen layers
+    train_bn: bool = False  # train BatchNorm (statistics and affine) of the unfrozen layers; else all frozen
     imbalance_ratio: float = 3.0  # class weights when max/min train images per class exceeds this
     precision: str = "auto"  # Lightning precision; "auto" = bf16-mixed on a CPU with bf16 support, else 32-true
     accelerator: str = "auto"
@@ -34,3 +35,66 @@ class FinetuneSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validate(self) -> None:
+        from tlearn.errors import check_range
+
+        check_range("epochs", self.epochs, 1, 10_000)
+        check_range("lr", self.lr, 0.0, 10.0, low_open=True)
+        check_range("batch_size", self.batch_size, 1, 4096)
+        check_range("patience", self.patience, 1)
+        check_range("mixup", self.mixup, 0.0)
+        check_range("cutmix", self.cutmix, 0.0)
+        check_range("num_nodes", self.num_nodes, 1)
+        check_range("views", self.views, 1, 64)
+        check_range("inner_fraction", self.inner_fraction, 0.0, 0.5, low_open=True)
+
+
+RECIPES = ("head", "finetune", "auto")
+ENGINES = ("auto", "openvino", "onnx", "torch")
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+@dataclass
+class TrainSettings:
+    """Every setting of a train, validated where it enters (an unknown name or a value out of range is a
+    InvalidParameter that names it)."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: Path | None = None
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    batch_size: int = 32
+    workers: int | None = None
+    cache_dir: Path | None = None
+    progress: bool = True
+    engine: str = "auto"  # of the frozen-backbone forward: auto|openvino|onnx|torch
+    precision: str = "fp32"  # of the frozen-backbone forward: fp32|bf16|int8
+    recipe: str = "head"  # head|finetune|auto
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    run_dir: Path | None = None  # fine-tuning checkpoints and logs
+
+    def __post_init__(self):
+        from tlearn.backbones import get_spec
+        from tlearn.errors import check_choice, check_range
+
+        get_spec(self.backbone)
+        check_range("seed", self.seed, 0)
+        check_range("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        check_range("test_fraction", self.test_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        check_range("val_fraction + test_fraction", self.val_fraction + self.test_fraction, 0.0, 1.0,
+                    high_open=True)
+        check_range("batch_size", self.batch_size, 1, 4096)
+        if self.workers is not None:
+            check_range("workers", self.workers, 1, 256)
+        check_choice("engine", self.engine, ENGINES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("recipe", self.recipe, RECIPES)
+        self.finetune.validate()
+
+    def record(self) -> dict:
+        """The settings that describe how a model was made (saved in its config)."""
+        return {"backbone": self.backbone, "seed": self.seed, "val_fraction": self.val_fraction,
+                "test_fraction": self.test_fraction, "batch_size": self.batch_size, "engine": self.engine,
+                "precision": self.precision, "recipe_asked": self.recipe}

@@ -115,7 +115,8 @@ def _images(module: FinetuneModule, spec: BackboneSpec, splits: dict, settings: 
     stage = StageData(AugmentedImages(images, train_transform(prep, settings.augment)), scored["inner"],
                       scored.get("val"), "images")
     backbone = module.model.backbone
-    features = {"train": _features(backbone, EvalPixels(train_pixels, np.zeros(len(train_pixels), np.int64), prep), batch_size),
+    unlabelled = EvalPixels(train_pixels, np.zeros(len(train_pixels), np.int64), prep)
+    features = {"train": _features(backbone, unlabelled, batch_size),
                 "inner": _features(backbone, scored["inner"], batch_size)}
     return StageInputs(stage, None, scored, scored_labels, scored_paths, features,
                        {"train": train_labels[decoded.kept], "inner": scored_labels["inner"]}, notes)

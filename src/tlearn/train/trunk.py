@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from tlearn.backbones import Preprocessing, state_sha256
 from tlearn.data.decode import DecodeError, content_hash, load_image
 from tlearn.data.pipeline import default_workers
 from tlearn.features.cache import default_cache_dir
+from tlearn.files import write_atomically
 from tlearn.train.augment import ViewSpec, view_pixels
 
 TRUNK_FORMAT = 1  # bump when the way trunk activations are computed changes
@@ -102,10 +102,11 @@ class TrunkCache:
             return None
 
     def put(self, content: str, activations: np.ndarray) -> None:
-        path = self.directory / f"{content}.npy"
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, activations)
-        os.replace(tmp, path)
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as handle:  # a file object: np.save would add ".npy" to a name
+                np.save(handle, activations)
+
+        write_atomically(self.directory / f"{content}.npy", save)
 
 
 @dataclass

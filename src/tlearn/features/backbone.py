@@ -1,0 +1,119 @@
+"""The frozen backbone behind feature extraction, built only when nothing cheaper will do.
+
+In order of cost: nothing (every feature cached), the engine exported and verified for these exact weights before
+(opened from its files: no torch, no timm), the torch network built from the weights file (the first time on a
+machine: it is then exported, verified and compiled once, and its tensors are kept beside the features).
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+
+from tlearn.backbones import BackboneSpec
+from tlearn.backbones.registry import WeightsInfo
+from tlearn.engines import REFERENCE_FILE, open_engine, open_exported, state_key, stream_pixels
+from tlearn.features.cache import FeatureCache
+
+if TYPE_CHECKING:
+    from torch import nn
+
+CALIBRATION_IMAGES = 128  # int8 activation ranges: enough images to cover the classes, few enough to be quick
+
+
+@dataclass(frozen=True)
+class ExportedEngine:
+    """The verified exported files of one backbone at one precision, ready to ship in a model folder."""
+
+    model_file: Path
+    reference_file: Path
+    verdicts: dict
+    precision: str
+
+
+class FrozenBackbone:
+    """Backbone `spec` with weights `info` at `precision`, for extraction; everything built lazily, once."""
+
+    def __init__(self, spec: BackboneSpec, info: WeightsInfo, key: str, cache: FeatureCache, *, engine: str = "auto",
+                 precision: str = "fp32", calibration_paths: Sequence[Path] = (), seed: int = 0,
+                 workers: int | None = None, progress: bool = True, network: nn.Module | None = None):
+        self.spec, self.info, self.key, self.cache = spec, info, key, cache
+        self.engine_name, self.precision, self.seed, self.workers = engine, precision, seed, workers
+        self.calibration_paths, self.progress = list(calibration_paths), progress
+        self._network = network
+        self.build_seconds = 0.0  # spent building, exporting and compiling (not extracting)
+
+    @property
+    def built(self) -> bool:
+        return self._network is not None
+
+    def network(self) -> nn.Module:
+        """The torch network with its pretrained weights (eval mode), built once."""
+        if self._network is None:
+            from tlearn.backbones import create_backbone
+
+            self._network = create_backbone(self.spec.name, Path(self.info.source))[0]
+        return self._network
+
+    @functools.cached_property
+    def state(self) -> dict[str, np.ndarray]:
+        """The backbone's tensors (for the bundle): kept beside its features after the first build."""
+        stored = None if self.built else self.cache.backbone_state()
+        if stored is not None:
+            return stored
+        state = {k: v.detach().numpy() for k, v in self.network().state_dict().items()}
+        self.cache.put_backbone_state(state)
+        return state
+
+    @functools.cached_property
+    def engine_key(self) -> str:
+        return state_key(self.state, self.spec.preprocessing)
+
+    @functools.cache
+    def engine(self):
+        """The engine running the backbone: from its verified exported files when there are, else exported now."""
+        folder = self.cache.directory / "engines"
+        exported = None if self.built else open_exported(self.engine_key, folder, self.engine_name, self.precision)
+        if exported is not None:
+            return exported
+        start = time.perf_counter()
+        if self.progress:
+            print(f"building the {self.spec.name} engine once for these weights (export, verification, compile)",
+                  file=sys.stderr)
+        engine = open_engine(self.network(), self.spec.preprocessing, folder, self.engine_name, self.precision,
+                             self._calibration if self.calibration_paths else None)
+        self.build_seconds = time.perf_counter() - start
+        return engine
+
+    def exported(self) -> ExportedEngine:
+        """The verified files of the engine, exporting them first if they are not there (a cache emptied by hand)."""
+        folder = self.cache.directory / "engines" / self.engine_key
+        model_file = folder / f"model-{'int8' if self.precision == 'int8' else 'fp32'}.onnx"
+        verdicts = _verdicts(folder)
+        if not (model_file.exists() and (folder / REFERENCE_FILE).exists() and any(v["ok"] for v in verdicts.values())):
+            # the fastest exported engine that verifies (the model folder never ships the torch engine)
+            open_engine(self.network(), self.spec.preprocessing, folder.parent, "auto", self.precision,
+                        self._calibration if self.calibration_paths else None)
+            verdicts = _verdicts(folder)
+        return ExportedEngine(model_file, folder / REFERENCE_FILE, verdicts, self.precision)
+
+    def _calibration(self) -> Iterator[np.ndarray]:
+        """uint8 batches of a seeded sample of up to 128 training images: int8 activation ranges are fitted on them."""
+        paths = self.calibration_paths
+        order = np.random.default_rng(self.seed).permutation(len(paths))[:CALIBRATION_IMAGES]
+        sample = [paths[i] for i in sorted(order)]
+        return (b.pixels for b in stream_pixels(sample, self.spec.preprocessing, 16, self.workers) if len(b.indices))
+
+
+def _verdicts(folder: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((folder / "verified.json").read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,206 @@
+"""The training recipe as named steps: find data -> check -> extract -> fit head -> calibrate -> maybe fine-tune ->
+package. `run_recipe` composes them; each is a short function a reader can follow on its own.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tlearn.backbones import get_spec, locate_weights, state_sha256
+from tlearn.bundle import BackboneRecord, Bundle, EngineRecord
+from tlearn.data import Dataset, find_dataset
+from tlearn.data.decode import content_hashes
+from tlearn.data.doctor import DoctorReport, quick_check
+from tlearn.errors import DatasetError
+from tlearn.evaluate import classification_metrics
+from tlearn.evaluate.calibration import calibrate
+from tlearn.evaluate.metrics import ScoredSplit
+from tlearn.features import FeatureCache, Features, extract_features, feature_key
+from tlearn.features.backbone import FrozenBackbone
+from tlearn.train.head import HeadFit, balanced_class_weight, fit_head
+from tlearn.train.settings import TrainSettings
+
+# "auto" fine-tunes when there is room above the head on val and enough images per class to learn from
+AUTO_MIN_TRAIN_PER_CLASS, AUTO_HEAD_GOOD_ENOUGH = 20, 0.995
+
+
+@dataclass
+class FoundData:
+    dataset: Dataset
+    hashes: dict[Path, str | None]  # content hash of every file (None: unreadable), read once
+    checks: DoctorReport
+
+
+@dataclass
+class SplitFeatures:
+    features: dict[str, Features]
+    xs: dict[str, np.ndarray]
+    ys: dict[str, np.ndarray]
+    paths: dict[str, list[Path]]  # of the rows of xs
+
+    def scored(self, logits: dict[str, np.ndarray]) -> dict[str, ScoredSplit]:
+        return {s: ScoredSplit(s, self.paths[s], self.ys[s], logits[s]) for s in ("val", "test") if s in logits}
+
+
+@dataclass
+class TrainSummary:
+    """What a train did, for people: the CLI prints this."""
+
+    data: str
+    layout: str
+    classes: int
+    images: dict[str, int]  # readable images per split
+    skipped_files: list[tuple[str, str]]
+    ignored_files: list[str]
+    extracted: int
+    from_cache: int
+    extract_seconds: float
+    engine_build_seconds: float
+    head_C: float
+    recipe: str  # the stage kept: head or finetune
+    seconds: float = 0.0
+    finetune: dict | None = None
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.extracted / self.extract_seconds if self.extracted and self.extract_seconds else None
+
+
+@dataclass
+class TrainResult:
+    bundle: Bundle
+    summary: TrainSummary
+    scored: dict[str, ScoredSplit] = field(default_factory=dict)  # per-image results of the kept model
+
+
+def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) -> TrainResult:
+    """Train a classifier on `data`: the whole recipe, step by step."""
+    start = time.perf_counter()
+    found = find_data(data, settings)
+    with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
+        backbone = frozen_backbone(found, settings, cache)
+        split = extract(found, backbone, cache, settings)
+        fit = fit_the_head(split, len(found.dataset.classes), settings)
+        result = assemble(found, backbone, split, fit, settings)
+        calibrate_bundle(result)
+        if wants_finetune(result, settings):
+            from tlearn.train.stage2 import fine_tune_bundle
+
+            fine_tune_bundle(result, found.dataset, backbone, fit, split, settings, resume)
+        else:
+            attach_engine(result.bundle, backbone.exported())
+    result.summary.seconds = time.perf_counter() - start
+    return result
+
+
+def find_data(data: str | Path, settings: TrainSettings) -> FoundData:
+    """The dataset and its splits, each file's content hash (read once), and the checks that need no decoding."""
+    dataset = find_dataset(data, settings.seed, settings.val_fraction, settings.test_fraction)
+    hashes = content_hashes([s.path for samples in dataset.splits.values() for s in samples])
+    return FoundData(dataset, hashes, quick_check(dataset, hashes))
+
+
+def feature_key_for(settings: TrainSettings) -> str:
+    spec, info = get_spec(settings.backbone), locate_weights(settings.backbone, settings.weights)
+    return feature_key(spec.architecture, info.sha256, spec.preprocessing, settings.precision)
+
+
+def frozen_backbone(found: FoundData, settings: TrainSettings, cache: FeatureCache) -> FrozenBackbone:
+    info = locate_weights(settings.backbone, settings.weights)
+    return FrozenBackbone(get_spec(settings.backbone), info, cache.key, cache, engine=settings.engine,
+                          precision=settings.precision, calibration_paths=found.dataset.paths("train"),
+                          seed=settings.seed, workers=settings.workers, progress=settings.progress)
+
+
+def extract(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, settings: TrainSettings) -> SplitFeatures:
+    """Features of every split, from the cache where present; the engine is opened only if something is left."""
+    dataset, features = found.dataset, {}
+    for split in dataset.splits:
+        paths = dataset.paths(split)
+        features[split] = extract_features(paths, cache, backbone.engine, backbone.spec.preprocessing,
+                                           batch_size=settings.batch_size, workers=settings.workers,
+                                           progress=settings.progress, description=split,
+                                           hashes=[found.hashes[p] for p in paths])
+    ys = {split: dataset.labels(split)[f.kept] for split, f in features.items()}
+    _check_trainable(dataset, ys)
+    return SplitFeatures(features, {s: f.vectors for s, f in features.items()}, ys,
+                         {s: [dataset.paths(s)[i] for i in f.kept] for s, f in features.items()})
+
+
+def fit_the_head(split: SplitFeatures, n_classes: int, settings: TrainSettings) -> HeadFit:
+    """Softmax regression on the frozen features, its strength chosen on val (class-balanced loss)."""
+    weight = balanced_class_weight(split.ys["train"], n_classes)
+    return fit_head(split.xs["train"], split.ys["train"], split.xs["val"], split.ys["val"], n_classes,
+                    class_weight=weight, progress=settings.progress)
+
+
+def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, fit: HeadFit,
+             settings: TrainSettings) -> TrainResult:
+    """The stage-1 bundle (backbone tensors + head), its metrics on val and test, and the summary."""
+    dataset, spec = found.dataset, backbone.spec
+    state = {**{f"backbone.{k}": v for k, v in backbone.state.items()},
+             **{f"head.{k}": v for k, v in fit.head.state().items()}}
+    failures = sorted({(str(p), r) for f in split.features.values() for p, r in f.failures})
+    record = BackboneRecord(spec.name, spec.architecture, backbone.info, int(split.xs["train"].shape[1]),
+                            backbone.key, settings.precision)
+    bundle = Bundle(classes=dataset.classes, backbone=record, preprocessing=spec.preprocessing, state=state,
+                    training={**settings.record(), "recipe": "head",
+                              "head": {"type": "linear-softmax on L2-normalised features", "C": fit.C,
+                                       "search": fit.search}},
+                    split=dataset.describe(),
+                    extra={"skipped_files": [{"path": p, "reason": r} for p, r in failures],
+                           "data_checks": found.checks.to_dict()})
+    logits = {s: fit.head.logits(x).astype(np.float64) for s, x in split.xs.items() if s in ("val", "test")}
+    bundle.metrics = {s: classification_metrics(split.ys[s], x.argmax(1), dataset.classes, settings.seed)
+                      for s, x in logits.items()}
+    extracted = sum(f.computed for f in split.features.values())
+    summary = TrainSummary(
+        data=str(dataset.root), layout=dataset.layout, classes=len(dataset.classes),
+        images={s: len(split.ys[s]) for s in split.ys}, skipped_files=failures,
+        ignored_files=[str(p) for p in dataset.ignored], extracted=extracted,
+        from_cache=sum(len(f.kept) for f in split.features.values()) - extracted,
+        extract_seconds=sum(f.seconds for f in split.features.values()),
+        engine_build_seconds=backbone.build_seconds, head_C=fit.C, recipe="head")
+    return TrainResult(bundle, summary, split.scored(logits))
+
+
+def calibrate_bundle(result: TrainResult) -> None:
+    """Fit the temperature on val (the test split is only ever measured)."""
+    calibration = calibrate(result.scored)
+    result.bundle.temperature = calibration["temperature"]
+    result.bundle.extra["calibration"] = calibration
+
+
+def wants_finetune(result: TrainResult, settings: TrainSettings) -> bool:
+    if settings.recipe != "auto":
+        return settings.recipe == "finetune"
+    per_class = result.summary.images["train"] / result.summary.classes
+    return per_class >= AUTO_MIN_TRAIN_PER_CLASS and result.bundle.metrics["val"]["accuracy"] < AUTO_HEAD_GOOD_ENOUGH
+
+
+def attach_engine(bundle: Bundle, exported) -> None:
+    """The verified exported backbone goes into the model folder: loading and predicting need no torch."""
+    bundle.engine = EngineRecord(exported.precision, exported.verdicts)
+    bundle.engine_files = (exported.model_file, exported.reference_file)
+
+
+def adopt_weights(bundle: Bundle, state: dict[str, np.ndarray]) -> None:
+    """Fine-tuned weights into the bundle, with a feature-cache key of their own (stage-1 features no longer fit)."""
+    bundle.state = dict(state)
+    tuned = state_sha256(bundle.backbone_state())
+    record = bundle.backbone
+    bundle.backbone = BackboneRecord(record.name, record.architecture, record.weights, record.feature_dim,
+                                     feature_key(record.architecture, tuned, bundle.preprocessing, record.precision),
+                                     record.precision, tuned)
+
+
+def _check_trainable(dataset: Dataset, ys: dict[str, np.ndarray]) -> None:
+    for split in ("train", "val"):
+        present = set(ys[split].tolist())
+        lost = [c for i, c in enumerate(dataset.classes) if i not in present]
+        if lost:
+            raise DatasetError(f"no readable image left for class(es) {', '.join(lost)} in the {split} split "
+                               "(every file failed to decode; see the skipped files)")
