@@ -37,7 +37,7 @@ def main() -> None:
         tmp = Path(tmp)
         data = make_digits_dataset(tmp / "digits") if args.dataset == "digits" else SHARED / args.dataset
         out = args.keep or tmp / "model"
-        command = [str(Path(sys.executable).with_name("tlearn")), "train", str(data), "--out", str(out), "-q",
+        command = [sys.executable, "-m", "tlearn.cli", "train", str(data), "--out", str(out), "-q",
                    "--cache-dir", str(tmp / "cache"), "--fine-tune", "--train-precision", args.precision, *args.extra]
         start = time.perf_counter()
         # TLEARN_CACHE too: the fine-tune's trunk cache starts empty as the feature cache does
@@ -49,7 +49,7 @@ def main() -> None:
         config = json.loads((out / "config.json").read_text())
     ft = config["training"]["finetune"]
     print(json.dumps({
-        "dataset": args.dataset, "command": " ".join(command[1:]), "wall_seconds": round(wall, 1),
+        "dataset": args.dataset, "command": " ".join(command[3:]), "wall_seconds": round(wall, 1),
         # the machine is shared: CPU seconds / 2 cores estimates the wall time on an idle machine
         "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
         "stages": {stage: {split: m[split]["accuracy"] for split in m} for stage, m in metrics["stages"].items()},
