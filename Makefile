@@ -29,4 +29,15 @@ test: install browser lint
 test-fast: install lint
 	$(BIN)/python -m pytest -m "not slow"
 
-.PHONY: install demo browser lint test test-fast
+# `make image`: the serving container (torch-free base install). Without a registry, build a local base first:
+#   scripts/debian-base-image.sh && make image BASE=localhost/bookworm-python:3.11 CONTAINER="podman --runtime runc"
+# IMAGE_FLAGS passes anything else to the build (e.g. a proxy's CA bundle: see the Dockerfile).
+IMAGE ?= tlearn-serve
+BASE ?= python:3.11-slim
+CONTAINER ?= $(shell command -v docker || command -v podman)
+IMAGE_FLAGS ?=
+image:
+	$(CONTAINER) build $(if $(findstring podman,$(CONTAINER)),--format docker) --build-arg BASE=$(BASE) \
+		$(IMAGE_FLAGS) -t $(IMAGE) .
+
+.PHONY: install demo browser lint test test-fast image

@@ -62,7 +62,7 @@ def calibration_bar(work: Path) -> tuple[list[str], Path]:
 def render_bar(html: Path, work: Path) -> list[str]:
     from chromium_page import chromium_binary, render
 
-    images = render(html, work / "oxford17flowers-report.png", chromium_binary() or "chromium")
+    images = render(html, work / "oxford17flowers-report.png", chromium_binary())
     broken = [i["src"] for i in images if not i["width"]]
     return [f"- headless Chromium: {len(images)} images in the page, {len(broken)} not loaded {broken}; "
             f"screenshot {work / 'oxford17flowers-report.png'}"]

@@ -1,14 +1,13 @@
 """Open a local HTML file in a real headless Chromium (over the DevTools protocol) as a person's browser would.
 
-Used by tests/test_report.py and bench/report_render.py. Debian's `chromium` is installed when missing and we are
-root; otherwise the caller gets None from `chromium_binary()` and skips.
+Used by tests/test_report.py and bench/evaluation_bars.py. Nothing is installed here: `make browser` (a step of
+`make test`) installs Debian's `chromium`; without it `chromium_binary()` raises ChromiumMissing, which says so.
 """
 from __future__ import annotations
 
 import base64
 import itertools
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -25,16 +24,19 @@ IMAGES_JS = ("JSON.stringify(Array.from(document.images).map(i => ({src: i.getAt
              "complete: i.complete, width: i.naturalWidth})))")
 
 
-def chromium_binary() -> str | None:
-    """Path of chromium, installing Debian's package first when it is missing and we may (root)."""
+INSTALL_COMMAND = "make browser  (or: apt-get update && apt-get install -y chromium)"
+
+
+class ChromiumMissing(RuntimeError):
+    """No chromium on PATH; the message gives the command that installs it."""
+
+
+def chromium_binary() -> str:
+    """Path of the chromium binary; raise ChromiumMissing (with the install command) when there is none."""
     found = shutil.which("chromium")
-    if found or os.geteuid() != 0:
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "-o", "DPkg::Lock::Timeout=600", "chromium"], check=True,
-                   env=env, capture_output=True)
-    return shutil.which("chromium")
+    if found is None:
+        raise ChromiumMissing(f"chromium is not installed; install it with: {INSTALL_COMMAND}")
+    return found
 
 
 def render(html_path: Path, screenshot: Path, binary: str = "chromium", timeout: float = 60) -> list[dict]:

@@ -58,3 +58,9 @@ def demo_model(demo_data, cache_dir):
     import tlearn
 
     return tlearn.ImageClassifier(cache_dir=cache_dir, progress=False).fit(demo_data)
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(demo_model, tmp_path_factory) -> Path:
+    """The demo classifier saved as a model folder, for the command-line tests."""
+    return demo_model.save(tmp_path_factory.mktemp("demo-model") / "model")

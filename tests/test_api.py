@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,7 +167,7 @@ def test_cli_train_evaluate_predict_with_bad_files(hymenoptera_small, tmp_path, 
 
     result = runner.invoke(app, ["predict", str(model), str(data / "val"), str(data / "train/bees/README.jpg"),
                                  "--top-k", "2", "--format", "json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # some input could not be read; the others are written
     out = json.loads(result.stdout)
     assert len(out["predictions"]) == 8 and {p["label"] for p in out["predictions"]} <= {"ants", "bees"}
     assert [Path(u["path"]).name for u in out["unreadable"]] == ["README.jpg"]
@@ -193,6 +194,14 @@ def test_backbones_command_lists_offline_weights():
     for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
         assert name in result.output
     assert "yes" in result.output
+    assert "inception_resnet_v2.tf_in1k" in result.output  # nothing cut at 80 columns
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+def test_help_texts_show_their_defaults_whole():
+    for command in ("train", "predict", "export", "report"):
+        result = runner.invoke(app, [command, "--help"], terminal_width=100)
+        assert result.exit_code == 0 and not re.search(r"\w \.", result.output), result.output
 
 
 def test_console_script_runs_the_demo(tmp_path):
@@ -217,3 +226,19 @@ def test_train_on_new_images_imports_no_torch_once_the_engine_is_exported(demo_d
               "print(clf.summary_.extracted, [m for m in ('torch', 'timm') if m in sys.modules])\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "10 []"
+
+
+def test_ctrl_c_says_what_was_kept_and_exits_130(demo_data, tmp_path):
+    import signal
+    import time
+
+    exe = Path(sys.executable).with_name("tlearn")
+    env = {**os.environ, "TLEARN_CACHE": str(tmp_path / "cache")}
+    run = subprocess.Popen([str(exe), "train", str(demo_data), "--out", str(tmp_path / "model")], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # inside the work: imports, discovery or the engine build
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr and "--resume" in stderr
+    assert not (tmp_path / "model").exists()

@@ -175,7 +175,7 @@ def test_local_cache_is_found_and_listed(no_local_weights, tmp_path):
 
     listed = runner.invoke(app, ["backbones"], env={"COLUMNS": "200"})
     assert listed.exit_code == 0, listed.output
-    rows = {line.split()[1]: line for line in listed.stdout.splitlines() if line.startswith("│")}
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines() if line.strip() and "px" in line}
     assert "yes" in rows["resnet50"] and "25.6M" in rows["resnet50"]
     assert "no" in rows["vgg16"] and "138.4M" in rows["vgg16"] and "224px" in rows["vgg16"]
     assert "299px" in rows["inception_v3"] and "299px" in rows["inception_resnet_v2"]

@@ -39,7 +39,7 @@ def test_config_records_how_the_model_was_made(demo_model, tmp_path):
         assert file_sha256(tmp_path / "m" / name) == digest
     assert any(v["ok"] for v in config["engine"]["verdicts"].values())
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
-    assert set(metrics) == {"val", "test"}
+    assert set(metrics) == {"val", "test", "leaks"} and metrics["leaks"]["count"] == 0
     for key in ("accuracy", "mean_class_accuracy", "n", "per_class", "confusion_matrix"):
         assert key in metrics["test"]
     assert oct(os.stat(tmp_path / "m" / "model.safetensors").st_mode & 0o777) == "0o644"

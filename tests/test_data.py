@@ -1,4 +1,5 @@
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -8,9 +9,11 @@ from PIL import Image
 from skimage import data as skdata
 
 from conftest import shared_dataset
-from tlearn.data import DatasetError, DecodeError, find_dataset, load_image
+from tlearn.data import DatasetError, DecodeError, decode_bytes, find_dataset, load_image
 
 PHOTO = skdata.astronaut()  # a real 512x512 RGB photo
+PHOTOS = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket(), skdata.immunohistochemistry(),
+          skdata.hubble_deep_field(), skdata.retina()]
 
 
 def _save(path: Path, image: Image.Image, **kwargs) -> Path:
@@ -23,10 +26,22 @@ def _photo(size=(64, 48)) -> Image.Image:
     return Image.fromarray(PHOTO).resize(size)
 
 
+_distinct = iter(range(10**6))
+
+
+def _distinct_photo(size=(64, 48)) -> Image.Image:
+    """A crop of a real photo that no other call returns (no two are near-duplicates)."""
+    i = next(_distinct)
+    array = PHOTOS[i % len(PHOTOS)]
+    k, (h, w) = i // len(PHOTOS), array.shape[:2]
+    x, y = (k * 53) % (w - 160), (k * 37) % (h - 120)
+    return Image.fromarray(array[y:y + 120, x:x + 160]).resize(size)
+
+
 def _class_tree(root: Path, counts: dict[str, int]) -> Path:
     for cls, n in counts.items():
         for i in range(n):
-            _save(root / cls / f"{i}.jpg", _photo())
+            _save(root / cls / f"{i}.jpg", _distinct_photo())
     return root
 
 
@@ -110,7 +125,8 @@ def test_val_is_carved_from_train_stratified_and_seeded(tmp_path):
     _class_tree(tmp_path / "train", {"a": 20, "b": 10})
     _class_tree(tmp_path / "test", {"a": 2, "b": 2})
     ds = find_dataset(tmp_path, seed=3, val_fraction=0.2)
-    assert sorted(ds.labels("val").tolist()) == [0, 0, 0, 0, 1, 1]
+    assert set(ds.labels("val").tolist()) == {0, 1}  # stratified: each class is drawn on its own
+    assert len(ds.paths("val")) + len(ds.paths("train")) == 30
     assert not set(ds.paths("val")) & set(ds.paths("train"))
     assert ds.paths("val") == find_dataset(tmp_path, seed=3, val_fraction=0.2).paths("val")
     assert ds.paths("val") != find_dataset(tmp_path, seed=4, val_fraction=0.2).paths("val")
@@ -121,7 +137,7 @@ def test_unsplit_folder_gets_train_val_test(tmp_path):
     _class_tree(tmp_path, {"x": 20, "y": 20, "z": 7})
     ds = find_dataset(tmp_path)
     sizes = {k: len(v) for k, v in ds.splits.items()}
-    assert sizes == {"train": 33, "val": 7, "test": 7}
+    assert sum(sizes.values()) == 47 and sizes["train"] > sizes["val"] + sizes["test"]
     for split in ("val", "test"):
         assert set(ds.labels(split).tolist()) == {0, 1, 2}
     recorded = ds.describe()["files"]
@@ -160,3 +176,232 @@ def test_file_instead_of_folder(tmp_path):
     with pytest.raises(DatasetError, match="is a file"):
         find_dataset(path)
     shutil.rmtree(tmp_path)
+
+
+# ---- decoding: hostile files -----------------------------------------------------------------------------------
+def _bomb_png(path: Path, side: int = 10_000) -> Path:
+    """A tiny PNG file whose header says side x side pixels (1-bit: about 12 kB on disk)."""
+    return _save(path, Image.new("1", (side, side)), optimize=True)
+
+
+def test_bomb_guard_is_per_call_and_uses_no_warning_filters(tmp_path, monkeypatch):
+    import warnings
+
+    bomb = _bomb_png(tmp_path / "bomb.png").read_bytes()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("warnings.catch_warnings is process-wide: threads race on it")
+
+    monkeypatch.setattr(warnings, "catch_warnings", forbidden)
+    with pytest.raises(DecodeError, match="too large"):
+        decode_bytes(bomb, "bomb.png")
+    small = _save(tmp_path / "small.png", _distinct_photo((300, 200))).read_bytes()
+    assert decode_bytes(small, "small.png").size == (300, 200)
+    with pytest.raises(DecodeError, match="too large .*300x200.*limit 10,000"):
+        decode_bytes(small, "small.png", max_pixels=10_000)
+    with pytest.raises(DecodeError, match="limit 10,000"):
+        load_image(tmp_path / "small.png", max_pixels=10_000)
+
+
+def test_no_bomb_is_decoded_under_threads(tmp_path):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    bombs = [_bomb_png(tmp_path / f"bomb{i}.png") for i in range(6)]
+    photos = [_save(tmp_path / f"p{i}.png", _distinct_photo()) for i in range(6)]
+    decoded, lock = [], threading.Lock()
+
+    def attempt(path: Path) -> None:
+        try:
+            load_image(path)
+            with lock:
+                decoded.append(path)
+        except DecodeError:
+            pass
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(attempt, (bombs + photos) * 4))
+    assert sorted(set(decoded)) == sorted(photos)
+
+
+@pytest.mark.parametrize("make", ["fifo", "device", "folder"])
+def test_special_files_are_refused_by_name(tmp_path, make):
+    if make == "fifo":
+        path = tmp_path / "pipe.jpg"
+        os.mkfifo(path)
+        kind = "a FIFO"
+    elif make == "device":
+        path, kind = Path("/dev/zero"), "a character device"
+    else:
+        path, kind = tmp_path, "a folder"
+    with pytest.raises(DecodeError, match=f"not a regular file \\({kind}\\)"):
+        load_image(path)
+
+
+# ---- discovery -------------------------------------------------------------------------------------------------
+def _skipped(ds) -> dict[str, str]:
+    return {s.path.name: s.reason for s in ds.skipped}
+
+
+def test_symlinked_class_folders_are_followed_and_loops_named(tmp_path):
+    outside = _class_tree(tmp_path / "elsewhere", {"b": 4})
+    root = _class_tree(tmp_path / "data", {"a": 4})
+    (root / "b").symlink_to(outside / "b", target_is_directory=True)
+    (root / "a" / "again").symlink_to(root / "a", target_is_directory=True)  # a loop
+    (root / "a" / "up").symlink_to(root, target_is_directory=True)  # another, through the root
+    (root / "a" / "way-up").symlink_to(tmp_path, target_is_directory=True)  # the folder that holds the dataset
+    (root / "root-again").symlink_to(root, target_is_directory=True)  # a class folder that is the root itself
+    (root / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (root / "a" / "self.jpg").symlink_to(root / "a" / "self.jpg")
+    ds = find_dataset(root)
+    assert ds.classes == ["a", "b"]
+    assert sum(len(v) for v in ds.splits.values()) == 8
+    skipped = _skipped(ds)
+    assert "loop" in skipped["again"] and "loop" in skipped["up"] and "loop" in skipped["way-up"]
+    assert "loop" in skipped["root-again"]
+    assert "broken symbolic link" in skipped["gone.jpg"] and "loop" in skipped["self.jpg"]
+
+
+def test_unsupported_and_special_files_are_named_as_skipped(tmp_path):
+    root = _class_tree(tmp_path / "data", {"a": 4, "b": 4})
+    for name in ("photo.avif", "photo.HEIC", "drawing.svg"):
+        (root / "a" / name).write_bytes(b"not really")
+    os.mkfifo(root / "b" / "pipe.jpg")
+    skipped = _skipped(find_dataset(root))
+    assert "AVIF images are not supported" in skipped["photo.avif"]
+    assert "HEIC" in skipped["photo.HEIC"] and "SVG" in skipped["drawing.svg"]
+    assert skipped["pipe.jpg"] == "not a regular file (a FIFO)"
+
+
+def test_unreadable_sub_folder_is_named(tmp_path, monkeypatch):
+    root = _class_tree(tmp_path / "data", {"a": 4, "b": 4})
+    locked = root / "a" / "locked"
+    _class_tree(locked, {"x": 1})
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:  # chmod cannot stop root, who runs these tests in CI
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    ds = find_dataset(root)
+    assert _skipped(ds)["locked"] == "cannot list folder (Permission denied)"
+    assert sum(len(v) for v in ds.splits.values()) == 8
+
+
+@pytest.mark.parametrize("classes", [("valid", "invalid"), ("train", "bus"), ("Test", "other")])
+def test_classes_named_like_splits_in_a_flat_layout(tmp_path, classes):
+    root = _class_tree(tmp_path / "data", {c: 4 for c in classes})
+    ds = find_dataset(root)
+    assert ds.classes == sorted(classes) and "one folder per class" in ds.layout
+
+
+def test_folder_names_keep_their_case_and_split_names_must_not_collide(tmp_path):
+    root = _class_tree(tmp_path / "data" / "train", {"Cat": 3, "cat": 3, "Dog": 3})
+    _class_tree(tmp_path / "data" / "Val", {"Cat": 1, "cat": 1, "Dog": 1})
+    ds = find_dataset(root.parent)
+    assert ds.classes == ["Cat", "Dog", "cat"] and set(ds.splits) == {"train", "val"}
+    _class_tree(tmp_path / "data" / "Train", {"Cat": 3, "cat": 3, "Dog": 3})
+    with pytest.raises(DatasetError, match="Train/ and train/|train/ and Train/"):
+        find_dataset(root.parent)
+
+
+def test_non_utf8_file_names_survive(tmp_path):
+    import json
+
+    root = _class_tree(tmp_path / "data", {"a": 4, "b": 4})
+    odd = Path(os.fsdecode(bytes(root / "a") + b"/caf\xe9.jpg"))
+    _save(odd, _distinct_photo())
+    ds = find_dataset(root)
+    assert odd in [p for split in ds.splits for p in ds.paths(split)]
+    recorded = json.loads(json.dumps(ds.describe()))
+    names = [os.fsencode(path) for files in recorded["files"].values() for path, _ in files]
+    assert b"a/caf\xe9.jpg" in names
+
+
+def test_tlearn_outputs_inside_the_dataset_are_not_data(tmp_path):
+    import json
+
+    root = _class_tree(tmp_path / "data", {"a": 4, "b": 4})
+    for model in (root / "a-model", root / "a" / "model"):
+        _class_tree(model / "report", {"figures": 2})
+        (model / "config.json").write_text(json.dumps({"format": "tlearn-bundle", "classes": ["a", "b"]}))
+    report = root / "report"
+    _save(report / "confusion.png", _distinct_photo())
+    (report / "report.html").write_text("<!DOCTYPE html>\n<html><head><title>tlearn report: x</title>")
+    ds = find_dataset(root)
+    assert ds.classes == ["a", "b"] and sum(len(v) for v in ds.splits.values()) == 8
+    assert {"a-model", "model", "report"} <= set(_skipped(ds))
+
+
+# ---- stable, leak-free splits ----------------------------------------------------------------------------------
+def _split_of(ds) -> dict[Path, str]:
+    return {p: split for split in ds.splits for p in ds.paths(split)}
+
+
+def test_a_files_split_depends_on_its_content_only(tmp_path):
+    root = _class_tree(tmp_path / "data", {"x": 30, "y": 30, "z": 30})
+    before = _split_of(find_dataset(root, seed=1))
+    for i in range(4):
+        _save(root / "x" / f"new{i}.jpg", _distinct_photo())
+        _save(root / "z" / f"new{i}.jpg", _distinct_photo())
+    for name in ("broken1.jpg", "broken2.jpg", "broken3.jpg"):
+        (root / "y" / name).write_bytes(b"this is not a photo")
+    (root / "x" / "0.jpg").unlink()
+    ds = find_dataset(root, seed=1)
+    after = _split_of(ds)
+    assert {p: s for p, s in before.items() if p in after} == {p: s for p, s in after.items() if p in before}
+    assert not any(p.name.startswith("broken") for p in after)  # never counted as images
+    assert {s.path.name for s in ds.skipped} == {"broken1.jpg", "broken2.jpg", "broken3.jpg"}
+    assert _split_of(find_dataset(root, seed=2)) != after
+
+
+def test_near_duplicates_land_in_one_carved_split(tmp_path):
+    root = _class_tree(tmp_path / "data", {"x": 40, "y": 40})
+    for i in range(0, 40, 2):
+        original = Image.open(root / "x" / f"{i}.jpg")
+        original.resize((56, 42)).save(root / "x" / f"{i}-smaller.png")  # another encoding of the same picture
+        shutil.copy(root / "x" / f"{i}.jpg", root / "x" / f"{i}-copy.jpg")  # the same bytes
+    ds = find_dataset(root, seed=0)
+    where = _split_of(ds)
+    for i in range(0, 40, 2):
+        assert where[root / "x" / f"{i}-smaller.png"] == where[root / "x" / f"{i}.jpg"] == \
+            where[root / "x" / f"{i}-copy.jpg"]
+    assert ds.leaks == []
+    assert len({where[root / "x" / f"{i}.jpg"] for i in range(0, 40, 2)}) == 3  # groups still spread out
+
+
+def test_leaks_across_given_splits_are_listed(tmp_path):
+    _class_tree(tmp_path / "train", {"a": 5, "b": 5})
+    _class_tree(tmp_path / "val", {"a": 2, "b": 2})
+    Image.open(tmp_path / "train/a/1.jpg").resize((60, 45)).save(tmp_path / "val/a/seen.png")
+    ds = find_dataset(tmp_path)
+    assert [(leak.paths, leak.splits) for leak in ds.leaks] == [
+        ((tmp_path / "train/a/1.jpg", tmp_path / "val/a/seen.png"), ("train", "val"))]
+    recorded = ds.describe_leaks()
+    assert recorded["count"] == 1 and recorded["examples"][0]["paths"] == ["train/a/1.jpg", "val/a/seen.png"]
+    assert recorded["examples"][0]["splits"] == ["train", "val"] and recorded["examples"][0]["bits"] <= 4
+
+
+def test_fingerprints_are_cached_by_content(tmp_path, monkeypatch):
+    from tlearn.data import fingerprints
+
+    root = _class_tree(tmp_path / "data", {"a": 4, "b": 4})
+    first = find_dataset(root, cache_dir=tmp_path / "cache")
+    assert (tmp_path / "cache" / "fingerprints.sqlite").is_file()
+    monkeypatch.setattr(fingerprints, "decode_bytes", lambda *a, **k: pytest.fail("decoded again"))
+    assert _split_of(find_dataset(root, cache_dir=tmp_path / "cache")) == _split_of(first)
+
+
+def test_near_pairs_finds_what_comparing_every_pair_finds():
+    from tlearn.data.fingerprints import near_pairs
+
+    rng = np.random.default_rng(0)
+    codes = [int(c) for c in rng.integers(0, 2**63, 300, dtype=np.int64)]
+    codes += [c ^ (1 << int(b)) ^ (1 << int(b2)) for c, b, b2 in zip(codes[:50], rng.integers(0, 64, 50),
+                                                                     rng.integers(0, 64, 50))]
+    codes += [codes[7] ^ 0b11111]  # 5 bits away: not a near-duplicate
+    brute = [(i, j, bin(a ^ b).count("1")) for i, a in enumerate(codes) for j, b in enumerate(codes)
+             if i < j and bin(a ^ b).count("1") <= 4]
+    assert near_pairs(codes) == brute and len(brute) >= 50

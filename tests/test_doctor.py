@@ -15,6 +15,7 @@ from conftest import shared_dataset
 from tlearn.cli import app
 from tlearn.data import find_dataset
 from tlearn.data.doctor import examine_dataset, quarantine, quick_check
+from tlearn.errors import DatasetError
 
 runner = CliRunner()
 
@@ -119,7 +120,7 @@ def test_quarantine_moves_flagged_files_with_reasons_and_deletes_nothing(demo_co
 
 def test_quarantine_inside_the_dataset_is_refused(demo_copy):
     report = examine_dataset(demo_copy, progress=False)
-    with pytest.raises(ValueError, match="inside the dataset"):
+    with pytest.raises(DatasetError, match="inside the dataset"):
         quarantine(report, demo_copy / "train" / "quarantine")
 
 
@@ -157,3 +158,53 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
+
+
+def test_hostile_names_survive_doctor_and_quarantine(demo_copy, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = demo_copy / "train/brick"
+    odd = os.fsdecode(bytes(folder) + b"/caf\xe9[red]\x1b[2J.png")
+    Path(odd).write_bytes(b"not a png at all")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run([sys.executable, "-m", "tlearn.cli", "doctor", str(demo_copy), "-q", "--quarantine",
+                             str(tmp_path / "q")], capture_output=True, env=env)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert b"Traceback" not in result.stderr and b"\x1b[2J" not in result.stdout
+    assert b"caf\\xe9[red]\\x1b[2J.png" in result.stdout
+    rows = list(csv.DictReader(open(tmp_path / "q" / "reasons.csv", encoding="utf-8", errors="surrogateescape")))
+    assert [os.fsencode(r["path"]) for r in rows] == [b"train/brick/caf\xe9[red]\\x1b[2J.png"]
+    assert os.path.exists(os.fsencode(tmp_path / "q") + b"/train/brick/caf\xe9[red]\x1b[2J.png")
+    result = subprocess.run([sys.executable, "-m", "tlearn.cli", "doctor", str(demo_copy), "--json"],
+                            capture_output=True, env=env)
+    assert result.returncode == 0 and json.loads(result.stdout)["errors"] == 0
+
+
+@pytest.mark.slow
+def test_oxford17flowers_carved_splits_do_not_leak_or_move(tmp_path):
+    """The bar of issue 13: oxford17flowers as one unsplit folder per class (train+test linked together); the
+    carved splits hold no near-duplicate pair across them, and 10 new files move no other file."""
+    flowers = shared_dataset("oxford17flowers")
+    root = tmp_path / "flowers"
+    for split in ("train", "test"):
+        for cls in sorted(p for p in (flowers / split).iterdir() if p.is_dir()):
+            (root / cls.name).mkdir(parents=True, exist_ok=True)
+            for photo in sorted(cls.glob("*.jpg")):
+                (root / cls.name / f"{split}_{photo.name}").symlink_to(photo)
+    cache = tmp_path / "cache"
+    result = runner.invoke(app, ["doctor", str(root), "--json", "--cache-dir", str(cache)])
+    report = json.loads(result.stdout)
+    assert report["files_checked"] == 1360 and "carved" in report["layout"]
+    assert [f for f in report["findings"] if f["kind"] == "leakage"] == []
+    assert sum(f["kind"] == "near_duplicate" for f in report["findings"]) > 0  # there are some, kept together
+    before = find_dataset(root, cache_dir=cache)
+    assert before.leaks == []
+    classes = sorted(p.name for p in root.iterdir())
+    for i, photo in enumerate(sorted((shared_dataset("hymenoptera") / "val" / "bees").glob("*.jpg"))[:10]):
+        (root / classes[i] / f"new_{photo.name}").symlink_to(photo)
+    after = find_dataset(root, cache_dir=cache)
+    split_of = lambda ds: {p: s for s in ds.splits for p in ds.paths(s)}  # noqa: E731
+    moved = {p for p, s in split_of(before).items() if split_of(after)[p] != s}
+    assert moved == set() and sum(len(v) for v in after.splits.values()) == 1370

@@ -140,3 +140,22 @@ def test_no_sharpening_when_val_has_no_mistakes():
     perfect = ScoredSplit("val", [], split.logits.argmax(1), split.logits)
     section = calibrate({"val": perfect})
     assert section["temperature"] == 1.0 and section["ece_after"] == section["ece_before"]
+
+
+def test_report_figures_stay_small_with_a_thousand_classes(tmp_path):
+    """Past 50 classes the figures show the classes that matter most: 1,000 classes once took gigabytes."""
+    from PIL import Image
+
+    from tlearn.evaluate.metrics import ScoredSplit
+    from tlearn.evaluate.report import ReportInputs, write_report
+
+    rng = np.random.default_rng(0)
+    classes = [f"class {i}" for i in range(1000)]
+    labels = np.repeat(np.arange(1000), 2)
+    logits = rng.normal(size=(2000, 1000))
+    logits[np.arange(2000), labels] += 3.0  # mostly right, some confusions
+    scored = {"test": ScoredSplit("test", [tmp_path / f"{i}.png" for i in range(2000)], labels, logits)}
+    write_report(tmp_path / "report", ReportInputs(classes=classes, scored=scored))
+    for name in ("confusion_counts.png", "per_class.png"):
+        width, height = Image.open(tmp_path / "report" / name).size
+        assert width < 3000 and height < 3000, (name, width, height)

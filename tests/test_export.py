@@ -109,3 +109,33 @@ def test_int8_export_needs_the_training_images(model_dir, tmp_path):
     result = runner.invoke(app, ["export", str(moved), "--int8"])
     assert result.exit_code == 2 and "calibrates on the model's training images" in result.output
     assert not (moved / "model-int8.onnx").exists()
+
+
+def test_readme_reference_preprocessing_reproduces_tlearn(exported, model_dir, images, tmp_path):
+    """The README's plain Pillow + numpy preprocessing, run as written, gives tlearn's probabilities to 1e-5."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- reference-preprocessing -->\n```python\n(.*?)```", readme, re.S).group(1)
+    script = tmp_path / "reference.py"
+    script.write_text(code)
+    path, _ = exported
+    from conftest import shared_dataset
+
+    # and the largest photos of the set, where tlearn decodes the JPEG at a reduced scale first
+    big = sorted(shared_dataset("hymenoptera").rglob("*.jpg"), key=lambda p: p.stat().st_size)[-3:]
+    images = [*images, *big]
+    assert max(Image.open(p).width for p in big) > 4 * 256
+    predictor = tlearn.Predictor.load(model_dir)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    classes = json.loads(session.get_modelmeta().custom_metadata_map["classes"])
+    tlearn_pixels = np.stack([predictor.to_pixels(image) for image in images])  # tlearn's own pipeline
+    (expected,) = session.run(["probabilities"], {"pixels": tlearn_pixels})
+    for image, row in zip(images, expected):
+        done = subprocess.run([sys.executable, str(script), str(path), str(image)], capture_output=True, text=True,
+                              check=True)
+        label, score = done.stdout.split()
+        assert label == classes[int(row.argmax())]
+        assert abs(float(score) - float(row.max())) <= 1e-5

@@ -1,6 +1,7 @@
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -71,3 +72,50 @@ def test_cache_key_depends_on_weights_and_preprocessing():
     other = get_spec("efficientnet_lite1").preprocessing
     assert feature_key("a", "w1", prep) != feature_key("a", "w2", prep)
     assert feature_key("a", "w1", prep) != feature_key("a", "w1", other)
+
+
+def test_damaged_cache_entries_are_computed_again_not_trusted(tmp_path, demo_data):
+    import sqlite3
+
+    files, model, prep, cache = _setup(tmp_path, demo_data, n=3)
+    first = _extract(model, prep, files, cache)
+    with sqlite3.connect(cache.directory / "features.sqlite") as db:  # zero one vector, flip bytes of another
+        rows = db.execute("SELECT content, vector FROM vectors ORDER BY content").fetchall()
+        db.execute("UPDATE vectors SET vector = ? WHERE content = ?", (bytes(len(rows[0][1])), rows[0][0]))
+        flipped = bytearray(rows[1][1])
+        flipped[10] ^= 0xFF
+        db.execute("UPDATE vectors SET vector = ? WHERE content = ?", (bytes(flipped), rows[1][0]))
+    again = _extract(model, prep, files, cache)
+    assert again.computed == 2
+    np.testing.assert_allclose(again.vectors, first.vectors, atol=1e-4)
+
+
+def test_a_truncated_database_is_moved_aside_and_an_unusable_folder_named(tmp_path):
+    from tlearn.errors import TlearnError
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "features.sqlite").write_bytes(b"SQLite format 3\x00" + b"\x00" * 50)  # truncated
+    with FeatureCache("k", folder) as cache:
+        assert cache.get_many(["a"]) == {}
+    assert [p.name.startswith("features.sqlite.damaged-") for p in folder.iterdir()].count(True) == 1
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(TlearnError, match="cannot open the feature cache in .*a-file"):
+        FeatureCache("k", tmp_path / "a-file")
+
+
+def test_a_changed_exported_engine_is_exported_again(tmp_path, demo_data):
+    from tlearn.engines import open_engine, open_exported, state_key
+
+    _, model, prep, _ = _setup(tmp_path, demo_data, n=1)
+    folder = tmp_path / "engines"
+    open_engine(model, prep, folder, "onnx")
+    key = state_key({k: v.numpy() for k, v in model.state_dict().items()}, prep)
+    onnx_file = folder / key / "model-fp32.onnx"
+    assert open_exported(key, folder, "onnx") is not None
+    data = bytearray(onnx_file.read_bytes())
+    data[-200] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    assert open_exported(key, folder, "onnx") is None  # not trusted: its SHA-256 changed
+    open_engine(model, prep, folder, "onnx")  # exports and verifies it again
+    assert open_exported(key, folder, "onnx") is not None

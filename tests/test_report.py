@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import tlearn
-from chromium_page import chromium_binary, render
+from chromium_page import ChromiumMissing, chromium_binary, render
 from tlearn.cli import app
 from tlearn.evaluate.report import ReportInputs, write_report
 
@@ -28,10 +29,10 @@ def saved_model(demo_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("chromium is not installed and we are not root to apt-get install it")
-    return binary
+    try:
+        return chromium_binary()
+    except ChromiumMissing as exc:  # a failure, not a skip: `make test` installs it (`make browser`)
+        pytest.fail(str(exc))
 
 
 def test_fit_records_calibration_and_data_checks(demo_model):
@@ -127,3 +128,18 @@ def test_report_modules_import_nothing_heavy():
             "print(*(m for m in ('torch', 'timm', 'sklearn', 'scipy', 'matplotlib.pyplot') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == []
+
+
+def test_train_warns_about_near_duplicates_across_given_splits(demo_data, tmp_path, cache_dir):
+    """A given split that leaks (the same photo in train and val): train says so with an example, metrics.json
+    counts it."""
+    import shutil
+
+    data = shutil.copytree(demo_data, tmp_path / "data")
+    shutil.copy(data / "train" / "brick" / "brick_00.png", data / "val" / "brick" / "copy_of_brick_00.png")
+    result = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "m"), "--cache-dir", str(cache_dir),
+                                 "-q"])
+    assert result.exit_code == 0, result.output
+    assert "near-duplicate image pair(s) sit in different splits" in result.output
+    assert "copy_of_brick_00.png" in result.output
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["leaks"]["count"] >= 1

@@ -13,7 +13,6 @@ Nothing in a model folder is a pickle and loading one never unpickles. A folder 
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from safetensors.numpy import load_file, save_file
 from tlearn.backbones import Preprocessing
 from tlearn.backbones.registry import BACKBONES, WeightsInfo
 from tlearn.errors import BundleError
+from tlearn.files import fsync_tree, swap_in
 from tlearn.files import sha256_file as file_sha256
 from tlearn.train.head import LinearHead
 
@@ -118,8 +118,9 @@ class Bundle:
                   "temperature": self.temperature, "engine": self.engine.to_dict() if self.engine else None,
                   "training": self.training, "split": self.split, "extra": self.extra, "files": digests,
                   "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=False,
-                                                     default=_json_default))
+        # ASCII escapes: a class or file name that is not valid UTF-8 (surrogates) survives, under any locale
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=True, default=_json_default),
+                                          encoding="ascii")
 
     # ---- reading ----------------------------------------------------------------------------------------------
     @classmethod
@@ -247,10 +248,10 @@ class ModelFolder:
             shutil.rmtree(self.staging, ignore_errors=True)
             return
         try:
-            _fsync_tree(self.staging)
+            fsync_tree(self.staging)
             if (self.target / RUN_FOLDER).is_dir() and not (self.staging / RUN_FOLDER).exists():
                 os.rename(self.target / RUN_FOLDER, self.staging / RUN_FOLDER)
-            _swap_in(self.staging, self.target)
+            swap_in(self.staging, self.target)
         except OSError as error:
             shutil.rmtree(self.staging, ignore_errors=True)
             raise BundleError(f"cannot write the model to {self.target}: {error.strerror or error}") from None
@@ -351,48 +352,6 @@ def _json_default(value):
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-# ---- writing a folder whole ---------------------------------------------------------------------------------------
-def _fsync_tree(folder: Path) -> None:
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = Path(root) / name
-            os.chmod(path, 0o644)
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Put `staging` at `target`. An existing target is exchanged with it in one renameat2 call (Linux), so a
-    kill at any moment leaves either the old model or the new one there; the old one is then removed."""
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    if not _exchange(staging, target):  # not Linux, or a file system without RENAME_EXCHANGE
-        old = staging.with_name(staging.name.replace(".new-", ".old-"))
-        os.rename(target, old)
-        os.rename(staging, target)
-        staging = old
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return result == 0
 
 
 def _fill_buffers(model) -> None:

@@ -1,18 +1,21 @@
 """`tlearn` command line: parse arguments, call the Python API, print. No logic of its own."""
 from __future__ import annotations
 
-import csv
 import json
-import sys
+import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tlearn.errors import TlearnError
+from tlearn.outputs import terminal_text  # light: rich.markup and the standard library
+
+if TYPE_CHECKING:
+    from tlearn.predict import Unreadable
 
 # Everything else is imported inside the command that needs it: `tlearn --help` and `tlearn predict` must start
 # fast, and predicting needs no torch.
@@ -23,8 +26,8 @@ out = Console()
 err = Console(stderr=True)
 
 Backbone = Annotated[str, typer.Option(help="Backbone name (see `tlearn backbones`).")]
-CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder [default: $TLEARN_CACHE or "
-                                                       "~/.cache/tlearn].")]
+CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: $TLEARN_CACHE or "
+                                                       "~/.cache/tlearn).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
@@ -45,7 +48,7 @@ Engine = Annotated[EngineName, typer.Option(help="Inference engine for the backb
                                                  "one that agrees with torch on this model.")]
 Precision = Annotated[Optional[PrecisionName], typer.Option(
     help="Precision of the frozen-backbone forward (int8 is calibrated on training images) "
-         "[default: fp32 for train, the model's own otherwise].")]
+         "(default: fp32 for train, the model's own otherwise).")]
 
 
 class Recipe(str, Enum):
@@ -60,8 +63,7 @@ class Format(str, Enum):
 
 
 def _fail(exc: Exception) -> None:
-    err.print("[bold red]error:[/] ", end="", highlight=False)
-    err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {terminal_text(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -73,7 +75,7 @@ _USER_ERRORS = (TlearnError,)
 def train(
     data: Annotated[Path, typer.Argument(help="Dataset folder: one sub-folder per class, or train/ val/ test/.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write "
-                                                    "[default: ./<data folder name>-model].")] = None,
+                                                    "(default: ./<data folder name>-model).")] = None,
     backbone: Backbone = "efficientnet_lite0",
     weights: Annotated[Optional[Path], typer.Option(help="Backbone weights file instead of the registry's.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for splits and training.")] = 0,
@@ -131,12 +133,12 @@ def train(
     except _USER_ERRORS as exc:
         _fail(exc)
     _print_summary(clf, out_dir)
-    out.print(f"report: {out_dir / 'report' / 'report.html'}", highlight=False)
+    out.print(f"report: {terminal_text(out_dir / 'report' / 'report.html')}", highlight=False)
 
 
 def _print_summary(clf, out_dir: Path) -> None:
     s, bundle = clf.summary_, clf.bundle_
-    table = Table(title=f"tlearn train: {s.data}", show_header=False, title_justify="left")
+    table = Table(title=f"tlearn train: {terminal_text(s.data)}", show_header=False, title_justify="left")
     table.add_row("layout", s.layout)
     table.add_row("classes", str(s.classes))
     table.add_row("images", ", ".join(f"{k} {v}" for k, v in s.images.items()))
@@ -152,7 +154,7 @@ def _print_summary(clf, out_dir: Path) -> None:
         for stage, m in clf.metrics_["stages"].items():
             table.add_row(f"{stage} val / test", " / ".join(f"{m[k]['accuracy']:.4f}" for k in m))
         table.add_row("kept", f"{ft['chosen']} (better on val)")
-    for split, m in ((k, v) for k, v in clf.metrics_.items() if k != "stages"):
+    for split, m in ((k, v) for k, v in clf.metrics_.items() if k in ("val", "test")):
         table.add_row(f"{split} accuracy", f"{m['accuracy']:.4f} {_interval(m, 'accuracy')} (mean class "
                                            f"{m['mean_class_accuracy']:.4f} {_interval(m, 'mean_class_accuracy')}, "
                                            f"n={m['n']})")
@@ -162,13 +164,24 @@ def _print_summary(clf, out_dir: Path) -> None:
                         for split in calibration["ece_after"])
         table.add_row("calibration", f"temperature {calibration['temperature']:.3f} (fitted on val); ECE {ece}")
     table.add_row("time", f"{s.seconds:.1f}s")
-    table.add_row("model", str(out_dir))
+    table.add_row("model", terminal_text(out_dir))
     out.print(table)
     _print_data_warning(bundle.extra.get("data_checks", {}))
+    _print_leaks(clf.metrics_.get("leaks", {}))
     if s.skipped_files:
         err.print(f"[yellow]skipped {len(s.skipped_files)} unreadable file(s):[/]")
         for path, reason in s.skipped_files:
-            err.print(f"  {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"  {terminal_text(path)}: {terminal_text(reason)}", highlight=False, soft_wrap=True)
+
+
+def _print_leaks(leaks: dict) -> None:
+    if leaks.get("count"):
+        err.print(f"[bold yellow]warning:[/] {leaks['count']} exact or near-duplicate image pair(s) sit in different "
+                  "splits, so the val/test figures above are optimistic (counted in metrics.json under \"leaks\"); "
+                  "e.g.:", highlight=False)
+        for example in leaks["examples"][:5]:
+            err.print(f"  {' <-> '.join(terminal_text(p) for p in example['paths'])} ({' / '.join(example['splits'])}, "
+                      f"{example['bits']} bits apart)", highlight=False)
 
 
 def _interval(m: dict, key: str) -> str:
@@ -182,8 +195,8 @@ def _print_data_warning(checks: dict) -> None:
         err.print(f"[bold red on white] WARNING: {len(errors)} data problem(s) make these numbers untrustworthy "
                   "[/]", highlight=False)
         for finding in errors[:10]:
-            err.print(f"  [red]{finding['kind']}[/]: {finding['message']}: {', '.join(finding['paths'])}",
-                      highlight=False)
+            err.print(f"  [red]{finding['kind']}[/]: {terminal_text(finding['message'])}: "
+                      f"{terminal_text(', '.join(finding['paths']))}", highlight=False)
         err.print("  run `tlearn doctor DATA` for the full list (it also checks near-duplicates).")
 
 
@@ -215,7 +228,7 @@ def evaluate(
               f"n={metrics['n']} (brackets: bootstrap 95% CI)")
     table = Table("class", "precision", "recall", "f1", "n")
     for name, row in metrics["per_class"].items():
-        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+        table.add_row(terminal_text(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
                       str(row["support"]))
     out.print(table)
     _print_confusion(metrics)
@@ -223,9 +236,10 @@ def evaluate(
 
 def _print_confusion(metrics: dict) -> None:
     classes = metrics["classes"]
-    table = Table("true \\ predicted", *[c[:10] for c in classes], title="confusion matrix", title_justify="left")
+    table = Table("true \\ predicted", *[terminal_text(c[:10]) for c in classes], title="confusion matrix",
+                  title_justify="left")
     for name, row in zip(classes, metrics["confusion_matrix"]):
-        table.add_row(name, *[str(v) for v in row])
+        table.add_row(terminal_text(name), *[str(v) for v in row])
     out.print(table)
 
 
@@ -233,60 +247,68 @@ def _print_confusion(metrics: dict) -> None:
 def predict(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
-    top_k: Annotated[int, typer.Option(help="How many labels per image, best first.")] = 1,
+    top_k: Annotated[int, typer.Option(help="How many labels per image, best first.", min=1)] = 1,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.csv,
-    output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output (a new file, or a "
+                                                        "previous .csv/.json result).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --output replace any existing file.")] = False,
     engine: Engine = EngineName.auto,
     precision: Precision = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 32,
     min_confidence: Annotated[Optional[float], typer.Option(
         help="Label images whose (calibrated) top probability is below this 'uncertain'.", min=0.0, max=1.0)] = None,
+    quiet: Quiet = False,
 ) -> None:
-    """Predict labels for images; unreadable files are listed on stderr, not fatal."""
+    """Predict labels for images, one row per image (progress and unreadable files on stderr).
+
+    Exit code 0: every image predicted; 1: some files could not be read (the others are written); 2: nothing
+    to predict, or a usage error."""
     import tlearn
+    from tlearn.data.discovery import find_images
+    from tlearn.outputs import check_output_path
     from tlearn.predict import Unreadable
 
     try:
+        if output:
+            check_output_path(output, force)
+        files, problems = find_images(paths)
+        if not files:
+            raise TlearnError("nothing to predict: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
+                                    if problems else "nothing to predict: no image files in the paths given")
         clf = tlearn.load(model, progress=False, engine=engine.value, precision=precision and precision.value,
                           batch_size=batch_size)
+        k = min(top_k, len(clf.classes_))
+        rows = clf.iter_predict(files, top_k=k, min_confidence=min_confidence)
+        unreadable = [Unreadable(os.fsdecode(p.path), p.reason) for p in problems]
+        written = _write_predictions(rows, fmt, output, k, min_confidence is not None, unreadable,
+                                     progress=len(files) if not quiet and len(files) >= PROGRESS_FROM else 0)
     except _USER_ERRORS as exc:
         _fail(exc)
-    if top_k < 1:
-        _fail(ValueError("--top-k must be at least 1"))
-    k = min(top_k, len(clf.classes_))
-    sink = open(output, "w", newline="") if output else sys.stdout
-    unreadable: list[Unreadable] = []
-    try:
-        rows = clf.iter_predict(paths, top_k=k, min_confidence=min_confidence)
-        if fmt is Format.csv:
-            writer = csv.writer(sink)
-            writer.writerow(["path", "label", "score"]
-                            + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")])
-            for row in rows:
-                if isinstance(row, Unreadable):
-                    unreadable.append(row)
-                    continue
-                writer.writerow([row.source, row.label, f"{row.score:.6f}"] +
-                                [v for label, score in row.top[1:] for v in (label, f"{score:.6f}")])
-                sink.flush()
-        else:
-            predictions = []
-            for row in rows:
-                if isinstance(row, Unreadable):
-                    unreadable.append(row)
-                else:
-                    predictions.append({"path": row.source, "label": row.label, "score": row.score,
-                                        "top": [{"label": label, "score": score} for label, score in row.top]})
-            json.dump({"predictions": predictions,
-                       "unreadable": [{"path": u.source, "reason": u.reason} for u in unreadable]}, sink, indent=1)
-            sink.write("\n")
-    except _USER_ERRORS as exc:
-        _fail(exc)
-    finally:
-        if output:
-            sink.close()
     for u in unreadable:
-        err.print(f"unreadable: {u.source}: {u.reason}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"unreadable: {terminal_text(u.source)}: {terminal_text(u.reason)}", highlight=False,
+                  soft_wrap=True)
+    if output:
+        err.print(f"wrote {written} prediction(s) to {terminal_text(output)}", highlight=False, soft_wrap=True)
+    if unreadable:
+        raise typer.Exit(1)
+
+
+PROGRESS_FROM = 64  # images; fewer are predicted before a bar would be worth drawing
+
+
+def _write_predictions(rows, fmt: Format, output: Optional[Path], k: int, with_top_label: bool,
+                       unreadable: list[Unreadable], progress: int) -> int:
+    """Write the predictions to `output` (whole or not at all) or standard output, a bar on stderr when
+    `progress` (the number of images) is not 0; return how many were written."""
+    from rich.progress import Progress
+
+    from tlearn.outputs import atomic_text_file, stdout_text, write_predictions
+
+    opened = atomic_text_file(output) if output else stdout_text()
+    with opened as sink, Progress(console=err, transient=True, disable=not progress) as bar:
+        task = bar.add_task("predicting", total=progress or None)
+        return write_predictions(rows, sink, fmt.value, k, with_top_label, unreadable,
+                                 advance=lambda: bar.advance(task))
 
 
 @app.command()
@@ -296,6 +318,7 @@ def doctor(
     quarantine: Annotated[Optional[Path], typer.Option(help="MOVE flagged files into this folder (outside DATA), "
                                                             "with reasons.csv; nothing is deleted.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the carved splits (as in `tlearn train`).")] = 0,
+    cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
     """Check a dataset: unreadable/odd files, duplicates, leakage between splits, conflicting labels, balance.
@@ -303,14 +326,15 @@ def doctor(
     Exit code 1 when a problem would corrupt an evaluation (leakage, conflicting labels, unusable layout)."""
     from tlearn.data.doctor import examine_dataset
     from tlearn.data.doctor import quarantine as move_flagged
+    from tlearn.outputs import json_text
 
     try:
-        report = examine_dataset(data, seed=seed, progress=not (quiet or as_json))
+        report = examine_dataset(data, seed=seed, progress=not (quiet or as_json), cache_dir=cache_dir)
         moved = move_flagged(report, quarantine) if quarantine else []
     except _USER_ERRORS as exc:
         _fail(exc)
     if as_json:
-        print(json.dumps({**report.to_dict(), "quarantined": moved}, indent=1))
+        print(json_text({**report.to_dict(), "quarantined": moved}))
     else:
         _print_doctor(report, moved, quarantine)
     if report.errors:
@@ -318,19 +342,23 @@ def doctor(
 
 
 def _print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None:
-    out.print(f"[bold]tlearn doctor[/]: {report.root} ({report.layout or 'layout not usable'}), "
+    safe = terminal_text
+    out.print(f"[bold]tlearn doctor[/]: {safe(report.root)} ({safe(report.layout or 'layout not usable')}), "
               f"{report.files_checked} files", highlight=False)
-    table = Table("split", *report.classes, "imbalance", title="images per class", title_justify="left")
+    table = Table("split", *[safe(c) for c in report.classes], "imbalance", title="images per class",
+                  title_justify="left")
     for split, counts in report.counts.items():
-        table.add_row(split, *[str(counts.get(c, 0)) for c in report.classes], f"{report.imbalance[split]:.2f}")
+        table.add_row(safe(split), *[str(counts.get(c, 0)) for c in report.classes], f"{report.imbalance[split]:.2f}")
     out.print(table)
     for finding in report.findings:
         colour = "red" if finding.severity == "error" else "yellow"
-        out.print(f"[{colour}]{finding.severity}[/] [bold]{finding.kind}[/]: {finding.message}", highlight=False)
+        out.print(f"[{colour}]{finding.severity}[/] [bold]{finding.kind}[/]: {safe(finding.message)}",
+                  highlight=False, soft_wrap=True)
         for path in finding.paths:
-            out.print(f"    {path}", highlight=False)
+            out.print(f"    {safe(path)}", highlight=False, soft_wrap=True)  # whole, to copy and paste
     if moved:
-        out.print(f"moved {len(moved)} file(s) to {quarantine} (reasons in {quarantine / 'reasons.csv'})")
+        out.print(f"moved {len(moved)} file(s) to {safe(quarantine)} (reasons in "
+                  f"{safe(quarantine / 'reasons.csv')})", highlight=False)
     verdict = (f"[bold red]{len(report.errors)} error(s)[/] that corrupt an evaluation" if report.errors
                else "[green]no errors[/]")
     out.print(f"{verdict}, {len(report.warnings)} warning(s)")
@@ -339,9 +367,9 @@ def _print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None
 @app.command()
 def report(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
-    data: Annotated[Optional[Path], typer.Argument(help="Dataset folder [default: the one it was trained on].")] = None,
+    data: Annotated[Optional[Path], typer.Argument(help="Dataset folder (default: the one it was trained on).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o",
-                                                    help="Report folder [default: MODEL/report].")] = None,
+                                                    help="Report folder (default: MODEL/report).")] = None,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -352,18 +380,18 @@ def report(
         path = tlearn.load(model, cache_dir=cache_dir, progress=not quiet).report(out_dir or model / "report", data)
     except _USER_ERRORS as exc:
         _fail(exc)
-    out.print(f"report: {path}", highlight=False)
+    out.print(f"report: {terminal_text(path)}", highlight=False)
 
 
 @app.command()
 def export(
     model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="ONNX file to write "
-                                                     "[default: MODEL/model.onnx, or model-int8.onnx].")] = None,
+                                                     "(default: MODEL/model.onnx, or model-int8.onnx).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Quantise the backbone to int8 (static, calibrated on the "
                                                       "training images); looser verification tolerance.")] = False,
     images: Annotated[Optional[list[Path]], typer.Option(
-        help="Images or folders to verify on [default: the model's test/val images].")] = None,
+        help="Images or folders to verify on (default: the model's test/val images).")] = None,
 ) -> None:
     """Export the whole classifier as one ONNX file (pixels in, calibrated probabilities out), verified against
     the torch model."""
@@ -387,18 +415,26 @@ def export(
 @app.command()
 def backbones() -> None:
     """List the backbones, their input size, parameter count and whether their weights are on this machine."""
+    from rich import box
+
     from tlearn.backbones import BACKBONES, parameter_count, weights_available
 
-    table = Table()
-    table.add_column("name", no_wrap=True)  # the one column a narrow terminal must not cut: it is what you type
-    for title in ("architecture (timm)", "input", "parameters", "weights offline"):
-        table.add_column(title)
+    # fits 80 columns: a narrow terminal cuts nothing
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for title in ("name", "architecture (timm)"):
+        table.add_column(title, no_wrap=True)
+    for title in ("input", "params", "weights"):
+        table.add_column(title, no_wrap=True, justify="right" if title == "params" else "left")
+    missing = []
     for name, spec in BACKBONES.items():
         here = weights_available(name)
+        missing += [] if here else [name]
         table.add_row(name, spec.architecture, f"{spec.preprocessing.input_size}px",
-                      f"{parameter_count(name) / 1e6:.1f}M",
-                      "[green]yes[/]" if here else f"[red]no[/] ({spec.weights_hint})")
+                      f"{parameter_count(name) / 1e6:.1f}M", "[green]yes[/]" if here else "[red]no[/]")
     out.print(table)
+    if missing:
+        out.print(f"missing weights: `tlearn fetch-weights NAME` on a machine with network (then copy the file "
+                  f"here), or `--weights FILE`; for {', '.join(missing)}", highlight=False)
 
 
 @app.command("fetch-weights")
@@ -431,5 +467,65 @@ def demo(
     predict(out_dir / "model", [data / "test"], top_k=2)
 
 
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most images per engine call (requests are merged).")] = 16,
+    batch_timeout_ms: Annotated[float, typer.Option(help="How long an image waits for others to fill a batch.")
+                                ] = 5.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body (413 above).")] = 20.0,
+    max_images: Annotated[int, typer.Option(help="Most images per request (413 above).")] = 32,
+    max_pixels: Annotated[int, typer.Option(help="Most decoded pixels per image, checked before decoding "
+                                                 "(413 above).")] = 40_000_000,
+    queue: Annotated[int, typer.Option(help="Most requests in the server at once (503 + Retry-After above).")] = 64,
+    timeout_s: Annotated[float, typer.Option(help="Most seconds per request (504 above).")] = 10.0,
+    token: Annotated[Optional[str], typer.Option(envvar="TLEARN_TOKEN", help="Require 'Authorization: Bearer "
+                                                 "TOKEN' (401 otherwise); health probes stay open.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="The model's name in URLs (default: the folder's name).")
+                    ] = None,
+    min_confidence: Annotated[Optional[float], typer.Option(help="Label predictions whose calibrated top "
+                                                            "probability is below this 'uncertain'.",
+                                                            min=0.0, max=1.0)] = None,
+    decode_threads: Annotated[int, typer.Option(help="Threads decoding uploaded images.")] = 2,
+    engine: Engine = EngineName.auto,
+) -> None:
+    """Serve a model over HTTP: a web page, POST /v1/predict, KServe v2, TorchServe-style routes, /metrics."""
+    from tlearn.serve import ServeSettings, run
+
+    try:
+        settings = ServeSettings(name=name or model.resolve().name, max_batch=max_batch,
+                                 batch_timeout_ms=batch_timeout_ms, max_body_mb=max_body_mb, max_images=max_images,
+                                 max_pixels=max_pixels, queue=queue, timeout_s=timeout_s, token=token or None,
+                                 min_confidence=min_confidence, decode_threads=decode_threads)
+        run(model, settings, host=host, port=port, engine=engine.value)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+
+
+class Interrupted(BaseException):
+    """Ctrl-C, raised past click (which would print "Aborted!" and exit 1) so that main can say what was kept."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted
+
+
+def main() -> None:
+    """The `tlearn` console script: the typer app, with Ctrl-C explained (exit 130)."""
+    import signal
+
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        app()
+    except Interrupted:
+        err.print("\ninterrupted. Nothing half-written was kept: a model folder is written whole or not at all, and "
+                  "any output file only when complete. Features extracted so far are cached: the same command "
+                  "continues from there (a fine-tune continues with --resume).", highlight=False)
+        raise SystemExit(130) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

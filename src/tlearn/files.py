@@ -1,12 +1,21 @@
 """Files on disk: the one way tlearn writes a file (whole or not at all) and the one way it digests one."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+
+
+def cache_root() -> Path:
+    """$TLEARN_CACHE, else $XDG_CACHE_HOME/tlearn, else ~/.cache/tlearn."""
+    if os.environ.get("TLEARN_CACHE"):
+        return Path(os.environ["TLEARN_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tlearn"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -37,3 +46,45 @@ def write_atomically(path: str | Path, write: Callable[[str], object]) -> Path:
         write(tmp)
         os.replace(tmp, path)
     return Path(path)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Files made readable by all (0644) and flushed to disk, then the folder itself."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = Path(root) / name
+            os.chmod(path, 0o644)
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def swap_in(staging: Path, target: Path) -> None:
+    """Put `staging` at `target`. An existing target is exchanged with it in one renameat2 call (Linux), so a
+    kill at any moment leaves either the old model or the new one there; the old one is then removed."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    if not _exchange(staging, target):  # not Linux, or a file system without RENAME_EXCHANGE
+        old = staging.with_name(staging.name.replace(".new-", ".old-"))
+        os.rename(target, old)
+        os.rename(staging, target)
+        staging = old
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0

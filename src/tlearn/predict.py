@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from tlearn.bundle import WEIGHTS_FILE, Bundle
-from tlearn.data.decode import DecodeError, decode_bytes, is_image_path, load_image, to_rgb
+from tlearn.data.decode import DecodeError, decode_bytes, load_image, to_rgb
 from tlearn.data.pipeline import PixelBatch, default_workers
 from tlearn.errors import BundleError, check_range
 
@@ -224,17 +224,12 @@ class Predictor:
 
 
 def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Unreadable]]:
-    """Files as given, folders searched recursively for images (sorted); missing paths are reported."""
-    files, missing = [], []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_path(p)))
-        elif path.is_file():
-            files.append(path)
-        else:
-            missing.append(Unreadable(os.fsdecode(path), "no such file or folder"))
-    return files, missing
+    """Files as given, folders searched recursively for images (sorted, links followed); missing paths, special
+    files, broken links and unsupported formats are reported (tlearn.data.discovery.find_images)."""
+    from tlearn.data.discovery import find_images
+
+    files, problems = find_images(list(paths))
+    return files, [Unreadable(os.fsdecode(p.path), p.reason) for p in problems]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ def score_dataset(predictor: Predictor, data: str | Path, splits: Sequence[str],
     bundle = predictor.bundle
     training = bundle.training
     dataset = find_dataset(data, training.get("seed", 0), training.get("val_fraction", 0.15),
-                           training.get("test_fraction", 0.15))
+                           training.get("test_fraction", 0.15), cache_dir=cache_dir)
     if dataset.classes != bundle.classes:
         raise DatasetError(f"{dataset.root} has classes {dataset.classes}, but the model was trained on "
                            f"{bundle.classes}")
@@ -30,7 +30,7 @@ def score_dataset(predictor: Predictor, data: str | Path, splits: Sequence[str],
         for split in splits:
             if split not in dataset.splits and len(splits) > 1:
                 continue  # e.g. no test split: score what there is
-            paths = dataset.split(split) and dataset.paths(split)
+            paths = dataset.paths(split)  # a split the dataset lacks is a DatasetError that names the ones it has
             features = extract_features(paths, cache, lambda: predictor.features, bundle.preprocessing,
                                         batch_size=predictor.batch_size, workers=predictor.workers,
                                         progress=progress, description=split)

@@ -15,7 +15,7 @@ import numpy as np
 
 from tlearn.backbones import classic, efficientnet_lite
 from tlearn.errors import InvalidParameter, WeightsUnavailable
-from tlearn.files import sha256_file
+from tlearn.files import cache_root, sha256_file, write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -189,15 +189,31 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a weights file, read once per process while the file is unchanged: a cold `fit` locates the
-    weights and then builds the network from them, and both need it (VGG16's file is 528 MB)."""
+    """SHA-256 of a weights file, read once per machine while the file is unchanged (same path, size and
+    modification time, remembered in the cache folder): every train needs it, and VGG16's file is 528 MB."""
     stat = Path(path).stat()
     return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @lru_cache(maxsize=16)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
+    import json
+
+    record = cache_root() / "weights-sha256.json"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(path) if isinstance(known, dict) else None
+    if isinstance(entry, list) and entry[:2] == [size, mtime_ns] and isinstance(entry[2], str):
+        return entry[2]
+    digest = sha256_file(path)
+    try:
+        write_atomically(record, lambda tmp: Path(tmp).write_text(json.dumps({**known, path: [size, mtime_ns,
+                                                                                             digest]})))
+    except OSError:  # a read-only cache: hash again next time
+        pass
+    return digest
 
 
 def state_sha256(state: dict[str, np.ndarray]) -> str:

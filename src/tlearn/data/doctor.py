@@ -1,12 +1,12 @@
 """Check a dataset before trusting it: unreadable or odd files, duplicates, leakage between splits, balance.
 
-Every file is decoded with `load_image`'s decoder (the one training uses); perceptual hashes come from imagehash.
+Every file is decoded with `load_image`'s decoder (the one training uses); perceptual hashes are the cached
+fingerprints the carved splits are made with (fingerprints.py), so the doctor and the splits agree.
 `quick_check` runs only the checks that need no decoding (structure, counts, exact duplicates by content hash),
 cheap enough to run before every training.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import os
@@ -16,19 +16,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import imagehash
 import numpy as np
 from PIL import Image
+from rich.console import Console
 from rich.progress import Progress
 
-from tlearn.data.decode import DecodeError, content_hashes, decode_bytes, is_image_path
-from tlearn.data.layout import SPLIT_FOLDERS, Dataset, DatasetError, find_dataset
+from tlearn.data.decode import DecodeError, content_hashes, decode_bytes, read_regular_file
+from tlearn.data.discovery import walk_images
+from tlearn.data.fingerprints import NEAR_DUPLICATE_BITS, fingerprint_files, near_pairs
+from tlearn.data.layout import SPLIT_OF, Dataset, DatasetError, find_dataset
+from tlearn.outputs import csv_cell, csv_writer
 
 ERROR, WARNING = "error", "warning"
 TINY_SIDE = 48  # pixels; below this the backbone sees mostly upsampling blur
 PLACEHOLDER_SHARE = 0.6  # share of one flat colour above which an image looks like a placeholder or a blank
 PLACEHOLDER_COLOURS = 256  # ... when it also has this few distinct colours (photos have thousands)
-NEAR_DUPLICATE_BITS = 4  # max Hamming distance between 64-bit perceptual hashes of near-duplicates
 ODD_MODES = {"CMYK": "CMYK", "P": "palette", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit",
              "I": "32-bit integer", "F": "32-bit float", "1": "1-bit", "LAB": "Lab", "HSV": "HSV"}
 EXTENSIONS = {"JPEG": {".jpg", ".jpeg"}, "MPO": {".jpg", ".jpeg"}, "PNG": {".png"}, "GIF": {".gif"},
@@ -86,10 +88,14 @@ class _File:
 
 
 def examine_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                    progress: bool = True, workers: int = 4) -> DoctorReport:
+                    progress: bool = True, workers: int = 4, cache_dir: str | Path | None = None) -> DoctorReport:
     """Decode every image and run all checks; structural problems become findings, not exceptions."""
-    files, layout, findings = _collect(Path(root).expanduser(), seed, val_fraction, test_fraction)
-    with Progress(disable=not progress, transient=True) as bar, ThreadPoolExecutor(workers) as pool:
+    files, layout, findings = _collect(Path(root).expanduser(), seed, val_fraction, test_fraction, cache_dir)
+    prints = fingerprint_files([f.path for f in files], Path(cache_dir) if cache_dir else None)
+    for f in files:
+        f.phash = prints[f.path].phash
+    with Progress(disable=not progress, transient=True, console=Console(stderr=True)) as bar, \
+            ThreadPoolExecutor(workers) as pool:
         task = bar.add_task("checking images", total=len(files))
         for problems in pool.map(_inspect, files):
             findings.extend(problems)
@@ -116,7 +122,7 @@ def quarantine(report: DoctorReport, directory: str | Path) -> list[dict]:
     """MOVE the files the findings flag into `directory` (same relative paths) and append reasons.csv there."""
     root, directory = Path(report.root).resolve(), Path(directory).expanduser().resolve()
     if directory == root or root in directory.parents:
-        raise ValueError(f"the quarantine folder {directory} is inside the dataset {root}: choose one outside it, "
+        raise DatasetError(f"the quarantine folder {directory} is inside the dataset {root}: choose one outside it, "
                          "or its files would be read as a class")
     reasons: dict[str, list[str]] = defaultdict(list)
     for finding in report.findings:
@@ -132,21 +138,25 @@ def quarantine(report: DoctorReport, directory: str | Path) -> list[dict]:
         shutil.move(source, target)
         moved.append({"path": rel, "moved_to": str(target), "reasons": " | ".join(why)})
     if moved:
-        log = directory / "reasons.csv"
-        new = not log.exists()
-        with open(log, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, ["path", "moved_to", "reasons"])
-            if new:
-                writer.writeheader()
-            writer.writerows(moved)
+        _append_reasons(directory / "reasons.csv", moved)
     return moved
 
 
+def _append_reasons(log: Path, moved: list[dict]) -> None:
+    """Append to reasons.csv: UTF-8, a name that is not keeps its bytes, cells neutralised (see tlearn.outputs)."""
+    new = not log.exists()
+    with open(log, "a", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        writer = csv_writer(handle)
+        if new:
+            writer.writerow(["path", "moved_to", "reasons"])
+        writer.writerows([csv_cell(row[key]) for key in ("path", "moved_to", "reasons")] for row in moved)
+
+
 # ---- finding the files --------------------------------------------------------------------------------------
-def _collect(root: Path, seed: int, val_fraction: float, test_fraction: float
+def _collect(root: Path, seed: int, val_fraction: float, test_fraction: float, cache_dir: str | Path | None
              ) -> tuple[list[_File], str | None, list[Finding]]:
     try:
-        dataset = find_dataset(root, seed, val_fraction, test_fraction)
+        dataset = find_dataset(root, seed, val_fraction, test_fraction, cache_dir=cache_dir)
     except DatasetError as exc:
         if not root.is_dir():
             raise
@@ -155,17 +165,22 @@ def _collect(root: Path, seed: int, val_fraction: float, test_fraction: float
         return files, None, [Finding("structure", ERROR, f"{exc}")] + _missing_classes(files)
     files = [_File(s.path, split, dataset.classes[s.label]) for split, samples in dataset.splits.items()
              for s in samples]
-    return files, dataset.layout, []
+    return files, dataset.layout, [_skipped_finding(s.path, s.reason, s.kind) for s in dataset.skipped]
+
+
+def _skipped_finding(path: Path, reason: str, kind: str) -> Finding:
+    """An image that does not decode is quarantined; a link, folder or special file is only named."""
+    rel = str(path)
+    return Finding(kind, WARNING, reason, [rel], [rel] if kind == "unreadable" else [])
 
 
 def _scan_leniently(root: Path) -> list[_File]:
     """Every image under root, labelled split/class from its folders (split 'all' without split folders)."""
-    split_of = {name: split for split, names in SPLIT_FOLDERS.items() for name in names}
     files = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and is_image_path(p)):
+    for path in walk_images(root).images:
         parts = path.relative_to(root).parts
-        if parts[0].lower() in split_of and len(parts) >= 3:
-            files.append(_File(path, split_of[parts[0].lower()], parts[1]))
+        if parts[0].lower() in SPLIT_OF and len(parts) >= 3:
+            files.append(_File(path, SPLIT_OF[parts[0].lower()], parts[1]))
         elif len(parts) >= 2:
             files.append(_File(path, "all", parts[0]))
     return files
@@ -186,15 +201,11 @@ def _inspect(f: _File) -> list[Finding]:
     """Decode one file (filling in its hashes) and return its own problems."""
     rel = str(f.path)
     try:
-        content = f.path.read_bytes()
-    except OSError as exc:
-        return [Finding("unreadable", WARNING, f"cannot read file ({exc.strerror or exc})", [rel], [rel])]
-    f.sha256 = hashlib.sha256(content).hexdigest()
-    try:
+        content = read_regular_file(f.path)
+        f.sha256 = hashlib.sha256(content).hexdigest()
         image = decode_bytes(content, f.path)
     except DecodeError as exc:
         return [Finding("unreadable", WARNING, exc.reason, [rel], [rel])]
-    f.phash = int(str(imagehash.phash(image)), 16)
     header = Image.open(io.BytesIO(content))
     return [Finding(kind, WARNING, message, [rel], [rel] if quarantined else [])
             for kind, message, quarantined in _file_problems(f.path, header, image)]
@@ -246,15 +257,10 @@ def _duplicate_findings(files: list[_File], key, what: str) -> list[Finding]:
 def _near_duplicate_findings(files: list[_File]) -> list[Finding]:
     """Pairs of different files whose perceptual hashes differ in at most NEAR_DUPLICATE_BITS bits."""
     hashed = [f for f in files if f.phash is not None]
-    if len(hashed) < 2:
-        return []
-    codes = np.array([f.phash for f in hashed], dtype=np.uint64)
     findings = []
-    for i in range(len(hashed) - 1):
-        distance = np.bitwise_count(codes[i] ^ codes[i + 1:])
-        for j in np.flatnonzero(distance <= NEAR_DUPLICATE_BITS) + i + 1:
-            if hashed[i].sha256 != hashed[j].sha256:
-                findings += _classify_group([hashed[i], hashed[j]], "near")
+    for i, j, _ in near_pairs([f.phash for f in hashed], NEAR_DUPLICATE_BITS):
+        if hashed[i].sha256 != hashed[j].sha256:
+            findings += _classify_group([hashed[i], hashed[j]], "near")
     return findings
 
 

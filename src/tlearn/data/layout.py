@@ -1,19 +1,26 @@
 """Find a labelled image dataset on disk and the split it is used with.
 
 Layouts: ROOT/{train,val|validation|valid,test}/<class>/..., ROOT/{train,test}/<class>/... (val carved out of
-train), and ROOT/<class>/... (train/val/test carved out). Carved splits are stratified and seeded.
+train), and ROOT/<class>/... (train/val/test carved out). A folder named like a split is a split only when it
+holds class folders; folder names keep their case. Carved splits are stratified and stable (see splits.py);
+files that cannot be decoded are skipped, never counted.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tlearn.data.decode import is_image_path
+from tlearn.data.discovery import Scan, Skipped, sub_folders, walk_images
+from tlearn.data.fingerprints import Fingerprint, fingerprint_files
+from tlearn.data.splits import Leak, carve, find_leaks
 from tlearn.errors import DatasetError
 
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "validation", "valid"), "test": ("test", "testing")}
+SPLIT_OF = {name: split for split, names in SPLIT_FOLDERS.items() for name in names}
 
 
 
@@ -33,6 +40,9 @@ class Dataset:
     splits: dict[str, list[Sample]]
     layout: str  # how the splits were obtained, in words
     ignored: list[Path] = field(default_factory=list)  # files without an image extension
+    skipped: list[Skipped] = field(default_factory=list)  # images, links and folders that cannot be used, and why
+    leaks: list[Leak] = field(default_factory=list)  # exact or near-duplicates in different splits
+    hashes: dict[Path, str] = field(default_factory=dict)  # content hash of every sample
 
     def paths(self, split: str) -> list[Path]:
         return [s.path for s in self.split(split)]
@@ -45,6 +55,12 @@ class Dataset:
             raise DatasetError(f"{self.root} has no {name!r} split (it has: {', '.join(self.splits)})")
         return self.splits[name]
 
+    def describe_leaks(self, examples: int = 10) -> dict:
+        """The leak count and the first `examples` pairs (relative paths): for a warning and for metrics.json."""
+        return {"count": len(self.leaks),
+                "examples": [{"paths": [os.path.relpath(p, self.root) for p in leak.paths],
+                              "splits": list(leak.splits), "bits": leak.bits} for leak in self.leaks[:examples]]}
+
     def describe(self) -> dict:
         """The split actually used, as relative paths: saved with the model so it can be reproduced."""
         return {"layout": self.layout, "classes": self.classes,
@@ -52,56 +68,109 @@ class Dataset:
                           for name, samples in self.splits.items()}}
 
 
-def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15) -> Dataset:
-    """Find the dataset under `root`, carving missing val/test splits (stratified, seeded); raise DatasetError."""
+def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15, *,
+                 cache_dir: str | Path | None = None, workers: int = 2) -> Dataset:
+    """Find the dataset under `root`, carving missing val/test splits (stratified, stable); raise DatasetError.
+
+    Every image is fingerprinted (content and perceptual hash, cached in `cache_dir`): undecodable files are
+    skipped, near-duplicates are kept in one carved split, and those across given splits are listed as leaks.
+    """
     root = Path(root).expanduser()
+    _check_root(root)
+    _check_fractions(val_fraction, test_fraction)
+    scan = Scan()
+    folders = sub_folders(root, scan)
+    split_folders = _split_folders(root, folders)
+    if split_folders:
+        per_split = {split: _scan_classes(sub_folders(folder, scan), root, scan)
+                     for split, folder in split_folders.items()}
+        scan.skipped += [Skipped(f, "not a split folder (train, val, test): not used") for f in folders
+                         if f not in split_folders.values()]
+    else:
+        per_split = {"": _scan_classes(folders, root, scan)}
+    prints = fingerprint_files(scan.images, Path(cache_dir) if cache_dir else None, workers)
+    per_split = {split: _usable(by_class, prints, scan) for split, by_class in per_split.items()}
+    train_key = "train" if split_folders else ""
+    classes = sorted(per_split[train_key])
+    _check_classes(root, classes, per_split, split_folders)
+    per_split, layout = _carve_missing(per_split, split_folders, prints, seed, val_fraction, test_fraction)
+    index = {name: i for i, name in enumerate(classes)}
+    splits = {split: [Sample(p, index[c]) for c in classes for p in per_split[split].get(c, [])]
+              for split in SPLIT_FOLDERS if split in per_split}
+    leaks = find_leaks({split: [s.path for s in samples] for split, samples in splits.items()}, prints)
+    hashes = {s.path: prints[s.path].sha256 for samples in splits.values() for s in samples}
+    return Dataset(root, classes, splits, layout, scan.ignored, scan.skipped, leaks, hashes)
+
+
+def _check_root(root: Path) -> None:
     if not root.exists():
         raise DatasetError(f"dataset folder {root} does not exist")
     if not root.is_dir():
         raise DatasetError(f"{root} is a file; give the folder that holds one sub-folder per class "
                            "(or train/ val/ test/ folders)")
-    folders = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    found = {split: folders[name] for split, names in SPLIT_FOLDERS.items() for name in names if name in folders}
-    ignored: list[Path] = []
-    rng = np.random.default_rng(seed)
-    if found:
-        if "train" not in found:
-            raise DatasetError(f"{root} has {', '.join(p.name for p in found.values())}/ but no train/ folder")
-        per_split = {split: _scan_classes(folder, ignored) for split, folder in found.items()}
-        classes = sorted(per_split["train"])
-        _check_classes(root, classes, per_split)
-        layout = "folders " + "/".join(p.name for p in found.values())
-        if "val" not in per_split:
-            per_split["train"], per_split["val"] = _carve(per_split["train"], val_fraction, rng, "val", "train")
-            layout += f"; val carved from train ({val_fraction:.0%}, stratified, seed {seed})"
-    else:
-        everything = _scan_classes(root, ignored)
-        classes = sorted(everything)
-        _check_classes(root, classes, {"": everything})
-        rest, test = _carve(everything, test_fraction, rng, "test", "the dataset")
-        train, val = _carve(rest, val_fraction / (1 - test_fraction), rng, "val", "the dataset")
-        per_split = {"train": train, "val": val, "test": test}
-        layout = (f"one folder per class; train/val/test carved {1 - val_fraction - test_fraction:.0%}/"
-                  f"{val_fraction:.0%}/{test_fraction:.0%} (stratified, seed {seed})")
-    index = {name: i for i, name in enumerate(classes)}
-    splits = {split: [Sample(p, index[c]) for c in classes for p in per_split[split].get(c, [])]
-              for split in ("train", "val", "test") if split in per_split}
-    return Dataset(root, classes, splits, layout, ignored)
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise DatasetError(f"cannot read the dataset folder {root} (permission denied)")
 
 
-def _scan_classes(folder: Path, ignored: list[Path]) -> dict[str, list[Path]]:
-    """Class name -> sorted image files (recursively) for each sub-folder of `folder`."""
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise DatasetError(f"{name} must be between 0 and 1 (exclusive), not {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise DatasetError(f"val_fraction + test_fraction must leave images to train on, not "
+                           f"{val_fraction} + {test_fraction}")
+
+
+def _split_folders(root: Path, folders: list[Path]) -> dict[str, Path]:
+    """split -> folder when the top folders are splits holding class folders; {} for one folder per class."""
+    named: dict[str, list[Path]] = {}
+    for folder in folders:
+        if folder.name.lower() in SPLIT_OF:
+            named.setdefault(SPLIT_OF[folder.name.lower()], []).append(folder)
+    holding_classes = {split: [f for f in found if _holds_class_folders(f)] for split, found in named.items()}
+    if not any(holding_classes.values()):
+        return {}  # classes that happen to be named like splits (e.g. valid/ and invalid/)
+    if not holding_classes.get("train"):
+        listed = ", ".join(f"{f.name}/" for found in named.values() for f in found)
+        raise DatasetError(f"{root} has {listed} but no train/ folder of class folders")
+    for split, found in named.items():
+        if len(found) > 1:
+            raise DatasetError(f"{root} has {' and '.join(f'{f.name}/' for f in found)}, all for the {split} "
+                               "split: keep one (folder names are case-sensitive)")
+        if not holding_classes[split]:
+            raise DatasetError(f"{found[0]} holds images directly, but {holding_classes['train'][0].name}/ holds "
+                               f"class folders: put {found[0].name}/'s images in one sub-folder per class")
+    return {split: named[split][0] for split in SPLIT_FOLDERS if split in named}
+
+
+def _holds_class_folders(folder: Path) -> bool:
+    """A split folder holds sub-folders and no images of its own; a class folder holds images."""
+    scan = Scan()
+    inside = sub_folders(folder, scan)
+    return bool(inside) and not any(is_image_path(p) for p in scan.ignored)
+
+
+def _scan_classes(class_dirs: list[Path], root: Path, scan: Scan) -> dict[str, list[Path]]:
+    """Class name (the folder name, case kept) -> sorted image files under it."""
     classes = {}
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file())
-        classes[class_dir.name] = [p for p in files if is_image_path(p)]
-        ignored.extend(p for p in files if not is_image_path(p) and not p.name.startswith("."))
+    for class_dir in class_dirs:
+        found = walk_images(class_dir, stop_at=root)
+        scan.extend(found)
+        classes[class_dir.name] = found.images
     return classes
 
 
-def _check_classes(root: Path, classes: list[str], per_split: dict[str, dict[str, list[Path]]]) -> None:
-    where = lambda split: f"{root}/{split}" if split else str(root)  # noqa: E731
-    train_key = "train" if "train" in per_split else ""
+def _usable(by_class: dict[str, list[Path]], prints: dict[Path, Fingerprint], scan: Scan) -> dict[str, list[Path]]:
+    """The images that decode; the others are skipped with their reason, never counted."""
+    scan.skipped += [Skipped(p, prints[p].problem or "cannot be decoded", "unreadable") for files in by_class.values()
+                     for p in files if not prints[p].usable]
+    return {name: [p for p in files if prints[p].usable] for name, files in by_class.items()}
+
+
+def _check_classes(root: Path, classes: list[str], per_split: dict[str, dict[str, list[Path]]],
+                   split_folders: dict[str, Path]) -> None:
+    where = lambda split: str(split_folders[split]) if split else str(root)  # noqa: E731
+    train_key = "train" if split_folders else ""
     if not classes:
         raise DatasetError(f"no class folders in {where(train_key)}: expected one sub-folder of images per class")
     if len(classes) < 2:
@@ -110,8 +179,8 @@ def _check_classes(root: Path, classes: list[str], per_split: dict[str, dict[str
     for split, by_class in per_split.items():
         for name, files in by_class.items():
             if not files:
-                raise DatasetError(f"class {name!r} in {where(split)} has no images (readable extensions: jpg, "
-                                   "jpeg, png, bmp, gif, webp, tif, tiff)")
+                raise DatasetError(f"class {name!r} in {where(split)} has no images tlearn can use (extensions: "
+                                   "jpg, jpeg, png, bmp, gif, webp, tif, tiff; see the skipped files)")
         missing = sorted(set(classes) - set(by_class))
         extra = sorted(set(by_class) - set(classes))
         if extra:
@@ -121,17 +190,17 @@ def _check_classes(root: Path, classes: list[str], per_split: dict[str, dict[str
                                "folder with images for each, or remove the class from train")
 
 
-def _carve(by_class: dict[str, list[Path]], fraction: float, rng: np.random.Generator, name: str,
-           source: str) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
-    """Move a seeded, stratified `fraction` of each class out of `by_class` (at least one image per class)."""
-    kept, carved = {}, {}
-    for cls in sorted(by_class):
-        files = by_class[cls]
-        if len(files) < 2:
-            raise DatasetError(f"class {cls!r} has only {len(files)} image in {source}: at least 2 are needed to "
-                               f"carve a {name} split; add images or provide a {name}/ folder")
-        order = rng.permutation(len(files))
-        n = min(len(files) - 1, max(1, round(fraction * len(files))))
-        carved[cls] = sorted(files[i] for i in order[:n])
-        kept[cls] = sorted(files[i] for i in order[n:])
-    return kept, carved
+def _carve_missing(per_split: dict[str, dict[str, list[Path]]], split_folders: dict[str, Path],
+                   prints: dict[Path, Fingerprint], seed: int, val_fraction: float, test_fraction: float
+                   ) -> tuple[dict[str, dict[str, list[Path]]], str]:
+    """The splits with val (and test, for one folder per class) carved out, and the layout in words."""
+    rule = f"stratified, by content hash, near-duplicates together, seed {seed}"
+    if not split_folders:
+        carved = carve(per_split[""], prints, {"test": test_fraction, "val": val_fraction}, seed, "the dataset")
+        return carved, (f"one folder per class; train/val/test carved {1 - val_fraction - test_fraction:.0%}/"
+                        f"{val_fraction:.0%}/{test_fraction:.0%} ({rule})")
+    layout = "folders " + "/".join(f.name for f in split_folders.values())
+    if "val" in per_split:
+        return per_split, layout
+    carved = carve(per_split["train"], prints, {"val": val_fraction}, seed, str(split_folders["train"]))
+    return {**per_split, **carved}, f"{layout}; val carved from train ({val_fraction:.0%}, {rule})"

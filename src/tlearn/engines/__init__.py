@@ -20,7 +20,7 @@ import numpy as np
 from tlearn.backbones import Preprocessing, state_sha256
 from tlearn.data.pipeline import PixelBatch, pixel_batches
 from tlearn.errors import EngineError
-from tlearn.files import write_atomically
+from tlearn.files import sha256_file, write_atomically
 
 if TYPE_CHECKING:
     from torch import nn
@@ -100,7 +100,7 @@ def open_exported(key: str, folder: Path, engine: str = "auto", precision: str =
     verified before, without building the network (no torch); None when it has not done so yet."""
     folder = Path(folder) / key
     model_file = folder / f"model-{'int8' if precision == 'int8' else 'fp32'}.onnx"
-    if not model_file.exists() or not (folder / REFERENCE_FILE).exists():
+    if not (intact(model_file) and intact(folder / REFERENCE_FILE)):
         return None
     try:
         return open_files(model_file, folder / REFERENCE_FILE, _recorded_verdicts(folder), engine, precision,
@@ -222,24 +222,55 @@ def _model_file(graph: PixelsToOutputs, folder: Path, precision: str, calibratio
     from tlearn.engines.export import export_onnx, quantise_int8
 
     fp32_file = folder / "model-fp32.onnx"
-    if not fp32_file.exists():
+    if not intact(fp32_file):  # never exported, or changed since: (re-)export, and verify anew
+        _forget(folder)
         export_onnx(graph, fp32_file)
+        _remember(fp32_file)
     if precision != "int8":
         return fp32_file  # bf16 is a compile-time setting of OpenVINO, not a different file
     int8_file = folder / "model-int8.onnx"
-    if not int8_file.exists():
+    if not intact(int8_file):
         if calibration is None:
             raise EngineError("no int8 model is built for these weights yet, and building one needs calibration "
                               "images: train (or extract features) with --precision int8 first")
+        _forget(folder, verdicts_only=True)
         quantise_int8(fp32_file, int8_file, calibration())
+        _remember(int8_file)
     return int8_file
+
+
+DIGESTS = "files.json"  # SHA-256 of each exported file, recorded when it is written, checked before it is used
+
+
+def intact(path: Path) -> bool:
+    """`path` exists and is the file that was exported there (its SHA-256 as recorded in files.json)."""
+    try:
+        recorded = json.loads((path.parent / DIGESTS).read_text())
+        return path.exists() and recorded.get(path.name) == sha256_file(path)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remember(path: Path) -> None:
+    try:
+        recorded = json.loads((path.parent / DIGESTS).read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    recorded[path.name] = sha256_file(path)
+    write_atomically(path.parent / DIGESTS, lambda tmp: Path(tmp).write_text(json.dumps(recorded, indent=1)))
+
+
+def _forget(folder: Path, verdicts_only: bool = False) -> None:
+    """Verdicts (and the reference) belong to the files they were made on: drop them when a file is remade."""
+    for name in ("verified.json",) if verdicts_only else ("verified.json", REFERENCE_FILE):
+        (folder / name).unlink(missing_ok=True)
 
 
 def _cached_verdict(folder: Path, name: str, precision: str, compute: Callable[[], dict]) -> dict:
     records, key = _recorded_verdicts(folder), _verdict_key(name, precision)
     if key not in records:
         records[key] = compute()
-        (folder / "verified.json").write_text(json.dumps(records, indent=1))
+        write_atomically(folder / "verified.json", lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
     return records[key]
 
 
@@ -262,12 +293,13 @@ def torch_reference(graph: PixelsToOutputs, folder: Path) -> tuple[np.ndarray, n
     from tlearn.engines.reference import TorchEngine
 
     path = Path(folder) / REFERENCE_FILE
-    if path.exists():
+    if intact(path):
         return read_reference(path)
     pixels = probe_pixels(graph.preprocessing)
     outputs = TorchEngine(graph, "fp32")(pixels)
     write_atomically(path, lambda tmp: save_file({"pixels": np.ascontiguousarray(pixels),
                                                   "outputs": np.ascontiguousarray(outputs)}, tmp))
+    _remember(path)
     return pixels, outputs
 
 

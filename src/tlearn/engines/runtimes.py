@@ -57,6 +57,9 @@ class OpenVinoEngine:
     def __init__(self, model_file: Path, precision: str = "fp32", threads: int | None = None,
                  cache_dir: Path | None = None):
         check_precision(self, precision)
+        from tlearn.engines.offline import quiet_openvino
+
+        quiet_openvino()
         import openvino as ov
 
         # THROUGHPUT: several streams, each running its own requests on its own threads (on 2 cores: 2 streams of

@@ -13,6 +13,9 @@ from matplotlib.figure import Figure
 
 DPI = 110
 ANNOTATED_CLASSES = 25  # up to this many classes every confusion-matrix cell has its value written on it
+# Above this many classes a figure of every class would be unreadable and huge (0.45 inch per class: 1,000 classes
+# took gigabytes): the figures show the classes that matter most instead, and say so in their titles.
+MAX_SHOWN_CLASSES = 50
 
 
 def _subplots(width: float, height: float, **grid):
@@ -54,20 +57,25 @@ def confusion_matrices(matrix: list[list[int]], classes: list[str], counts_path:
     The two differ only in their numbers and title, so one figure is built and laid out once and saved twice."""
     counts = np.asarray(matrix, dtype=float)
     normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    shown = most_confused(counts, MAX_SHOWN_CLASSES)
+    of_all = f" of the {len(shown)} most confused of {len(classes)} classes" if len(shown) < len(classes) else ""
+    counts, normalised = counts[np.ix_(shown, shown)], normalised[np.ix_(shown, shown)]
+    classes = [classes[i] for i in shown]
     size = max(4.0, 0.45 * len(classes) + 2)
     annotated = len(classes) <= ANNOTATED_CLASSES
     fig, ax = _subplots(size if annotated else size + 1, size)
     image = ax.imshow(counts, cmap="Blues")
     if not annotated:  # with every value written in its cell, a colour scale would say nothing more
         fig.colorbar(image, ax=ax, fraction=0.046)
-    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xticks(range(len(classes)), _labels(classes), rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), _labels(classes), fontsize=8)
     ax.set(xlabel="predicted", ylabel="true")
     cells = [(i, j) for (i, j), value in np.ndenumerate(counts) if value and annotated]
     texts = [ax.text(j, i, "", ha="center", va="center", fontsize=7) for i, j in cells]
     for values, vmax, title, label, path in (
-            (counts, counts.max(), "confusion matrix", lambda v: f"{int(v)}", counts_path),
-            (normalised, 1.0, "confusion matrix (row-normalised)", lambda v: f"{v:.2f}".lstrip("0"), normalised_path)):
+            (counts, counts.max(), f"confusion matrix{of_all}", lambda v: f"{int(v)}", counts_path),
+            (normalised, 1.0, f"confusion matrix (row-normalised){of_all}", lambda v: f"{v:.2f}".lstrip("0"),
+             normalised_path)):
         image.set_data(values)
         image.set_clim(0, vmax)
         ax.set_title(title)
@@ -78,16 +86,32 @@ def confusion_matrices(matrix: list[list[int]], classes: list[str], counts_path:
     return counts_path, normalised_path
 
 
+def most_confused(counts: np.ndarray, limit: int) -> list[int]:
+    """Every class when there are at most `limit`, else the `limit` classes with the most mistakes (as true or as
+    predicted class), in their original order."""
+    if len(counts) <= limit:
+        return list(range(len(counts)))
+    off = counts - np.diag(np.diag(counts))
+    mistakes = off.sum(axis=0) + off.sum(axis=1)
+    return sorted(np.argsort(-mistakes, kind="stable")[:limit].tolist())
+
+
 def per_class_bars(per_class: dict[str, dict], path: Path) -> Path:
-    """Precision, recall and F1 of every class side by side."""
+    """Precision, recall and F1 of every class side by side (past MAX_SHOWN_CLASSES: the classes with the lowest
+    F1)."""
     names = list(per_class)
+    title = "per-class precision / recall / F1"
+    if len(names) > MAX_SHOWN_CLASSES:
+        worst = sorted(names, key=lambda n: per_class[n]["f1"])[:MAX_SHOWN_CLASSES]
+        title = f"{title}: the {MAX_SHOWN_CLASSES} lowest F1 of {len(names)}"
+        names = [n for n in names if n in set(worst)]
     x = np.arange(len(names))
     fig, ax = _subplots(max(6.0, 0.5 * len(names) + 2), 3.6)
     for k, metric in enumerate(("precision", "recall", "f1")):
         ax.bar(x + (k - 1) * 0.27, [per_class[n][metric] for n in names], width=0.27, label=metric)
-    ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
+    ax.set_xticks(x, _labels(names), rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
                   fontsize=8)
-    ax.set(ylim=(0, 1.05), title="per-class precision / recall / F1")
+    ax.set(ylim=(0, 1.05), title=title)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
@@ -125,3 +149,11 @@ def coverage(rows: list[dict], path: Path, split: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     return _save(fig, path)
+
+
+def _labels(names: list[str]) -> list[str]:
+    """Class names as matplotlib draws them: control characters and bytes that are not UTF-8 escaped (the font
+    renderer refuses surrogates), '$' kept literal (not the start of mathtext)."""
+    from tlearn.outputs import plain_text
+
+    return [plain_text(name).replace("$", r"\$") for name in names]

@@ -65,7 +65,7 @@ def write_report(directory: str | Path, inputs: ReportInputs) -> Path:
     page = _PAGE.format(title=html.escape(f"tlearn report: {inputs.facts.get('backbone', 'model')}"),
                         body="\n".join(sections))
     path = directory / "report.html"
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page, encoding="utf-8", errors="backslashreplace")  # names that are not UTF-8
     return path
 
 

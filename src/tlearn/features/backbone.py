@@ -17,7 +17,7 @@ import numpy as np
 
 from tlearn.backbones import BackboneSpec
 from tlearn.backbones.registry import WeightsInfo
-from tlearn.engines import REFERENCE_FILE, open_engine, open_exported, state_key, stream_pixels
+from tlearn.engines import REFERENCE_FILE, intact, open_engine, open_exported, state_key, stream_pixels
 from tlearn.features.cache import FeatureCache
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class FrozenBackbone:
         folder = self.cache.directory / "engines" / self.engine_key
         model_file = folder / f"model-{'int8' if self.precision == 'int8' else 'fp32'}.onnx"
         verdicts = _verdicts(folder)
-        if not (model_file.exists() and (folder / REFERENCE_FILE).exists() and any(v["ok"] for v in verdicts.values())):
+        if not (intact(model_file) and intact(folder / REFERENCE_FILE) and any(v["ok"] for v in verdicts.values())):
             # the fastest exported engine that verifies (the model folder never ships the torch engine)
             open_engine(self.network(), self.spec.preprocessing, folder.parent, "auto", self.precision,
                         self._calibration if self.calibration_paths else None)

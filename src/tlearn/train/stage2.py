@@ -31,7 +31,7 @@ def fine_tune_bundle(result: TrainResult, dataset: Dataset, backbone: FrozenBack
     scores = {"head": val_score(head_logits, split.ys["val"]),
               "finetune": val_score(tuned.logits["val"], tuned.labels["val"])}
     chosen = "finetune" if scores["finetune"] > scores["head"] else "head"
-    stages = {"head": dict(bundle.metrics),
+    stages = {"head": {s: m for s, m in bundle.metrics.items() if s in ("val", "test")},
               "finetune": {s: classification_metrics(tuned.labels[s], x.argmax(1), classes, settings.seed)
                            for s, x in tuned.logits.items()}}
     network = tuned.result.model
@@ -45,7 +45,7 @@ def fine_tune_bundle(result: TrainResult, dataset: Dataset, backbone: FrozenBack
                                             network=network.backbone)
             _measure_as_predicted(result, dataset, tuned_backbone, settings)
             attach_engine(bundle, tuned_backbone.exported())
-        stages["finetune"] = dict(bundle.metrics)
+        stages["finetune"] = {s: m for s, m in bundle.metrics.items() if s in ("val", "test")}
     else:
         attach_engine(bundle, backbone.exported())
     run = tuned.result
@@ -74,7 +74,7 @@ def _measure_as_predicted(result: TrainResult, dataset: Dataset, backbone: Froze
         logits[split] = head.logits(features.vectors).astype(np.float64)
         labels[split] = dataset.labels(split)[features.kept]
         paths[split] = [dataset.paths(split)[i] for i in features.kept]
-    bundle.metrics = {s: classification_metrics(labels[s], x.argmax(1), dataset.classes, settings.seed)
-                      for s, x in logits.items()}
+    bundle.metrics = {**{s: classification_metrics(labels[s], x.argmax(1), dataset.classes, settings.seed)
+                         for s, x in logits.items()}, "leaks": bundle.metrics["leaks"]}
     result.scored = SplitFeatures({}, {}, labels, paths).scored(logits)
     calibrate_bundle(result)

@@ -12,7 +12,6 @@ import numpy as np
 from tlearn.backbones import get_spec, locate_weights, state_sha256
 from tlearn.bundle import BackboneRecord, Bundle, EngineRecord
 from tlearn.data import Dataset, find_dataset
-from tlearn.data.decode import content_hashes
 from tlearn.data.doctor import DoctorReport, quick_check
 from tlearn.errors import DatasetError
 from tlearn.evaluate import classification_metrics
@@ -98,9 +97,9 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
 
 def find_data(data: str | Path, settings: TrainSettings) -> FoundData:
     """The dataset and its splits, each file's content hash (read once), and the checks that need no decoding."""
-    dataset = find_dataset(data, settings.seed, settings.val_fraction, settings.test_fraction)
-    hashes = content_hashes([s.path for samples in dataset.splits.values() for s in samples])
-    return FoundData(dataset, hashes, quick_check(dataset, hashes))
+    dataset = find_dataset(data, settings.seed, settings.val_fraction, settings.test_fraction,
+                           cache_dir=settings.cache_dir)
+    return FoundData(dataset, dataset.hashes, quick_check(dataset, dataset.hashes))
 
 
 def feature_key_for(settings: TrainSettings) -> str:
@@ -143,7 +142,8 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
     dataset, spec = found.dataset, backbone.spec
     state = {**{f"backbone.{k}": v for k, v in backbone.state.items()},
              **{f"head.{k}": v for k, v in fit.head.state().items()}}
-    failures = sorted({(str(p), r) for f in split.features.values() for p, r in f.failures})
+    failures = sorted({(str(p), r) for f in split.features.values() for p, r in f.failures} |
+                      {(str(s.path), s.reason) for s in dataset.skipped})  # found on disk but not used
     record = BackboneRecord(spec.name, spec.architecture, backbone.info, int(split.xs["train"].shape[1]),
                             backbone.key, settings.precision)
     bundle = Bundle(classes=dataset.classes, backbone=record, preprocessing=spec.preprocessing, state=state,
@@ -156,6 +156,8 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
     logits = {s: fit.head.logits(x).astype(np.float64) for s, x in split.xs.items() if s in ("val", "test")}
     bundle.metrics = {s: classification_metrics(split.ys[s], x.argmax(1), dataset.classes, settings.seed)
                       for s, x in logits.items()}
+    # near-duplicates across splits make val/test optimistic: counted with the figures they inflate
+    bundle.metrics["leaks"] = dataset.describe_leaks()
     extracted = sum(f.computed for f in split.features.values())
     summary = TrainSummary(
         data=str(dataset.root), layout=dataset.layout, classes=len(dataset.classes),

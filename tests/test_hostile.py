@@ -1,0 +1,482 @@
+"""A corpus of hostile inputs for the data and command-line side, generated at test time (small files).
+
+For each kind: no traceback, a message that names the problem, the dataset's and the inputs' files unchanged
+(hashed before and after), and no label given to a file that is not a usable image with exit code 0.
+One tiny model (the demo photos, trained once per session) serves every predict case.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tlearn.cli import app
+
+runner = CliRunner()
+CLASSES = {"brick", "grass", "gravel"}
+
+
+# ---- hostile files ---------------------------------------------------------------------------------------------
+def _photo(demo_data: Path, i: int = 0) -> Image.Image:
+    return Image.open(sorted((demo_data / "test" / "brick").glob("*.png"))[i % 6]).convert("RGB")
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no data behind it."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def _bomb(path: Path) -> Path:
+    Image.new("1", (10_000, 10_000)).save(path, optimize=True)  # ~12 kB that decode to 100 Mpx
+    return path
+
+
+def _content(kind: str, demo_data: Path) -> bytes:
+    photo = _photo(demo_data)
+    jpeg = _encoded(photo, "JPEG")
+    return {
+        "corrupt_jpeg": jpeg[:20] + bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)),
+        "truncated_jpeg": jpeg[: len(jpeg) // 3],
+        "truncated_png": _encoded(photo, "PNG")[:300],
+        "empty": b"",
+        "text": b"this is a text file, not a photo\n",
+        "html": b"<!DOCTYPE html><html><body><img src=x onerror=alert(1)></body></html>",
+        "zip": b"PK\x03\x04" + b"\0" * 200,
+        "header_100kx100k": _png_header_only(100_000, 100_000),
+        "header_zero": _png_header_only(0, 0),
+        "jpeg_header_only": jpeg[:200],
+        "pickle": b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x94.",
+    }[kind]
+
+
+def _valid_image(kind: str, demo_data: Path) -> tuple[str, bytes]:
+    """(extension, bytes) of an unusual but valid image of a brick."""
+    photo = _photo(demo_data, 1)
+    frames = [photo, photo.rotate(90)]
+    grey16 = Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 250)
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(200)
+    exif = Image.Exif()
+    exif[0x0112] = 9  # an orientation value that does not exist
+    return {
+        "cmyk": (".jpg", _encoded(photo.convert("CMYK"), "JPEG")),
+        "sixteen_bit": (".png", _encoded(grey16, "PNG")),
+        "palette": (".png", _encoded(photo.convert("P"), "PNG")),
+        "rgba": (".png", _encoded(rgba, "PNG")),
+        "grey": (".jpg", _encoded(photo.convert("L"), "JPEG")),
+        "one_bit": (".png", _encoded(photo.convert("1"), "PNG")),
+        "animated_gif": (".gif", _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])),
+        "multipage_tiff": (".tif", _encoded(frames[0], "TIFF", save_all=True, append_images=frames[1:])),
+        "bmp": (".bmp", _encoded(photo, "BMP")),
+        "webp": (".webp", _encoded(photo, "WEBP")),
+        "png_named_jpg": (".jpg", _encoded(photo, "PNG")),
+        "one_pixel": (".png", _encoded(photo.resize((1, 1)), "PNG")),
+        "bad_exif_orientation": (".jpg", _encoded(photo, "JPEG", exif=exif)),
+        "progressive_jpeg": (".jpg", _encoded(photo, "JPEG", progressive=True)),
+    }[kind]
+
+
+# ---- the cases --------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """CLI arguments built in a fresh folder, and what must come out."""
+
+    build: Callable[[Path, Path, Path], list[str]]  # (work folder, model folder, demo data) -> argv
+    exits: tuple[int, ...]
+    says: str  # a regular expression the output must match
+    unlabelled: tuple[str, ...] = ()  # file names that must get no label
+
+
+def _inputs(work: Path, demo_data: Path, good: int = 1) -> Path:
+    folder = work / "in"
+    folder.mkdir(exist_ok=True)
+    for i, source in enumerate(sorted((demo_data / "test").rglob("*.png"))[:good]):
+        shutil.copy(source, folder / f"good{i}.png")
+    return folder
+
+
+def _bad_file(kind: str, name: str) -> Case:
+    def build(work, model, demo):
+        folder = _inputs(work, demo)
+        (folder / name).write_bytes(_content(kind, demo))
+        return ["predict", str(model), str(folder)]
+    return Case(build, (1,), rf"unreadable: .*{re.escape(name)}: (corrupt|not an image|image too large|truncated)",
+                (name,))
+
+
+def _valid_file(kind: str) -> Case:
+    def build(work, model, demo):
+        folder = _inputs(work, demo, good=0)
+        ext, content = _valid_image(kind, demo)
+        (folder / f"{kind}{ext}").write_bytes(content)
+        return ["predict", str(model), str(folder)]
+    return Case(build, (0,), r"path,label,score\n.*,(brick|grass|gravel),")
+
+
+def _given(make: Callable[[Path], Path], says: str) -> Case:
+    """A path given on the command line beside one good image: named as unreadable, exit 1."""
+    def build(work, model, demo):
+        folder = _inputs(work, demo)
+        return ["predict", str(model), str(folder / "good0.png"), str(make(work))]
+    return Case(build, (1,), says)
+
+
+def _in_folder(make: Callable[[Path], None], says: str, exits: tuple[int, ...] = (1,)) -> Case:
+    def build(work, model, demo):
+        folder = _inputs(work, demo)
+        make(folder)
+        return ["predict", str(model), str(folder)]
+    return Case(build, exits, says)
+
+
+def _fifo(work: Path) -> Path:
+    os.mkfifo(work / "pipe.jpg")
+    return work / "pipe.jpg"
+
+
+def _link(work: Path, target: str, name: str = "link.jpg") -> Path:
+    (work / name).symlink_to(work / target)
+    return work / name
+
+
+def _named(name: str | bytes, says: str, readable: bool = True) -> Case:
+    """A file with a hostile name, given by its bare name (the test runs in the work folder, so the name begins
+    the CSV cell): good content (labelled, the name made safe) or bad content (named safely)."""
+    def build(work, model, demo):
+        good = _inputs(work, demo) / "good0.png"
+        path = Path(os.fsdecode(bytes(work) + b"/" + (name if isinstance(name, bytes) else name.encode())))
+        path.write_bytes(good.read_bytes() if readable else b"not an image")
+        return ["predict", str(model), "--", path.name]
+    return Case(build, (0,) if readable else (1,), says)
+
+
+def _option(args: list[str], exits: tuple[int, ...], says: str) -> Case:
+    def build(work, model, demo):
+        return ["predict", str(model), str(_inputs(work, demo)), *args]
+    return Case(build, exits, says)
+
+
+def _output_to(target: Callable[[Path], Path], says: str, exits=(2,), force=False) -> Case:
+    def build(work, model, demo):
+        folder = _inputs(work, demo, good=2)
+        return ["predict", str(model), str(folder), "--output", str(target(work))] + (["--force"] if force else [])
+    return Case(build, exits, says)
+
+
+def _bombs(work, model, demo):
+    folder = _inputs(work, demo, good=2)
+    for i in range(8):
+        _bomb(folder / f"bomb{i}.png")
+    return ["predict", str(model), str(folder), "--batch-size", "2"]
+
+
+def _dataset(work: Path, demo: Path, per_class: int = 6) -> Path:
+    """A small copy of the demo photos, one folder per class (carved splits)."""
+    root = work / "data"
+    for cls in sorted(CLASSES):
+        (root / cls).mkdir(parents=True)
+        for i, source in enumerate(sorted((demo / "train" / cls).glob("*.png"))[:per_class]):
+            shutil.copy(source, root / cls / f"{i}.png")
+    return root
+
+
+def _doctor(change: Callable[[Path], None], says: str, exits=(0,)) -> Case:
+    def build(work, model, demo):
+        root = _dataset(work, demo)
+        change(root)
+        return ["doctor", str(root), "-q", "--cache-dir", str(work / "cache")]
+    return Case(build, exits, says)
+
+
+def _plant_model(root: Path) -> None:
+    for folder in (root / "brick-model", root / "grass" / "model"):
+        (folder / "report").mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"format": "tlearn-bundle", "classes": ["a", "b"]}))
+        shutil.copy(next((root / "brick").glob("*.png")), folder / "report" / "confusion.png")
+
+
+def _plant_report(root: Path) -> None:
+    (root / "report").mkdir()
+    (root / "report" / "report.html").write_text("<!DOCTYPE html>\n<html><head><title>tlearn report: x</title>")
+    shutil.copy(next((root / "brick").glob("*.png")), root / "report" / "confusion_test.png")
+
+
+def _train(change: Callable[[Path], None], says: str, exits=(0,)) -> Case:
+    def build(work, model, demo):
+        root = _dataset(work, demo)
+        change(root)
+        return ["train", str(root), "--out", str(work / "out-model"), "-q"]
+    return Case(build, exits, says)
+
+
+def _hostile_class_names(work, model, demo):
+    """Three classes named with bytes that are not UTF-8, markup and an escape sequence (each its own photos)."""
+    root = work / "data"
+    for cls, name in (("brick", b"b\xffes"), ("grass", b"[red]gr\x1b[2Jass"), ("gravel", "gravel $x$ ü".encode())):
+        folder = Path(os.fsdecode(bytes(root) + b"/" + name))
+        folder.mkdir(parents=True)
+        for i, source in enumerate(sorted((demo / "train" / cls).glob("*.png"))[:6]):
+            shutil.copy(source, folder / f"{i}.png")
+    return ["train", str(root), "--out", str(work / "out-model"), "-q"]
+
+
+def _hostile_names_in_train_output(work, model, demo):
+    """A dataset folder and a broken file named with markup and escape sequences: train names them inertly."""
+    root = _dataset(work, demo)
+    hostile = root.rename(work / "[red]data\x1b[2J")
+    (hostile / "brick" / "\x1b]0;owned\x07[bold]x.png").write_bytes(b"not a png")
+    return ["train", str(hostile), "--out", str(work / "out-model"), "-q"]
+
+
+def _evaluate_hostile_classes(work, model, demo):
+    """A model trained on the hostile class names, evaluated: the per-class table shows the names inertly."""
+    trained = runner.invoke(app, _hostile_class_names(work, model, demo))
+    assert trained.exit_code == 0, trained.output
+    return ["evaluate", str(work / "out-model"), str(work / "data"), "--split", "test"]
+
+
+def _unreadable_files(root: Path) -> None:
+    (root / "brick" / "broken.png").write_bytes(b"not a png")
+    (root / "grass" / "cut.png").write_bytes((root / "grass" / "0.png").read_bytes()[:200])
+
+
+def _tampered(change: Callable[[Path], None], says: str) -> Case:
+    """A copy of the model folder, changed, asked to predict: the problem must be named, exit 2."""
+    def build(work, model, demo):
+        copy = Path(shutil.copytree(model, work / "model"))
+        change(copy)
+        return ["predict", str(copy), str(_inputs(work, demo, good=2))]
+    return Case(build, (2,), says)
+
+
+def _edit_config(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def change(model: Path) -> None:
+        config = json.loads((model / "config.json").read_text())
+        edit(config)
+        (model / "config.json").write_text(json.dumps(config))
+    return change
+
+
+def _flip_bytes(model: Path) -> None:
+    path = model / "model.safetensors"
+    content = bytearray(path.read_bytes())
+    middle = len(content) // 2
+    content[middle:middle + 64] = bytes(b ^ 0xFF for b in content[middle:middle + 64])
+    path.write_bytes(bytes(content))
+
+
+def _split_collision(root: Path) -> None:
+    for split in ("train", "Train"):
+        for cls in CLASSES:
+            shutil.copytree(root / cls, root / split / cls)
+
+
+CASES: dict[str, Case] = {
+    # files that are not usable images, inside a folder given to predict
+    **{f"file_{kind}": _bad_file(kind, f"{kind}.jpg") for kind in (
+        "corrupt_jpeg", "truncated_jpeg", "empty", "text", "html", "zip", "jpeg_header_only", "pickle")},
+    **{f"file_{kind}": _bad_file(kind, f"{kind}.png") for kind in ("truncated_png", "header_100kx100k",
+                                                                    "header_zero")},
+    "png_bomb_10000x10000": Case(lambda w, m, d: ["predict", str(m), str(_bomb(_inputs(w, d) / "bomb.png"))],
+                                 (1,), r"bomb.png: image too large \(10000x10000", ("bomb.png",)),
+    "bombs_under_threads_batch_2": Case(_bombs, (1,), r"(image too large.*\n.*){8}",
+                                        tuple(f"bomb{i}.png" for i in range(8))),
+    # unusual but valid images: a label, exit 0
+    **{f"valid_{kind}": _valid_file(kind) for kind in (
+        "cmyk", "sixteen_bit", "palette", "rgba", "grey", "one_bit", "animated_gif", "multipage_tiff", "bmp",
+        "webp", "png_named_jpg", "one_pixel", "bad_exif_orientation", "progressive_jpeg")},
+    # paths that are not files
+    "given_fifo": _given(_fifo, r"pipe.jpg: not a regular file \(a FIFO\)"),
+    "given_dev_zero": _given(lambda w: Path("/dev/zero"), r"/dev/zero: not a regular file \(a character device\)"),
+    "given_dev_stdin": _given(lambda w: Path("/dev/stdin"), r"/dev/stdin: (not a regular file|not an image)"),
+    "given_folder_of_nothing": Case(lambda w, m, d: ["predict", str(m), str(w)], (2,), "nothing to predict"),
+    "given_missing_and_good": _given(lambda w: w / "nope.jpg", r"nope.jpg: no such file"),
+    "given_only_missing": Case(lambda w, m, d: ["predict", str(m), str(w / "a.jpg"), str(w / "b.jpg")], (2,),
+                               r"nothing to predict: .*a.jpg: no such file"),
+    "given_dangling_link": _given(lambda w: _link(w, "nowhere.jpg"), r"link.jpg: broken symbolic link"),
+    "given_looping_link": _given(lambda w: _link(w, "link.jpg"), r"link.jpg: symbolic link loop"),
+    "given_text_file": _given(lambda w: (w / "notes.txt", (w / "notes.txt").write_text("hi"))[0],
+                              r"notes.txt: not an image"),
+    "given_avif": _given(lambda w: (w / "x.avif", (w / "x.avif").write_bytes(b"\0\0\0 ftypavif"))[0],
+                         r"x.avif: AVIF images are not supported"),
+    "given_heic": _given(lambda w: (w / "x.HEIC", (w / "x.HEIC").write_bytes(b"\0\0\0 ftypheic"))[0],
+                         r"x.HEIC: HEIC images are not supported"),
+    "given_svg": _given(lambda w: (w / "x.svg", (w / "x.svg").write_text("<svg/>"))[0],
+                        r"x.svg: SVG images are not supported"),
+    # the same inside a folder
+    "folder_symlink_loop": _in_folder(lambda f: (f / "loop").symlink_to(f, target_is_directory=True),
+                                      r"loop: symbolic link loop"),
+    "folder_dangling_link": _in_folder(lambda f: (f / "gone.png").symlink_to(f / "nowhere.png"),
+                                       r"gone.png: broken symbolic link"),
+    "folder_fifo": _in_folder(lambda f: os.mkfifo(f / "pipe.png"), r"pipe.png: not a regular file \(a FIFO\)"),
+    "folder_heic": _in_folder(lambda f: (f / "p.heic").write_bytes(b"x"), r"p.heic: HEIC images are not supported"),
+    "folder_linked_subfolder": _in_folder(
+        lambda f: (f / "more").symlink_to(shutil.copytree(f, f.parent / "elsewhere"), target_is_directory=True),
+        r"more/good0.png,(brick|grass|gravel)", (0,)),
+    # hostile names
+    "name_formula": _named('=HYPERLINK("http:evil","click").png', r"'=HYPERLINK"),
+    "name_plus_minus_at": _named("+1-2@3.png", r"path,label"),
+    "name_escape_sequences": _named("\x1b[2J\x1b]0;title\x07.png", r"\\x1b\[2J\\x1b\]0;title\\x07.png"),
+    "name_markup_unreadable": _named("[bold red]shout[/bold red].png".replace("/", "_"),
+                                     r"unreadable: .*\[bold red\]shout\[_bold red\].png", readable=False),
+    "name_non_utf8": _named(b"caf\xe9\xff.png", r"caf"),
+    "name_non_utf8_unreadable": _named(b"bad\xff.png", r"unreadable: .*bad\\xff.png", readable=False),
+    "name_spaces": _named("  two  spaces .png", r"  two  spaces .png"),
+    "name_unicode": _named("фото 写真 🐝.png", r"фото 写真 🐝.png"),
+    "name_bidi_override": _named("photo\u202egnp.exe.png", r"photo\\u202egnp"),
+    "name_newline": _named("two\nlines.png", r"two\\x0alines.png"),
+    "name_very_long": _named("x" * 240 + ".png", r"x{240}\.png"),
+    "name_leading_dash": _named("-rf.png", r"'-rf.png"),
+    # options
+    "batch_size_0": _option(["--batch-size", "0"], (2,), r"batch-size"),
+    "batch_size_negative": _option(["--batch-size", "-1"], (2,), r"batch-size"),
+    "top_k_0": _option(["--top-k", "0"], (2,), r"top-k"),
+    "top_k_more_than_classes": _option(["--top-k", "50"], (0,), r"label_3,score_3\n"),
+    "min_confidence_above_1": _option(["--min-confidence", "1.5"], (2,), r"min-confidence"),
+    "min_confidence_nan": _option(["--min-confidence", "nan"], (2,), r"min-confidence"),
+    "format_unknown": _option(["--format", "xml"], (2,), r"format"),
+    "engine_unknown": _option(["--engine", "tpu"], (2,), r"engine"),
+    "model_missing": Case(lambda w, m, d: ["predict", str(w / "no-model"), str(_inputs(w, d))], (2,),
+                          r"no-model"),
+    "model_is_a_data_folder": Case(lambda w, m, d: ["predict", str(_inputs(w, d)), str(_inputs(w, d))], (2,),
+                                   r"config.json"),
+    # where results go
+    "output_over_an_image": _output_to(lambda w: w / "in" / "good0.png", r"refusing to overwrite"),
+    "output_in_missing_folder": _output_to(lambda w: w / "no" / "such" / "p.csv", r"does not exist"),
+    "output_is_a_folder": _output_to(lambda w: w / "in", r"is a folder"),
+    "output_over_user_file": _output_to(lambda w: (w / "notes.txt", (w / "notes.txt").write_text("mine"))[0],
+                                        r"refusing to overwrite"),
+    "output_over_previous_result": _output_to(lambda w: (w / "p.csv", (w / "p.csv").write_text("old"))[0],
+                                              r"wrote 2 prediction\(s\)", exits=(0,)),
+    "output_forced": _output_to(lambda w: (w / "n.txt", (w / "n.txt").write_text("mine"))[0],
+                                r"wrote 2 prediction\(s\)", exits=(0,), force=True),
+    # datasets (doctor)
+    "data_split_names_collide": _doctor(_split_collision, r"Train/ and train/|train/ and Train/", exits=(1,)),
+    "data_model_folder_inside": _doctor(_plant_model, r"no errors"),
+    "data_report_folder_inside": _doctor(_plant_report, r"no errors"),
+    "data_symlink_loop": _doctor(lambda r: (r / "brick" / "loop").symlink_to(r, target_is_directory=True),
+                                 r"symbolic link loop"),
+    "data_dangling_link": _doctor(lambda r: (r / "brick" / "x.png").symlink_to(r / "nowhere"),
+                                  r"broken symbolic link"),
+    "data_fifo": _doctor(lambda r: os.mkfifo(r / "grass" / "p.png"), r"not a regular file \(a FIFO\)"),
+    "data_avif_heic_svg": _doctor(lambda r: [(r / "brick" / n).write_bytes(b"x") for n in ("a.avif", "b.heic",
+                                                                                          "c.svg")],
+                                  r"AVIF(.|\n)*HEIC|HEIC(.|\n)*AVIF"),
+    "data_corrupt_file": _doctor(lambda r: (r / "brick" / "bad.png").write_bytes(b"bad"), r"bad.png"),
+    "data_empty_class": _doctor(lambda r: (r / "empty").mkdir(), r"'empty'.*has no images", exits=(1,)),
+    "data_class_of_unreadable_files": _doctor(
+        lambda r: [(r / "junk").mkdir(), (r / "junk" / "a.jpg").write_bytes(b"x"),
+                   (r / "junk" / "b.jpg").write_bytes(b"y")], r"'junk'.*has no images tlearn can use", exits=(1,)),
+    # copies of brick's photos under another name: conflicting labels (exit 1), the name shown as it is
+    "data_non_utf8_class": _doctor(lambda r: shutil.copytree(r / "brick", os.fsdecode(bytes(r) + b"/b\xffes")),
+                                   r"labelled b\\xffes and brick|labelled brick and b\\xffes", exits=(1,)),
+    "data_markup_class": _doctor(lambda r: shutil.copytree(r / "brick", r / "[red]x"), r"labelled \[red\]x and",
+                                 exits=(1,)),
+    # datasets (train)
+    "train_split_names_collide": _train(_split_collision, r"Train/ and train/|train/ and Train/", exits=(2,)),
+    "train_beside_tlearn_outputs": _train(lambda r: (_plant_model(r), _plant_report(r)), r"classes\W+3\b"),
+    "train_hostile_class_names": Case(_hostile_class_names, (0,), r"classes\W+3\b"),
+    "train_hostile_names_on_terminal": Case(_hostile_names_in_train_output, (0,),
+                                            r"\[red\]data\\x1b\[2J(.|\n)*\\x1b\]0;owned\\x07\[bold\]x.png"),
+    "evaluate_hostile_class_names": Case(_evaluate_hostile_classes, (0,), r"b\\xffes(.|\n)*\[red\]gr\\x1b\[2Jass"),
+    "train_with_unreadable_files": _train(_unreadable_files, r"skipped 2 unreadable(.|\n)*broken.png"),
+    "data_is_a_file": Case(lambda w, m, d: ["doctor", str(_inputs(w, d) / "good0.png")], (2,), r"is a file"),
+    "data_missing": Case(lambda w, m, d: ["doctor", str(w / "nothing")], (2,), r"does not exist"),
+    "quarantine_inside_data": Case(lambda w, m, d: ["doctor", str(_dataset(w, d)), "-q", "--quarantine",
+                                                    str(w / "data" / "brick" / "q")], (2,), r"inside the dataset"),
+}
+
+
+# The bundle side of issue 13 (the lead's checks): tampered model folders.
+BUNDLE_CASES: dict[str, Case] = {
+    "model_weights_flipped": _tampered(_flip_bytes, r"model.safetensors"),
+    "model_weights_truncated": _tampered(
+        lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:100_000]),
+        r"model.safetensors"),
+    "config_temperature_nan": _tampered(_edit_config(lambda c: c.update(temperature="NaN")),
+                                        r"temperature"),
+    "config_classes_a_string": _tampered(_edit_config(lambda c: c.update(classes="brickgrassgravel")),
+                                         r"classes"),
+    "config_input_size_huge": _tampered(_edit_config(lambda c: c["preprocessing"].update(input_size=100_000)),
+                                        r"input_size"),
+    "config_std_zero": _tampered(_edit_config(lambda c: c["preprocessing"].update(std=[0, 0, 0])), r"std"),
+    "config_format_version_string": _tampered(_edit_config(lambda c: c.update(format_version="1")),
+                                              r"format_version"),
+}
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every entry under `folder` (links not followed): file content hashes, link targets, special kinds."""
+    seen = {}
+    for directory, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                seen[path] = "link -> " + os.readlink(path)
+            elif stat.S_ISREG(info.st_mode):
+                seen[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            else:
+                seen[path] = stat.filemode(info.st_mode)
+    return seen
+
+
+def _labelled(stdout: str) -> dict[str, str]:
+    """File name -> label of the CSV rows in `stdout` (empty when it is not a prediction CSV)."""
+    if not stdout.startswith("path,label"):
+        return {}
+    return {Path(row["path"].lstrip("'")).name: row["label"] for row in csv.DictReader(io.StringIO(stdout))}
+
+
+@pytest.mark.parametrize("kind", list(CASES) + list(BUNDLE_CASES))
+def test_hostile_input(kind, demo_model_dir, demo_data, cache_dir, tmp_path, monkeypatch):
+    case = CASES.get(kind) or BUNDLE_CASES[kind]
+    monkeypatch.setenv("TLEARN_CACHE", str(cache_dir))  # the demo photos' features are cached there
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = case.build(work, demo_model_dir, demo_data)
+    protected = _snapshot(work)
+    result = runner.invoke(app, args)
+    output = result.stdout + result.stderr
+    flat = " ".join(output.split())  # the same text unwrapped, for messages a terminal width folded
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in output
+    assert "\x1b" not in output and "\x07" not in output  # no name's escape sequence reaches the terminal
+    assert result.exit_code in case.exits, output[-2000:]
+    assert re.search(case.says, output) or re.search(case.says, flat), output[-2000:]
+    after = _snapshot(work)
+    assert {path: after.get(path) for path in protected if "p.csv" not in path and "n.txt" not in path} == \
+        {path: digest for path, digest in protected.items() if "p.csv" not in path and "n.txt" not in path}
+    labelled = _labelled(result.stdout)
+    assert not set(case.unlabelled) & set(labelled)
+    assert set(labelled.values()) <= CLASSES | {"uncertain"}
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) + len(BUNDLE_CASES) >= 60
