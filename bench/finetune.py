@@ -20,23 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from tlearn.data.far_sets import make_digits_dataset
+
 SHARED = Path(os.environ.get("TLEARN_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" /
                              "datasets"))
-
-
-def make_digits(root: Path) -> Path:
-    """ROOT/<digit>/*.png: the 1797 digits scikit-learn ships, 8x8 greyscale upscaled to 64x64 (nearest)."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for k, (image, label) in enumerate(zip(digits.images, digits.target)):
-        folder = root / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = (image / 16 * 255).astype(np.uint8)
-        Image.fromarray(pixels).resize((64, 64), Image.NEAREST).save(folder / f"{k:04d}.png")
-    return root
 
 
 def main() -> None:
@@ -48,19 +35,21 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = make_digits(tmp / "digits") if args.dataset == "digits" else SHARED / args.dataset
+        data = make_digits_dataset(tmp / "digits") if args.dataset == "digits" else SHARED / args.dataset
         out = args.keep or tmp / "model"
-        command = [str(Path(sys.executable).with_name("tlearn")), "train", str(data), "--out", str(out), "-q",
+        command = [sys.executable, "-m", "tlearn.cli", "train", str(data), "--out", str(out), "-q",
                    "--cache-dir", str(tmp / "cache"), "--fine-tune", "--train-precision", args.precision, *args.extra]
         start = time.perf_counter()
-        subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # TLEARN_CACHE too: the fine-tune's trunk cache starts empty as the feature cache does
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TLEARN_CACHE": str(tmp / "cache")}
+        subprocess.run(command, check=True, env=env)
         wall = time.perf_counter() - start
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         metrics = json.loads((out / "metrics.json").read_text())
         config = json.loads((out / "config.json").read_text())
     ft = config["training"]["finetune"]
     print(json.dumps({
-        "dataset": args.dataset, "command": " ".join(command[1:]), "wall_seconds": round(wall, 1),
+        "dataset": args.dataset, "command": " ".join(command[3:]), "wall_seconds": round(wall, 1),
         # the machine is shared: CPU seconds / 2 cores estimates the wall time on an idle machine
         "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
         "stages": {stage: {split: m[split]["accuracy"] for split in m} for stage, m in metrics["stages"].items()},

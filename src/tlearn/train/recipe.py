@@ -1,18 +1,39 @@
-"""Stage 2 of the finetune recipe on a whole dataset: decode every split once, fine-tune the network that the
-stage-1 head sits on, score val and test; and the rule that decides which stage a model keeps."""
+"""Stage 2 of the finetune recipe on a whole dataset, and the honest rule that decides which stage a model keeps.
+
+    carve an inner split from train -> prepare inputs (cached trunk activations, or images) -> refit the head
+    without the inner split -> fine-tune from it -> score both stages on the inner split -> score val and test
+
+Val (and test) are only reported: the stage, the epoch and the head's strength are all chosen on the inner split.
+"""
 from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.special import log_softmax
 
 from tlearn.backbones import BackboneSpec
 from tlearn.data import Dataset
-from tlearn.train.finetune import FinetuneResult, FinetuneSettings, fine_tune, predict_logits
+from tlearn.train.finetune import FinetuneResult, FinetuneSettings
 from tlearn.train.head import LinearHead
+
+STAGES = ("head", "finetune")
+
+
+@dataclass
+class StageChoice:
+    """Which stage the bundle keeps, chosen on an inner split carved from train (never on the reported val)."""
+
+    chosen: str  # "head" or "finetune"
+    split: str  # how the inner split was made, in words
+    images: int  # images in the inner split
+    scores: dict[str, dict[str, float]]  # stage -> {"accuracy": ..., "log_loss": ...} on the inner split
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -21,40 +42,95 @@ class TunedStage:
     logits: dict[str, np.ndarray]  # per scored split (val, test): float32 (n, classes), uncalibrated
     labels: dict[str, np.ndarray]  # of the images that decoded, in order
     paths: dict[str, list[Path]]  # the images that decoded, in order
+    choice: StageChoice
 
 
 def fine_tune_stage(dataset: Dataset, spec: BackboneSpec, backbone, head: LinearHead, settings: FinetuneSettings,
                     run_dir: Path | None, *, resume: bool = False, seed: int = 0, workers: int | None = None,
-                    batch_size: int = 32, progress: bool = True) -> TunedStage:
-    """Fine-tune `backbone` (changed in place) with `head` on top; checkpoints and logs go to `run_dir` (a
-    temporary folder, removed afterwards, when None)."""
-    from tlearn.classifier import Classifier
-    from tlearn.data.decoded import decode_resized
+                    batch_size: int = 32, progress: bool = True, cache_dir: Path | None = None) -> TunedStage:
+    """Fine-tune `backbone` (changed in place) with a head on top, and choose between it and the head alone.
 
-    prep = spec.preprocessing
-    images = {split: decode_resized(dataset.paths(split), dataset.labels(split), prep.resize_size(),
-                                    prep.interpolation, workers, progress, split) for split in dataset.splits}
+    The head is refitted without the inner split, so both stages are scored on images neither learned from.
+    Checkpoints and logs go to `run_dir` (a temporary folder, removed afterwards, when None); trunk activations
+    to `cache_dir` (default: the feature cache's folder).
+    """
+    import lightning as L
+
+    from tlearn.classifier import Classifier
+    from tlearn.train.finetune import (
+        FinetuneModule,
+        class_weights,
+        fine_tune,
+        plain_batch_norm,
+        predict_logits,
+        resolve_precision,
+        resolve_unfreeze,
+    )
+    from tlearn.train.stage_inputs import prepare_inputs
+
+    labels = dataset.labels("train")
+    inner = inner_split(labels, settings.inner_fraction, seed)
+    L.seed_everything(seed, workers=True, verbose=False)
+    unfrozen = resolve_unfreeze(settings.unfreeze, spec.unfreeze_hint)
+    weights = class_weights(labels[~inner], len(dataset.classes), settings.imbalance_ratio)
+    module = FinetuneModule(Classifier.from_head(backbone, head), len(dataset.classes), settings, unfrozen, weights)
+    inputs = prepare_inputs(module, dataset, spec, inner, settings, unfrozen, workers=workers, batch_size=batch_size,
+                            progress=progress, cache_dir=cache_dir)
+    head_inner = _refit_head(inputs.frozen_features, inputs.frozen_labels, len(dataset.classes))
+    module.model.head.weight.data.copy_(_tensor(head_inner.weight))
+    module.model.head.bias.data.copy_(_tensor(head_inner.bias))
+    head_scores = val_score(head_inner.logits(inputs.frozen_features["inner"]), inputs.frozen_labels["inner"])
+
     folder = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="tlearn-run-"))
-    result = fine_tune(Classifier.from_head(backbone, head), prep, images["train"], images["val"], settings,
-                       spec.unfreeze_hint, folder, resume=resume, seed=seed, progress=progress)
+    precision = resolve_precision(settings.precision, settings.accelerator, inputs.cut is not None)
+    result = fine_tune(module, inputs.stage, settings, folder, precision=precision, unfrozen=unfrozen,
+                       resume=resume, progress=progress)
     if not run_dir:  # nobody asked to keep checkpoints and logs
         shutil.rmtree(folder, ignore_errors=True)
-    scored = [split for split in ("val", "test") if split in images]
-    return TunedStage(result, {s: predict_logits(result.model, images[s], prep, batch_size) for s in scored},
-                      {s: images[s].labels for s in scored},
-                      {s: _decoded_paths(dataset.paths(s), images[s]) for s in scored})
+    result.notes.extend(inputs.notes)
+    logits = {split: predict_logits(module, data, batch_size) for split, data in inputs.scored.items()}
+    tuned_scores = val_score(logits.pop("inner"), inputs.scored_labels["inner"])
+    choice = StageChoice(
+        "finetune" if tuned_scores > head_scores else "head",
+        f"{settings.inner_fraction:g} of train, stratified, seed {seed}; head refitted without it",
+        int(inner.sum()), {stage: {"accuracy": a, "log_loss": -nl}
+                           for stage, (a, nl) in zip(STAGES, (head_scores, tuned_scores))})
+    result.model = plain_batch_norm(result.model)
+    return TunedStage(result, logits, {s: inputs.scored_labels[s] for s in logits},
+                      {s: inputs.scored_paths[s] for s in logits}, choice)
+
+
+def inner_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask over train: a seeded, stratified `fraction` of each class (one image at least, when the class
+    has two or more), for choices that must not look at val."""
+    labels = np.asarray(labels)
+    mask = np.zeros(len(labels), bool)
+    rng = np.random.default_rng(seed + 1)  # not the generator that carved val and test from the data
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        if len(members) >= 2:
+            take = min(len(members) - 1, max(1, round(fraction * len(members))))
+            mask[rng.choice(members, take, replace=False)] = True
+    return mask
 
 
 def val_score(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(accuracy, -log loss) on val: the stage with the larger score is kept."""
-    from scipy.special import softmax
-    from sklearn.metrics import log_loss
-
-    proba = softmax(np.asarray(logits, np.float64), axis=1)
-    return float((proba.argmax(1) == y).mean()), -float(log_loss(y, proba, labels=list(range(proba.shape[1]))))
+    """(accuracy, -log loss): the stage with the larger score is kept (accuracy first, log loss breaks ties)."""
+    log_proba = log_softmax(np.asarray(logits, np.float64), axis=1)
+    y = np.asarray(y, np.int64)
+    return float((log_proba.argmax(1) == y).mean()), float(log_proba[np.arange(len(y)), y].mean())
 
 
-def _decoded_paths(paths: list[Path], images) -> list[Path]:
-    """The files of `paths` that decoded, in order (DecodedImages keeps the failures, not the successes)."""
-    failed = {Path(p) for p, _ in images.failures}
-    return [p for p in paths if Path(p) not in failed]
+def _refit_head(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int) -> LinearHead:
+    """The head fitted on train without the inner split, its strength chosen on the inner split."""
+    from tlearn.train.head import balanced_class_weight, fit_head
+
+    y = labels["train"]
+    return fit_head(features["train"], y, features["inner"], labels["inner"], n_classes,
+                    class_weight=balanced_class_weight(y, n_classes)).head
+
+
+def _tensor(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.asarray(array, np.float32))

@@ -20,8 +20,8 @@ class FinetuneSettings:
     augment: str = "flip"  # see augment.POLICIES
     mixup: float = 0.0  # Beta(alpha, alpha) strength; 0 = off
     cutmix: float = 0.0
-    patience: int = 4  # epochs without a better val accuracy before stopping
-    train_bn: bool = False  # update BatchNorm statistics of the unfrozen layers
+    patience: int = 4  # epochs without a better inner-split accuracy before stopping
+    train_bn: bool = False  # train BatchNorm (statistics and affine) of the unfrozen layers; else all frozen
     imbalance_ratio: float = 3.0  # class weights when max/min train images per class exceeds this
     precision: str = "auto"  # Lightning precision; "auto" = bf16-mixed on a CPU with bf16 support, else 32-true
     accelerator: str = "auto"
@@ -29,6 +29,9 @@ class FinetuneSettings:
     num_nodes: int = 1
     strategy: str = "auto"
     deterministic: bool = False
+    trunk_cache: bool = True  # train the top on cached trunk activations of fixed views, when the trunk is frozen
+    views: int = 6  # fixed views per train image with the trunk cache (augment "flip"): image, mirror, 4 crops
+    inner_fraction: float = 0.15  # of train, held out to choose the epoch and the stage (val only reports)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +46,8 @@ class FinetuneSettings:
         check_range("mixup", self.mixup, 0.0)
         check_range("cutmix", self.cutmix, 0.0)
         check_range("num_nodes", self.num_nodes, 1)
+        check_range("views", self.views, 1, 64)
+        check_range("inner_fraction", self.inner_fraction, 0.0, 0.5, low_open=True)
 
 
 RECIPES = ("head", "finetune", "auto")
