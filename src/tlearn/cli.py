@@ -86,7 +86,7 @@ def train(
     precision: Precision = None,
     recipe: Annotated[Recipe, typer.Option(help="head: linear head on frozen features (seconds). finetune: then "
                                            "unfreeze the top of the backbone and train it (minutes), keeping the "
-                                           "better stage on val. auto: fine-tune when there are >= 20 train images "
+                                           "stage that does better on an inner split of train (val only reports). auto: fine-tune when there are >= 20 train images "
                                            "per class and the head's val accuracy is below 0.995. The default, head, "
                                            "makes a re-run on the same data take seconds (cached features).")
                     ] = Recipe.head,
@@ -99,10 +99,17 @@ def train(
                                          "flip), trivial (+TrivialAugment), randaugment.")] = "flip",
     mixup: Annotated[float, typer.Option(help="Fine-tuning: MixUp alpha (0 = off).")] = 0.0,
     cutmix: Annotated[float, typer.Option(help="Fine-tuning: CutMix alpha (0 = off).")] = 0.0,
-    patience: Annotated[int, typer.Option(help="Fine-tuning: stop after this many epochs without a better val "
-                                          "accuracy.")] = 4,
-    train_bn: Annotated[bool, typer.Option("--train-bn", help="Fine-tuning: update BatchNorm statistics of the "
-                                           "unfrozen layers (default: frozen).")] = False,
+    patience: Annotated[int, typer.Option(help="Fine-tuning: stop after this many epochs without a better "
+                                          "accuracy on the inner split of train.")] = 4,
+    train_bn: Annotated[bool, typer.Option("--train-bn", help="Fine-tuning: train BatchNorm (statistics and "
+                                           "weights) in the unfrozen layers (default: frozen).")] = False,
+    trunk_cache: Annotated[bool, typer.Option("--trunk-cache/--no-trunk-cache", help="Fine-tuning: train the top on "
+                                              "cached activations of the frozen trunk for fixed views of each "
+                                              "image (much faster; falls back to whole images when it cannot).")
+                           ] = True,
+    views: Annotated[int, typer.Option(help="Fine-tuning with the trunk cache: fixed views per train image.")] = 6,
+    inner_fraction: Annotated[float, typer.Option(help="Fine-tuning: share of train held out to choose the epoch "
+                                                  "and the stage.")] = 0.15,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic torch algorithms.")] = False,
     train_precision: Annotated[str, typer.Option(help="Fine-tuning: Lightning precision: auto (bf16-mixed on a CPU "
                                                  "with bf16 "
@@ -125,7 +132,8 @@ def train(
     settings = FinetuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, unfreeze=unfreeze, augment=augment,
                                 mixup=mixup, cutmix=cutmix, patience=patience, train_bn=train_bn,
                                 precision=train_precision, accelerator=accelerator, devices=devices,
-                                num_nodes=num_nodes, strategy=strategy, deterministic=deterministic)
+                                num_nodes=num_nodes, strategy=strategy, deterministic=deterministic,
+                                trunk_cache=trunk_cache, views=views, inner_fraction=inner_fraction)
     try:
         clf = tlearn.ImageClassifier(backbone, weights=weights, seed=seed, batch_size=batch_size,
                                      cache_dir=cache_dir, progress=not quiet, engine=engine.value,
@@ -156,7 +164,7 @@ def _print_summary(clf, out_dir: Path) -> None:
                                    f"{ft['precision_used']}, unfrozen {','.join(ft['unfrozen']) or 'all'}")
         for stage, m in clf.metrics_["stages"].items():
             table.add_row(f"{stage} val / test", " / ".join(f"{m[k]['accuracy']:.4f}" for k in m))
-        table.add_row("kept", f"{ft['chosen']} (better on val)")
+        table.add_row("kept", f"{ft['chosen']} (better on an inner split of train)")
     for split, m in ((k, v) for k, v in clf.metrics_.items() if k in ("val", "test")):
         table.add_row(f"{split} accuracy", f"{m['accuracy']:.4f} {_interval(m, 'accuracy')} (mean class "
                                            f"{m['mean_class_accuracy']:.4f} {_interval(m, 'mean_class_accuracy')}, "

@@ -20,17 +20,16 @@ from tlearn.train.steps import SplitFeatures, TrainResult, adopt_weights, attach
 def fine_tune_bundle(result: TrainResult, dataset: Dataset, backbone: FrozenBackbone, fit: HeadFit,
                      split: SplitFeatures, settings: TrainSettings, resume: bool) -> None:
     """Stage 2 from the stage-1 head; the bundle becomes the stage chosen by the fine-tune recipe, both recorded."""
-    from tlearn.train.recipe import fine_tune_stage, val_score
+    from tlearn.train.recipe import fine_tune_stage
 
     bundle, classes = result.bundle, dataset.classes
     # a copy: the stage-1 bundle's tensors are views of the network's, and must stay as they are
     tuned = fine_tune_stage(dataset, backbone.spec, copy.deepcopy(backbone.network()), fit.head, settings.finetune,
                             settings.run_dir, resume=resume, seed=settings.seed, workers=settings.workers,
-                            batch_size=settings.batch_size, progress=settings.progress)
-    head_logits = fit.head.logits(split.xs["val"])
-    scores = {"head": val_score(head_logits, split.ys["val"]),
-              "finetune": val_score(tuned.logits["val"], tuned.labels["val"])}
-    chosen = "finetune" if scores["finetune"] > scores["head"] else "head"
+                            batch_size=settings.batch_size, progress=settings.progress,
+                            cache_dir=settings.cache_dir)
+    # chosen on an inner split of train: the val figures reported stay untouched by the choice
+    chosen = tuned.choice.chosen
     stages = {"head": {s: m for s, m in bundle.metrics.items() if s in ("val", "test")},
               "finetune": {s: classification_metrics(tuned.labels[s], x.argmax(1), classes, settings.seed)
                            for s, x in tuned.logits.items()}}
@@ -54,7 +53,7 @@ def fine_tune_bundle(result: TrainResult, dataset: Dataset, backbone: FrozenBack
         **settings.finetune.to_dict(), "chosen": chosen, "precision_used": run.precision, "unfrozen": run.unfrozen,
         "class_weights": run.class_weights, "best_epoch": run.best_epoch, "epochs_run": len(run.history),
         "seconds": run.seconds, "run_dir": str(settings.run_dir) if settings.run_dir else None,
-        "val_score": {k: {"accuracy": a, "log_loss": -nl} for k, (a, nl) in scores.items()}}
+        "choice": tuned.choice.to_dict(), "inputs": run.inputs, "notes": run.notes}
     bundle.metrics = {**bundle.metrics, "stages": stages}
     bundle.extra["history"] = run.history
     result.summary.recipe, result.summary.finetune = chosen, bundle.training["finetune"]
