@@ -86,7 +86,8 @@ def train(
     precision: Precision = None,
     recipe: Annotated[Recipe, typer.Option(help="head: linear head on frozen features (seconds). finetune: then "
                                            "unfreeze the top of the backbone and train it (minutes), keeping the "
-                                           "stage that does better on an inner split of train (val only reports). auto: fine-tune when there are >= 20 train images "
+                                           "stage that does better on an inner split of train (val only reports). "
+                                           "auto: fine-tune when there are >= 20 train images "
                                            "per class and the head's val accuracy is below 0.995. The default, head, "
                                            "makes a re-run on the same data take seconds (cached features).")
                     ] = Recipe.head,
