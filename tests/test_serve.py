@@ -440,7 +440,9 @@ def test_sigterm_answers_every_accepted_request_and_exits_0(model_dir, photo_fil
     assert [status for status, _ in results] == [200] * 8
     assert all(len(answer["predictions"]) == 4 for _, answer in results)
     assert server.stop() == 0
-    assert "Waiting for connections to close" in server.output()  # the drain had work to finish
+    # every request the server received was answered (on a fast machine the drain may find nothing left to do)
+    answered = re.search(r"answered (\d+) of the (\d+) requests received", server.output())
+    assert answered and answered.group(1) == answered.group(2) and int(answered.group(2)) >= 8
 
 
 def test_serve_command_refuses_bad_folders_and_settings_in_one_line(tmp_path):
