@@ -64,3 +64,13 @@ def demo_model(demo_data, cache_dir):
 def demo_model_dir(demo_model, tmp_path_factory) -> Path:
     """The demo classifier saved as a model folder, for the command-line tests."""
     return demo_model.save(tmp_path_factory.mktemp("demo-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_model(hymenoptera_small, cache_dir, tmp_path_factory) -> Path:
+    """A model trained once on hymenoptera_small and saved, shared by the tests that only read it."""
+    import tlearn
+
+    folder = tmp_path_factory.mktemp("hymenoptera-model") / "hym"
+    tlearn.ImageClassifier(cache_dir=cache_dir, progress=False).fit(hymenoptera_small).save(folder)
+    return folder

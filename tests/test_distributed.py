@@ -87,12 +87,8 @@ def ray_address():
 
 
 @pytest.fixture(scope="module")
-def hym_model(hymenoptera_small, cache_dir, tmp_path_factory) -> Path:
-    import tlearn
-
-    folder = tmp_path_factory.mktemp("ray-model") / "hym"
-    tlearn.ImageClassifier(cache_dir=cache_dir, progress=False).fit(hymenoptera_small).save(folder)
-    return folder
+def hym_model(hymenoptera_model) -> Path:
+    return hymenoptera_model
 
 
 @pytest.fixture(scope="module")

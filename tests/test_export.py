@@ -29,10 +29,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def model_dir(hymenoptera_small, cache_dir, tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("export") / "model"
-    tlearn.ImageClassifier(cache_dir=cache_dir, progress=False).fit(hymenoptera_small).save(directory)
-    return directory
+def model_dir(hymenoptera_model) -> Path:
+    return hymenoptera_model
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from tlearn.console import err, out, print_doctor, print_evaluation, print_summary
 from tlearn.errors import TlearnError
 from tlearn.outputs import terminal_text  # light: rich.markup and the standard library
 
@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate and use image classifiers by transfer learning, on CPU, offline.")
-out = Console()
-err = Console(stderr=True)
 
 Backbone = Annotated[str, typer.Option(help="Backbone name (see `tlearn backbones`).")]
 CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: $TLEARN_CACHE or "
@@ -144,72 +142,8 @@ def train(
         clf.save(out_dir)
     except _USER_ERRORS as exc:
         _fail(exc)
-    _print_summary(clf, out_dir)
+    print_summary(clf, out_dir)
     out.print(f"report: {terminal_text(out_dir / 'report' / 'report.html')}", highlight=False)
-
-
-def _print_summary(clf, out_dir: Path) -> None:
-    s, bundle = clf.summary_, clf.bundle_
-    table = Table(title=f"tlearn train: {terminal_text(s.data)}", show_header=False, title_justify="left")
-    table.add_row("layout", s.layout)
-    table.add_row("classes", str(s.classes))
-    table.add_row("images", ", ".join(f"{k} {v}" for k, v in s.images.items()))
-    rate = f" ({s.images_per_second:.0f} img/s)" if s.images_per_second else ""
-    built = f"; engine built once in {s.engine_build_seconds:.1f}s" if s.engine_build_seconds else ""
-    table.add_row("features", f"{s.extracted} extracted in {s.extract_seconds:.1f}s{rate}, {s.from_cache} from "
-                              f"cache{built}")
-    table.add_row("head", f"linear softmax, C={s.head_C:g} (chosen on val)")
-    if s.finetune:
-        ft = s.finetune
-        table.add_row("fine-tune", f"{ft['epochs_run']} epoch(s) in {ft['seconds']:.0f}s, best {ft['best_epoch']}, "
-                                   f"{ft['precision_used']}, unfrozen {','.join(ft['unfrozen']) or 'all'}")
-        for stage, m in clf.metrics_["stages"].items():
-            table.add_row(f"{stage} val / test", " / ".join(f"{m[k]['accuracy']:.4f}" for k in m))
-        table.add_row("kept", f"{ft['chosen']} (better on an inner split of train)")
-    for split, m in ((k, v) for k, v in clf.metrics_.items() if k in ("val", "test")):
-        table.add_row(f"{split} accuracy", f"{m['accuracy']:.4f} {_interval(m, 'accuracy')} (mean class "
-                                           f"{m['mean_class_accuracy']:.4f} {_interval(m, 'mean_class_accuracy')}, "
-                                           f"n={m['n']})")
-    calibration = bundle.extra.get("calibration")
-    if calibration:
-        ece = ", ".join(f"{split} {calibration['ece_before'][split]:.3f} -> {calibration['ece_after'][split]:.3f}"
-                        for split in calibration["ece_after"])
-        table.add_row("calibration", f"temperature {calibration['temperature']:.3f} (fitted on val); ECE {ece}")
-    table.add_row("time", f"{s.seconds:.1f}s")
-    table.add_row("model", terminal_text(out_dir))
-    out.print(table)
-    _print_data_warning(bundle.extra.get("data_checks", {}))
-    _print_leaks(clf.metrics_.get("leaks", {}))
-    if s.skipped_files:
-        err.print(f"[yellow]skipped {len(s.skipped_files)} unreadable file(s):[/]")
-        for path, reason in s.skipped_files:
-            err.print(f"  {terminal_text(path)}: {terminal_text(reason)}", highlight=False, soft_wrap=True)
-
-
-def _print_leaks(leaks: dict) -> None:
-    if leaks.get("count"):
-        err.print(f"[bold yellow]warning:[/] {leaks['count']} exact or near-duplicate image pair(s) sit in different "
-                  "splits, so the val/test figures above are optimistic (counted in metrics.json under \"leaks\"); "
-                  "e.g.:", highlight=False)
-        for example in leaks["examples"][:5]:
-            err.print(f"  {' <-> '.join(terminal_text(p) for p in example['paths'])} ({' / '.join(example['splits'])}, "
-                      f"{example['bits']} bits apart)", highlight=False)
-
-
-def _interval(m: dict, key: str) -> str:
-    low_high = m.get("ci95", {}).get(key)
-    return f"[{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else ""
-
-
-def _print_data_warning(checks: dict) -> None:
-    errors = [f for f in checks.get("findings", []) if f["severity"] == "error"]
-    if errors:
-        err.print(f"[bold red on white] WARNING: {len(errors)} data problem(s) make these numbers untrustworthy "
-                  "[/]", highlight=False)
-        for finding in errors[:10]:
-            err.print(f"  [red]{finding['kind']}[/]: {terminal_text(finding['message'])}: "
-                      f"{terminal_text(', '.join(finding['paths']))}", highlight=False)
-        err.print("  run `tlearn doctor DATA` for the full list (it also checks near-duplicates).")
 
 
 @app.command()
@@ -234,25 +168,7 @@ def evaluate(
     if as_json:
         print(json.dumps(metrics, indent=1))
         return
-    out.print(f"[bold]{split}[/]: accuracy {metrics['accuracy']:.4f} {_interval(metrics, 'accuracy')}, mean class "
-              f"accuracy {metrics['mean_class_accuracy']:.4f} {_interval(metrics, 'mean_class_accuracy')}, "
-              f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
-              f"n={metrics['n']} (brackets: bootstrap 95% CI)")
-    table = Table("class", "precision", "recall", "f1", "n")
-    for name, row in metrics["per_class"].items():
-        table.add_row(terminal_text(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
-                      str(row["support"]))
-    out.print(table)
-    _print_confusion(metrics)
-
-
-def _print_confusion(metrics: dict) -> None:
-    classes = metrics["classes"]
-    table = Table("true \\ predicted", *[terminal_text(c[:10]) for c in classes], title="confusion matrix",
-                  title_justify="left")
-    for name, row in zip(classes, metrics["confusion_matrix"]):
-        table.add_row(terminal_text(name), *[str(v) for v in row])
-    out.print(table)
+    print_evaluation(metrics, split)
 
 
 @app.command()
@@ -386,32 +302,9 @@ def doctor(
     if as_json:
         print(json_text({**report.to_dict(), "quarantined": moved}))
     else:
-        _print_doctor(report, moved, quarantine)
+        print_doctor(report, moved, quarantine)
     if report.errors:
         raise typer.Exit(1)
-
-
-def _print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None:
-    safe = terminal_text
-    out.print(f"[bold]tlearn doctor[/]: {safe(report.root)} ({safe(report.layout or 'layout not usable')}), "
-              f"{report.files_checked} files", highlight=False)
-    table = Table("split", *[safe(c) for c in report.classes], "imbalance", title="images per class",
-                  title_justify="left")
-    for split, counts in report.counts.items():
-        table.add_row(safe(split), *[str(counts.get(c, 0)) for c in report.classes], f"{report.imbalance[split]:.2f}")
-    out.print(table)
-    for finding in report.findings:
-        colour = "red" if finding.severity == "error" else "yellow"
-        out.print(f"[{colour}]{finding.severity}[/] [bold]{finding.kind}[/]: {safe(finding.message)}",
-                  highlight=False, soft_wrap=True)
-        for path in finding.paths:
-            out.print(f"    {safe(path)}", highlight=False, soft_wrap=True)  # whole, to copy and paste
-    if moved:
-        out.print(f"moved {len(moved)} file(s) to {safe(quarantine)} (reasons in "
-                  f"{safe(quarantine / 'reasons.csv')})", highlight=False)
-    verdict = (f"[bold red]{len(report.errors)} error(s)[/] that corrupt an evaluation" if report.errors
-               else "[green]no errors[/]")
-    out.print(f"{verdict}, {len(report.warnings)} warning(s)")
 
 
 @app.command()
