@@ -88,7 +88,7 @@ class Predictor:
         self.workers = default_workers() if workers is None else check_range("workers", workers, 1)
         self._head = bundle.head(calibrated=True)
         self._lock = threading.Lock()  # one engine session: its requests are not shared between threads
-        self._draft = (2 * bundle.preprocessing.resize_size(),) * 2
+        self._draft = bundle.preprocessing.draft_size()
         self.card = ModelCard(
             name=name, classes=list(bundle.classes), backbone=bundle.backbone.name,
             architecture=bundle.backbone.architecture, input_size=self.input_size,

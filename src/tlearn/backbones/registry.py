@@ -95,6 +95,11 @@ class Preprocessing:
         """Shorter side after the resize, before the centre crop."""
         return int(self.input_size / self.crop_pct)
 
+    def draft_size(self) -> tuple[int, int]:
+        """The size large JPEGs are decoded at (DCT scaling) before the resize: twice the resize target, so the
+        bicubic resize after it still has pixels to average."""
+        return (2 * self.resize_size(),) * 2
+
     def rule(self) -> str:
         """to_pixels in words, exactly enough to reproduce it elsewhere (the README has it in code)."""
         return (f"an RGB image of W x H becomes (w, h) = the shorter side {self.resize_size()} and the longer side "
@@ -102,7 +107,7 @@ class Preprocessing:
                 f"top = round((h - {self.input_size}) / 2); then one PIL {self.interpolation} resize to "
                 f"{self.input_size} x {self.input_size} of the source box (left * W / w, top * H / h, "
                 f"(left + {self.input_size}) * W / w, (top + {self.input_size}) * H / h); large JPEGs may be "
-                f"decoded at a reduced DCT scale first (PIL draft to no less than {2 * self.resize_size()} px)")
+                f"decoded at a reduced DCT scale first (PIL draft to no less than {self.draft_size()[0]} px)")
 
 
 @dataclass(frozen=True)

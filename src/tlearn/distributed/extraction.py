@@ -72,7 +72,7 @@ class FeatureActor:
         from tlearn.data.decode import DecodeError, decode_bytes
 
         try:
-            draft = (2 * self.preprocessing.resize_size(),) * 2
+            draft = self.preprocessing.draft_size()
             return self.preprocessing.to_pixels(decode_bytes(content, path, draft))
         except DecodeError as exc:
             return exc.reason

@@ -67,7 +67,7 @@ def stream_pixels(paths: Sequence[Path], preprocessing: Preprocessing, batch_siz
     With `draft`, JPEGs at least four times the resize target are decoded at a reduced scale first (DCT scaling),
     to no less than twice the target, so the bicubic resize after it still has pixels to average.
     """
-    draft_size = (2 * preprocessing.resize_size(),) * 2 if draft else None
+    draft_size = preprocessing.draft_size() if draft else None
     return pixel_batches(paths, preprocessing.to_pixels, preprocessing.input_size, batch_size, workers, draft_size)
 
 
@@ -103,7 +103,7 @@ def open_exported(key: str, folder: Path, engine: str = "auto", precision: str =
     if not (intact(model_file) and intact(folder / REFERENCE_FILE)):
         return None
     try:
-        return open_files(model_file, folder / REFERENCE_FILE, _recorded_verdicts(folder), engine, precision,
+        return open_files(model_file, folder / REFERENCE_FILE, recorded_verdicts(folder), engine, precision,
                           threads, folder / "openvino-cache")
     except EngineError:
         return None
@@ -267,14 +267,15 @@ def _forget(folder: Path, verdicts_only: bool = False) -> None:
 
 
 def _cached_verdict(folder: Path, name: str, precision: str, compute: Callable[[], dict]) -> dict:
-    records, key = _recorded_verdicts(folder), _verdict_key(name, precision)
+    records, key = recorded_verdicts(folder), _verdict_key(name, precision)
     if key not in records:
         records[key] = compute()
         write_atomically(folder / "verified.json", lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
     return records[key]
 
 
-def _recorded_verdicts(folder: Path) -> dict:
+def recorded_verdicts(folder: Path) -> dict:
+    """The verdicts recorded in `folder`'s verified.json ({} when there are none)."""
     try:
         return json.loads((folder / "verified.json").read_text())
     except (OSError, ValueError):

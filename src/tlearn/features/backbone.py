@@ -17,7 +17,15 @@ import numpy as np
 
 from tlearn.backbones import BackboneSpec
 from tlearn.backbones.registry import WeightsInfo
-from tlearn.engines import REFERENCE_FILE, intact, open_engine, open_exported, state_key, stream_pixels
+from tlearn.engines import (
+    REFERENCE_FILE,
+    intact,
+    open_engine,
+    open_exported,
+    recorded_verdicts,
+    state_key,
+    stream_pixels,
+)
 from tlearn.features.cache import FeatureCache
 
 if TYPE_CHECKING:
@@ -94,12 +102,12 @@ class FrozenBackbone:
         """The verified files of the engine, exporting them first if they are not there (a cache emptied by hand)."""
         folder = self.cache.directory / "engines" / self.engine_key
         model_file = folder / f"model-{'int8' if self.precision == 'int8' else 'fp32'}.onnx"
-        verdicts = _verdicts(folder)
+        verdicts = recorded_verdicts(folder)
         if not (intact(model_file) and intact(folder / REFERENCE_FILE) and any(v["ok"] for v in verdicts.values())):
             # the fastest exported engine that verifies (the model folder never ships the torch engine)
             open_engine(self.network(), self.spec.preprocessing, folder.parent, "auto", self.precision,
                         self._calibration if self.calibration_paths else None)
-            verdicts = _verdicts(folder)
+            verdicts = recorded_verdicts(folder)
         return ExportedEngine(model_file, folder / REFERENCE_FILE, verdicts, self.precision)
 
     def _calibration(self) -> Iterator[np.ndarray]:
@@ -108,12 +116,3 @@ class FrozenBackbone:
         order = np.random.default_rng(self.seed).permutation(len(paths))[:CALIBRATION_IMAGES]
         sample = [paths[i] for i in sorted(order)]
         return (b.pixels for b in stream_pixels(sample, self.spec.preprocessing, 16, self.workers) if len(b.indices))
-
-
-def _verdicts(folder: Path) -> dict:
-    import json
-
-    try:
-        return json.loads((folder / "verified.json").read_text())
-    except (OSError, ValueError):
-        return {}

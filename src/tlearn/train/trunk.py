@@ -133,7 +133,7 @@ def trunk_outputs(cut: TrunkCut, preprocessing: Preprocessing, paths: Sequence[P
     with Progress(*columns, disable=not progress or not todo) as bar, \
             ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="tlearn-views") as pool:
         task = bar.add_task(f"trunk activations ({description})", total=len(todo))
-        draft = (2 * preprocessing.resize_size(),) * 2  # the draft decoding prediction uses (engines.stream_pixels)
+        draft = preprocessing.draft_size()  # the draft decoding prediction uses (engines.stream_pixels)
         decode = partial(_views, paths, hashes, preprocessing, views, draft)
         chunks = [todo[s:s + per_forward] for s in range(0, len(todo), per_forward)]
         pending = [pool.map(decode, chunk) for chunk in chunks[:2]]
