@@ -148,15 +148,25 @@ class Predictor:
         except Exception as exc:  # a transform failing on a strange image is a fact about that image
             raise DecodeError("<input>", f"cannot preprocess image ({type(exc).__name__}: {exc})") from None
 
-    def features(self, pixels: np.ndarray) -> np.ndarray:
-        """Pooled backbone features of uint8 pixels (n, 3, H, W)."""
+    def features(self, pixels: np.ndarray, *, concurrent: bool = False) -> np.ndarray:
+        """Pooled backbone features of uint8 pixels (n, 3, H, W).
+
+        By default one call runs at a time, its batch split across the engine's streams: the shortest wait for a
+        single caller. With `concurrent`, the batch runs whole on one stream and calls from other threads run
+        beside it, one per stream (an engine without streams still runs one call at a time): callers that decode
+        in threads between calls, as the Ray actor does, then keep every stream busy."""
         pixels = self._check_pixels(pixels)
+        if concurrent:
+            from tlearn.engines import run_concurrent
+
+            return run_concurrent(self.engine, pixels, self._lock)
         with self._lock:
             return self.engine(pixels)
 
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities (n, classes), float64, of uint8 pixels (n, 3, H, W)."""
-        return softmax(self._head.logits(self.features(pixels)))
+    def probabilities(self, pixels: np.ndarray, *, concurrent: bool = False) -> np.ndarray:
+        """Calibrated class probabilities (n, classes), float64, of uint8 pixels (n, 3, H, W); `concurrent`: see
+        `features`."""
+        return softmax(self._head.logits(self.features(pixels, concurrent=concurrent)))
 
     def rank(self, source: str, probabilities: np.ndarray, top_k: int = 1,
              min_confidence: float | None = None) -> Prediction:

@@ -14,6 +14,7 @@ import numpy as np
 
 from tlearn.backbones import Preprocessing
 from tlearn.distributed.cluster import actor_pool, ray_cluster, read_images
+from tlearn.engines import run_concurrent
 from tlearn.errors import EngineError, InvalidParameter
 from tlearn.features.cache import FeatureCache
 
@@ -49,7 +50,7 @@ class FeatureActor:
                               "(tlearn.engines.open_engine) before extracting on Ray")
         self.preprocessing = Preprocessing.from_dict(preprocessing)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tlearn-decode")
-        self.lock = threading.Lock()  # two calls overlap (one decodes while the other runs): one engine at a time
+        self.lock = threading.Lock()  # for an engine without streams: one call in it at a time (run_concurrent)
 
     def __call__(self, batch: dict) -> pa.Table:
         import pyarrow as pa
@@ -57,8 +58,7 @@ class FeatureActor:
         decoded = list(self.pool.map(self._pixels, batch["bytes"], batch["path"]))
         good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
         if good:
-            with self.lock:
-                vectors = self.engine(np.stack([decoded[i] for i in good]))
+            vectors = run_concurrent(self.engine, np.stack([decoded[i] for i in good]), self.lock)
         rows = {"path": list(batch["path"]), "content": [None] * len(decoded), "vector": [None] * len(decoded),
                 "error": [d if isinstance(d, str) else None for d in decoded]}
         for i, content in enumerate(batch["bytes"]):

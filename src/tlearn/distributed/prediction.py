@@ -39,7 +39,9 @@ class PredictionActor:
         paths = [str(p) for p in batch["path"]]
         decoded = list(self.pool.map(self._pixels, batch["bytes"]))
         good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-        proba = self.predictor.probabilities(np.stack([decoded[i] for i in good])) if good else []
+        # concurrent: the batch runs whole on one engine stream while this actor's other calls decode or use the
+        # other streams (see cluster.actor_pool)
+        proba = self.predictor.probabilities(np.stack([decoded[i] for i in good]), concurrent=True) if good else []
         top_k, threshold = self.columns.top_k, self.min_confidence
         ranked = {i: self.predictor.rank(paths[i], p, top_k, threshold) for i, p in zip(good, proba)}
         return self.columns.table([ranked.get(i) or Unreadable(paths[i], decoded[i]) for i in range(len(paths))])

@@ -46,7 +46,7 @@ ENGINE_FORMAT = 2  # 2: the eager-torch reference outputs are kept beside the ex
 __all__ = ["ENGINES", "PRECISIONS", "EngineError", "PixelsToOutputs", "engine_key", "open_engine", "open_exported",
            "state_key",
            "export_onnx", "probe_pixels", "run_batches", "compare", "stream_pixels", "TorchEngine", "open_files",
-           "read_reference", "torch_reference"]
+           "read_reference", "torch_reference", "run_concurrent"]
 _LAZY = {"PixelsToOutputs": "reference", "TorchEngine": "reference", "OnnxEngine": "runtimes",
          "OpenVinoEngine": "runtimes", "export_onnx": "export", "quantise_int8": "export"}
 
@@ -81,6 +81,17 @@ def run_batches(engine: Callable[[np.ndarray], np.ndarray], batches: Iterable[Pi
         return
     for batch in batches:
         yield batch, engine(batch.pixels) if len(batch.indices) else None
+
+
+def run_concurrent(engine: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, lock) -> np.ndarray:
+    """`engine`'s outputs for `pixels` from a caller that runs beside others in threads (a Ray actor's calls): the
+    batch whole on one of the engine's streams, callers on the others at the same time (OpenVINO's run_whole);
+    an engine without streams runs one caller at a time, under `lock`."""
+    run_whole = getattr(engine, "run_whole", None)
+    if run_whole is not None:
+        return run_whole(pixels)
+    with lock:
+        return engine(pixels)
 
 
 def engine_key(model: nn.Module, preprocessing: Preprocessing) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -76,6 +78,8 @@ class OpenVinoEngine:
         self.queue.set_callback(_keep_output)
         large = Path(model_file).stat().st_size > LARGE_MODEL_BYTES
         self.parts_per_batch = jobs if large else 1
+        self._idle: queue.SimpleQueue | None = None  # run_whole's own requests, made on its first call
+        self._idle_lock = threading.Lock()
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """One batch, split across the requests so that every stream works on it."""
@@ -85,6 +89,24 @@ class OpenVinoEngine:
             self.queue.start_async([chunk], (slots, i))
         self.queue.wait_all()
         return np.concatenate(slots)
+
+    def run_whole(self, pixels: np.ndarray) -> np.ndarray:
+        """One batch, whole, on one request (one stream): thread-safe, so callers in as many threads as there are
+        streams run at once, each stream on its own batch, as `pipelined` keeps them for one caller. This is how a
+        Ray actor overlaps decoding with the engine (its calls run in threads); `__call__` instead splits one
+        batch across the streams, the shorter wait for a single caller. The requests are this method's own, so it
+        may run beside `__call__` and `pipelined`."""
+        with self._idle_lock:
+            if self._idle is None:
+                self._idle = queue.SimpleQueue()
+                for _ in range(len(self.queue)):
+                    self._idle.put(self.compiled.create_infer_request())
+        request = self._idle.get()  # waits while every stream is busy
+        try:
+            request.infer([np.ascontiguousarray(pixels)])  # the GIL is released while it runs
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+        finally:
+            self._idle.put(request)
 
     def pipelined(self, batches: Iterable) -> Iterator[tuple[object, np.ndarray | None]]:
         """(batch, outputs) for each batch (a PixelBatch), in order, with the streams kept busy: OpenVINO's
