@@ -128,6 +128,32 @@ def test_ray_predictions_equal_the_single_machine_ones(ray_address, hym_model, i
     assert local["errors"] == on_ray["errors"] == 3
 
 
+def test_concurrent_batches_run_whole_on_the_streams_with_the_same_outputs(hym_model, hymenoptera_small):
+    """The actors' way (each batch whole on one stream, calls in threads) gives what one caller gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tlearn.predict import Predictor
+
+    predictor = Predictor.load(hym_model)
+    photos = sorted(hymenoptera_small.rglob("*.jpg"))
+    batches = [np.stack([predictor.to_pixels(p) for p in photos[i:i + 5]]) for i in range(0, 20, 5)]
+    alone = [predictor.probabilities(b) for b in batches]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda b: predictor.probabilities(b, concurrent=True), batches))
+    assert all(np.abs(a - b).max() <= 1e-5 for a, b in zip(alone, together))
+
+
+def test_a_job_has_a_fixed_object_store_budget_then_leaves_the_context_as_it_was(ray_address):
+    import ray
+
+    from tlearn.distributed.cluster import BUDGET_PER_NODE, ray_cluster
+
+    limits = ray.data.DataContext.get_current().execution_options
+    with ray_cluster(ray_address) as cluster:
+        assert limits.resource_limits.object_store_memory == BUDGET_PER_NODE * cluster.nodes
+    assert limits.resource_limits.object_store_memory == float("inf") and ray.is_initialized()
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_writes_every_path_exactly_once(ray_address, hym_model, tmp_path):
     from tlearn.distributed import predict_to_parquet

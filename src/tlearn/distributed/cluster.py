@@ -86,13 +86,14 @@ def ray_cluster(address: str | None = None, progress: bool = False) -> Iterator[
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     context.print_on_execution_start = progress
+    limits = context.execution_options.resource_limits
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         cluster = Cluster(address or "local", int(ray.cluster_resources().get("CPU", 0)), len(nodes))
-        limits = context.execution_options.resource_limits
         if limits.object_store_memory == float("inf"):  # not set by a caller that set up Ray Data itself
             context.execution_options.resource_limits = limits.copy(object_store_memory=BUDGET_PER_NODE * cluster.nodes)
         yield cluster
     finally:
+        context.execution_options.resource_limits = limits  # the budget was this job's
         if started:
             ray.shutdown()
