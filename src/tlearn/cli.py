@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate and use image classifiers by transfer learning, on CPU, offline.")
 
-Backbone = Annotated[str, typer.Option(help="Backbone name (see `tlearn backbones`).")]
 CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: $TLEARN_CACHE or "
                                                        "~/.cache/tlearn).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -74,7 +73,9 @@ def train(
     data: Annotated[Path, typer.Argument(help="Dataset folder: one sub-folder per class, or train/ val/ test/.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write "
                                                     "(default: ./<data folder name>-model).")] = None,
-    backbone: Backbone = "efficientnet_lite0",
+    backbone: Annotated[str, typer.Option(help="Backbone name (see `tlearn backbones`), or auto: a head on each of "
+                                          "efficientnet_lite0/1/2 (features cached per backbone), the best on an "
+                                          "inner split of train kept.")] = "efficientnet_lite0",
     weights: Annotated[Optional[Path], typer.Option(help="Backbone weights file instead of the registry's.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for splits and training.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
@@ -122,6 +123,10 @@ def train(
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="local|auto|ADDRESS", help="Extract the features on "
                                                "Ray Data (the ray extra): 'local', 'auto' or a cluster address.")
                    ] = None,
+    mirror: Annotated[str, typer.Option(metavar="off|train|tta|both|auto", help="The head and the image's mirror: "
+                                        "train: its features as extra training rows; tta: predict on the mean of "
+                                        "the image's and its mirror's features (2 forward passes per image); both; "
+                                        "auto: the best of the four on an inner split of train.")] = "off",
 ) -> None:
     """Train a classifier on DATA and write a model folder (fine-tuning checkpoints and logs in OUT/run)."""
     import tlearn
@@ -138,7 +143,7 @@ def train(
                                      cache_dir=cache_dir, progress=not quiet, engine=engine.value,
                                      precision=precision and precision.value,
                                      recipe="finetune" if fine_tune else recipe.value, finetune=settings,
-                                     run_dir=out_dir / "run", ray=ray).fit(data, resume=resume)
+                                     run_dir=out_dir / "run", ray=ray, mirror=mirror).fit(data, resume=resume)
         clf.save(out_dir)
     except _USER_ERRORS as exc:
         _fail(exc)

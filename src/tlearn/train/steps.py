@@ -4,7 +4,7 @@ package. `run_recipe` composes them; each is a short function a reader can follo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +17,12 @@ from tlearn.errors import DatasetError
 from tlearn.evaluate import classification_metrics
 from tlearn.evaluate.calibration import calibrate
 from tlearn.evaluate.metrics import ScoredSplit
-from tlearn.features import FeatureCache, Features, extract_features, feature_key
+from tlearn.features import FeatureCache, feature_key
 from tlearn.features.backbone import FrozenBackbone
+from tlearn.features.views import ViewFeatures, extract_views
 from tlearn.train.head import HeadFit, balanced_class_weight, fit_head
-from tlearn.train.settings import TrainSettings
+from tlearn.train.settings import AUTO, TrainSettings
+from tlearn.train.views import ViewChoice, choose_views
 
 # "auto" fine-tunes when there is room above the head on val and enough images per class to learn from
 AUTO_MIN_TRAIN_PER_CLASS, AUTO_HEAD_GOOD_ENOUGH = 20, 0.995
@@ -35,10 +37,15 @@ class FoundData:
 
 @dataclass
 class SplitFeatures:
-    features: dict[str, Features]
-    xs: dict[str, np.ndarray]
+    features: dict[str, ViewFeatures]
+    xs: dict[str, np.ndarray]  # the image's features
     ys: dict[str, np.ndarray]
     paths: dict[str, list[Path]]  # of the rows of xs
+    mirrors: dict[str, np.ndarray] = field(default_factory=dict)  # its mirror's, on the same rows, when extracted
+
+    def eval_rows(self, split: str, views: ViewChoice) -> np.ndarray:
+        """The features of `split` as the model will see them at prediction."""
+        return views.recipe.eval_rows(self.xs[split], self.mirrors.get(split))
 
     def scored(self, logits: dict[str, np.ndarray]) -> dict[str, ScoredSplit]:
         return {s: ScoredSplit(s, self.paths[s], self.ys[s], logits[s]) for s in ("val", "test") if s in logits}
@@ -60,6 +67,8 @@ class TrainSummary:
     engine_build_seconds: float
     head_C: float
     recipe: str  # the stage kept: head or finetune
+    views: ViewChoice | None = None  # the views the head learns from and predicts on
+    backbone_choice: dict | None = None  # --backbone auto: each backbone tried, its inner-split score and seconds
     seconds: float = 0.0
     finetune: dict | None = None
 
@@ -79,11 +88,19 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
     """Train a classifier on `data`: the whole recipe, step by step."""
     start = time.perf_counter()
     found = find_data(data, settings)
+    choice = None
+    if settings.backbone == AUTO:
+        from tlearn.train.backbone_choice import choose_backbone
+
+        choice = choose_backbone(found, settings)
+        settings = replace(settings, backbone=choice.chosen)
     with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
         backbone = frozen_backbone(found, settings, cache)
         split = extract(found, backbone, cache, settings)
-        fit = fit_the_head(split, len(found.dataset.classes), settings)
-        result = assemble(found, backbone, split, fit, settings)
+        views = choose_views(settings.mirror, split.xs["train"], split.mirrors.get("train"), split.ys["train"],
+                             len(found.dataset.classes), settings.finetune.inner_fraction, settings.seed)
+        fit = fit_the_head(split, len(found.dataset.classes), settings, views)
+        result = assemble(found, backbone, split, fit, settings, views)
         calibrate_bundle(result)
         if wants_finetune(result, settings):
             from tlearn.train.stage2 import fine_tune_bundle
@@ -91,6 +108,8 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
             fine_tune_bundle(result, found.dataset, backbone, fit, split, settings, resume)
         else:
             attach_engine(result.bundle, backbone.exported())
+    if choice is not None:
+        result.bundle.training["backbone_choice"] = result.summary.backbone_choice = choice.to_dict()
     result.summary.seconds = time.perf_counter() - start
     return result
 
@@ -119,16 +138,17 @@ def extract(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, set
     dataset, features = found.dataset, {}
     if settings.ray is not None:
         extract_on_ray(found, backbone, cache, settings)
+    views = ("image", "mirror") if ViewChoice(settings.mirror, settings.mirror).needs_mirror() else ("image",)
     for split in dataset.splits:
         paths = dataset.paths(split)
-        features[split] = extract_features(paths, cache, backbone.engine, backbone.spec.preprocessing,
-                                           batch_size=settings.batch_size, workers=settings.workers,
-                                           progress=settings.progress, description=split,
-                                           hashes=[found.hashes[p] for p in paths])
+        features[split] = extract_views(paths, cache, backbone.engine, backbone.spec.preprocessing, views,
+                                        description=split, batch_size=settings.batch_size, workers=settings.workers,
+                                        progress=settings.progress, hashes=[found.hashes[p] for p in paths])
     ys = {split: dataset.labels(split)[f.kept] for split, f in features.items()}
     _check_trainable(dataset, ys)
-    return SplitFeatures(features, {s: f.vectors for s, f in features.items()}, ys,
-                         {s: [dataset.paths(s)[i] for i in f.kept] for s, f in features.items()})
+    return SplitFeatures(features, {s: f.views["image"] for s, f in features.items()}, ys,
+                         {s: [dataset.paths(s)[i] for i in f.kept] for s, f in features.items()},
+                         {s: f.views["mirror"] for s, f in features.items() if "mirror" in f.views})
 
 
 def extract_on_ray(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, settings: TrainSettings) -> None:
@@ -143,15 +163,16 @@ def extract_on_ray(found: FoundData, backbone: FrozenBackbone, cache: FeatureCac
                          progress=settings.progress)
 
 
-def fit_the_head(split: SplitFeatures, n_classes: int, settings: TrainSettings) -> HeadFit:
-    """Softmax regression on the frozen features, its strength chosen on val (class-balanced loss)."""
-    weight = balanced_class_weight(split.ys["train"], n_classes)
-    return fit_head(split.xs["train"], split.ys["train"], split.xs["val"], split.ys["val"], n_classes,
-                    class_weight=weight, progress=settings.progress)
+def fit_the_head(split: SplitFeatures, n_classes: int, settings: TrainSettings, views: ViewChoice) -> HeadFit:
+    """Softmax regression on the frozen features of the chosen views, its strength chosen on val (class-balanced
+    loss)."""
+    x, y = views.recipe.train_rows(split.xs["train"], split.mirrors.get("train"), split.ys["train"])
+    return fit_head(x, y, split.eval_rows("val", views), split.ys["val"], n_classes,
+                    class_weight=balanced_class_weight(y, n_classes), progress=settings.progress)
 
 
 def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, fit: HeadFit,
-             settings: TrainSettings) -> TrainResult:
+             settings: TrainSettings, views: ViewChoice) -> TrainResult:
     """The stage-1 bundle (backbone tensors + head), its metrics on val and test, and the summary."""
     dataset, spec = found.dataset, backbone.spec
     state = {**{f"backbone.{k}": v for k, v in backbone.state.items()},
@@ -163,11 +184,12 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
     bundle = Bundle(classes=dataset.classes, backbone=record, preprocessing=spec.preprocessing, state=state,
                     training={**settings.record(), "recipe": "head",
                               "head": {"type": "linear-softmax on L2-normalised features", "C": fit.C,
-                                       "search": fit.search}},
-                    split=dataset.describe(),
+                                       "search": fit.search}, "views": views.to_dict()},
+                    split=dataset.describe(), tta=views.recipe.tta,
                     extra={"skipped_files": [{"path": p, "reason": r} for p, r in failures],
                            "data_checks": found.checks.to_dict()})
-    logits = {s: fit.head.logits(x).astype(np.float64) for s, x in split.xs.items() if s in ("val", "test")}
+    logits = {s: fit.head.logits(split.eval_rows(s, views)).astype(np.float64) for s in split.xs
+              if s in ("val", "test")}
     bundle.metrics = {s: classification_metrics(split.ys[s], x.argmax(1), dataset.classes, settings.seed)
                       for s, x in logits.items()}
     # near-duplicates across splits make val/test optimistic: counted with the figures they inflate
@@ -177,9 +199,9 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
         data=str(dataset.root), layout=dataset.layout, classes=len(dataset.classes),
         images={s: len(split.ys[s]) for s in split.ys}, skipped_files=failures,
         ignored_files=[str(p) for p in dataset.ignored], extracted=extracted,
-        from_cache=sum(len(f.kept) for f in split.features.values()) - extracted,
+        from_cache=sum(f.from_cache for f in split.features.values()),
         extract_seconds=sum(f.seconds for f in split.features.values()),
-        engine_build_seconds=backbone.build_seconds, head_C=fit.C, recipe="head")
+        engine_build_seconds=backbone.build_seconds, head_C=fit.C, recipe="head", views=views)
     return TrainResult(bundle, summary, split.scored(logits))
 
 
