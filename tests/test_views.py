@@ -116,3 +116,16 @@ def test_backbone_auto_keeps_the_best_lite_on_the_inner_split(hymenoptera_small,
         clf.classes_
     again = tlearn.ImageClassifier("auto", cache_dir=cache_dir, progress=False).fit(hymenoptera_small)
     assert all(t["extracted"] == 0 for t in again.summary_.backbone_choice["trials"])  # features cached per backbone
+
+
+def test_mirror_rows_for_training_keep_one_forward_pass(hymenoptera_small, cache_dir, tmp_path):
+    import tlearn
+
+    plain = tlearn.ImageClassifier(cache_dir=cache_dir, progress=False).fit(hymenoptera_small)
+    clf = tlearn.ImageClassifier(cache_dir=cache_dir, progress=False, mirror="train").fit(hymenoptera_small)
+    views = clf.bundle_.training["views"]
+    assert views["train_mirror"] and not views["tta"] and not clf.bundle_.tta
+    assert plain.bundle_.training["views"]["chosen"] == "off"
+    assert not np.array_equal(clf.bundle_.state["head.weight"], plain.bundle_.state["head.weight"])
+    config = json.loads((clf.save(tmp_path / "model", report=False) / "config.json").read_text())
+    assert config["format_version"] == 2 and config["tta"] is False  # older tlearn versions read it alike

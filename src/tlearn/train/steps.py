@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,7 +23,10 @@ from tlearn.features.backbone import FrozenBackbone
 from tlearn.features.views import ViewFeatures, extract_views
 from tlearn.train.head import HeadFit, balanced_class_weight, fit_head
 from tlearn.train.settings import AUTO, TrainSettings
-from tlearn.train.views import ViewChoice, choose_views
+from tlearn.train.views import ViewChoice, choose_views, needs_mirror
+
+if TYPE_CHECKING:
+    from tlearn.train.backbone_choice import BackboneChoice
 
 # "auto" fine-tunes when there is room above the head on val and enough images per class to learn from
 AUTO_MIN_TRAIN_PER_CLASS, AUTO_HEAD_GOOD_ENOUGH = 20, 0.995
@@ -67,7 +71,6 @@ class TrainSummary:
     engine_build_seconds: float
     head_C: float
     recipe: str  # the stage kept: head or finetune
-    views: ViewChoice | None = None  # the views the head learns from and predicts on
     backbone_choice: dict | None = None  # --backbone auto: each backbone tried, its inner-split score and seconds
     seconds: float = 0.0
     finetune: dict | None = None
@@ -88,17 +91,11 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
     """Train a classifier on `data`: the whole recipe, step by step."""
     start = time.perf_counter()
     found = find_data(data, settings)
-    choice = None
-    if settings.backbone == AUTO:
-        from tlearn.train.backbone_choice import choose_backbone
-
-        choice = choose_backbone(found, settings)
-        settings = replace(settings, backbone=choice.chosen)
+    settings, choice = resolve_backbone(found, settings)
     with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
         backbone = frozen_backbone(found, settings, cache)
         split = extract(found, backbone, cache, settings)
-        views = choose_views(settings.mirror, split.xs["train"], split.mirrors.get("train"), split.ys["train"],
-                             len(found.dataset.classes), settings.finetune.inner_fraction, settings.seed)
+        views = choose_the_views(found, backbone, cache, split, settings)
         fit = fit_the_head(split, len(found.dataset.classes), settings, views)
         result = assemble(found, backbone, split, fit, settings, views)
         calibrate_bundle(result)
@@ -121,6 +118,16 @@ def find_data(data: str | Path, settings: TrainSettings) -> FoundData:
     return FoundData(dataset, dataset.hashes, quick_check(dataset, dataset.hashes))
 
 
+def resolve_backbone(found: FoundData, settings: TrainSettings) -> tuple[TrainSettings, BackboneChoice | None]:
+    """The settings with `--backbone auto` resolved to the backbone it keeps, and the record of that choice."""
+    if settings.backbone != AUTO:
+        return settings, None
+    from tlearn.train.backbone_choice import choose_backbone
+
+    choice = choose_backbone(found, settings)
+    return replace(settings, backbone=choice.chosen), choice
+
+
 def feature_key_for(settings: TrainSettings) -> str:
     spec, info = get_spec(settings.backbone), locate_weights(settings.backbone, settings.weights)
     return feature_key(spec.architecture, info.sha256, spec.preprocessing, settings.precision)
@@ -134,21 +141,50 @@ def frozen_backbone(found: FoundData, settings: TrainSettings, cache: FeatureCac
 
 
 def extract(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, settings: TrainSettings) -> SplitFeatures:
-    """Features of every split, from the cache where present; the engine is opened only if something is left."""
-    dataset, features = found.dataset, {}
+    """Features of every split (and of train's mirrors when the mirror setting may use them), from the cache where
+    present; the engine is opened only if something is left."""
+    dataset = found.dataset
     if settings.ray is not None:
         extract_on_ray(found, backbone, cache, settings)
-    views = ("image", "mirror") if ViewChoice(settings.mirror, settings.mirror).needs_mirror() else ("image",)
-    for split in dataset.splits:
-        paths = dataset.paths(split)
-        features[split] = extract_views(paths, cache, backbone.engine, backbone.spec.preprocessing, views,
-                                        description=split, batch_size=settings.batch_size, workers=settings.workers,
-                                        progress=settings.progress, hashes=[found.hashes[p] for p in paths])
+    mirrored = ("train",) if needs_mirror(settings.mirror) else ()
+    features = {split: _split_views(found, backbone, cache, settings, split, split in mirrored)
+                for split in dataset.splits}
     ys = {split: dataset.labels(split)[f.kept] for split, f in features.items()}
     _check_trainable(dataset, ys)
     return SplitFeatures(features, {s: f.views["image"] for s, f in features.items()}, ys,
                          {s: [dataset.paths(s)[i] for i in f.kept] for s, f in features.items()},
                          {s: f.views["mirror"] for s, f in features.items() if "mirror" in f.views})
+
+
+def choose_the_views(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, split: SplitFeatures,
+                     settings: TrainSettings) -> ViewChoice:
+    """The mirror setting (chosen on an inner split of train with auto); val's and test's mirrors extracted when
+    the model will predict with them."""
+    views = choose_views(settings.mirror, split.xs["train"], split.mirrors.get("train"), split.ys["train"],
+                         len(found.dataset.classes), settings.finetune.inner_fraction, settings.seed)
+    add_mirrors(split, found, backbone, cache, settings, views)
+    return views
+
+
+def add_mirrors(split: SplitFeatures, found: FoundData, backbone: FrozenBackbone, cache: FeatureCache,
+                settings: TrainSettings, views: ViewChoice) -> None:
+    """The mirrors of val and test too, when the model predicts with them (tta): it is measured as it predicts."""
+    if not views.recipe.tta:
+        return
+    for name in (s for s in ("val", "test") if s in split.xs):
+        features = _split_views(found, backbone, cache, settings, name, True)
+        if not np.array_equal(features.kept, split.features[name].kept):  # both views decode the same files
+            raise RuntimeError(f"the {name} images that decoded changed between two reads")
+        split.features[name], split.mirrors[name] = features, features.views["mirror"]
+
+
+def _split_views(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, settings: TrainSettings, split: str,
+                 mirrored: bool) -> ViewFeatures:
+    paths = found.dataset.paths(split)
+    return extract_views(paths, cache, backbone.engine, backbone.spec.preprocessing,
+                         ("image", "mirror") if mirrored else ("image",), description=split,
+                         batch_size=settings.batch_size, workers=settings.workers, progress=settings.progress,
+                         hashes=[found.hashes[p] for p in paths])
 
 
 def extract_on_ray(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, settings: TrainSettings) -> None:
@@ -201,7 +237,7 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
         ignored_files=[str(p) for p in dataset.ignored], extracted=extracted,
         from_cache=sum(f.from_cache for f in split.features.values()),
         extract_seconds=sum(f.seconds for f in split.features.values()),
-        engine_build_seconds=backbone.build_seconds, head_C=fit.C, recipe="head", views=views)
+        engine_build_seconds=backbone.build_seconds, head_C=fit.C, recipe="head")
     return TrainResult(bundle, summary, split.scored(logits))
 
 

@@ -40,6 +40,11 @@ RECIPES = {r.name: r for r in (ViewRecipe("off", False, False), ViewRecipe("trai
                                ViewRecipe("tta", False, True), ViewRecipe("both", True, True))}  # cheapest first
 
 
+def needs_mirror(asked: str) -> bool:
+    """Whether the setting `asked` (a recipe's name or "auto") needs the mirrors' features extracted."""
+    return asked == "auto" or RECIPES[asked].train_mirror or RECIPES[asked].tta
+
+
 @dataclass
 class ViewChoice:
     """The views a head uses, and how they were chosen (recorded in the model's config)."""
@@ -54,9 +59,6 @@ class ViewChoice:
     @property
     def recipe(self) -> ViewRecipe:
         return RECIPES[self.chosen]
-
-    def needs_mirror(self) -> bool:
-        return self.asked == "auto" or RECIPES[self.asked].train_mirror or RECIPES[self.asked].tta
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tta": self.recipe.tta, "train_mirror": self.recipe.train_mirror,
