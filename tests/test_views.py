@@ -129,3 +129,20 @@ def test_mirror_rows_for_training_keep_one_forward_pass(hymenoptera_small, cache
     assert not np.array_equal(clf.bundle_.state["head.weight"], plain.bundle_.state["head.weight"])
     config = json.loads((clf.save(tmp_path / "model", report=False) / "config.json").read_text())
     assert config["format_version"] == 2 and config["tta"] is False  # older tlearn versions read it alike
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_model_predicts_on_the_image_alone_and_says_so(hymenoptera_small, cache_dir, tmp_path):
+    """The views were chosen for the frozen head: a kept fine-tune is measured, and predicts, on one view."""
+    import tlearn
+    from tlearn.train.settings import FinetuneSettings
+
+    clf = tlearn.ImageClassifier(cache_dir=cache_dir, progress=False, mirror="tta", recipe="finetune",
+                                 finetune=FinetuneSettings(epochs=1, batch_size=8, views=2)).fit(hymenoptera_small)
+    kept = clf.bundle_.training["recipe"]
+    assert clf.bundle_.tta == (kept == "head")
+    assert clf.bundle_.training["views"]["forwards_per_image"] == (2 if kept == "head" else 1)
+    folder = clf.save(tmp_path / "model", report=False)
+    loaded = tlearn.load(folder, cache_dir=cache_dir, progress=False)
+    assert loaded.predictor().card.tta == (kept == "head")
+    assert loaded.evaluate(hymenoptera_small, "val")["accuracy"] == clf.metrics_["val"]["accuracy"]
