@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tlearn.console import err, out, print_doctor, print_evaluation, print_summary
 from tlearn.errors import TlearnError
+from tlearn.evaluate import painter
 from tlearn.outputs import terminal_text  # light: rich.markup and the standard library
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ def train(
                                 precision=train_precision, accelerator=accelerator, devices=devices,
                                 num_nodes=num_nodes, strategy=strategy, deterministic=deterministic,
                                 trunk_cache=trunk_cache, views=views, inner_fraction=inner_fraction)
+    painter.start()  # the report's figures: a second process imports matplotlib while this one trains
     try:
         clf = tlearn.ImageClassifier(backbone, weights=weights, seed=seed, batch_size=batch_size,
                                      cache_dir=cache_dir, progress=not quiet, engine=engine.value,
@@ -322,6 +324,7 @@ def report(
     """Write an HTML report (metrics with confidence intervals, confusion matrix, calibration, mistakes)."""
     import tlearn
 
+    painter.start()
     try:
         path = tlearn.load(model, cache_dir=cache_dir, progress=not quiet).report(out_dir or model / "report", data)
     except _USER_ERRORS as exc:
