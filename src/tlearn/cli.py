@@ -181,8 +181,8 @@ def predict(
                                               "--output OUT.parquet also manifests (.txt/.csv) and s3:// gs:// "
                                               "URIs.")],
     top_k: Annotated[int, typer.Option(help="How many labels per image, best first.", min=1)] = 1,
-    fmt: Annotated[Optional[Format], typer.Option("--format", help="Output format [default: json when --output "
-                                                                  "ends in .json, else csv].")] = None,
+    fmt: Annotated[Optional[Format], typer.Option("--format", help="Output format (default: json for an --output "
+                                                                  "file named *.json, else csv).")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output (a new file, or a "
                                                         "previous .csv/.json result).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Let --output replace any existing file.")] = False,
@@ -484,8 +484,8 @@ def _leave(code: int | str | None) -> NoReturn:
     Tearing down a process that loaded torch, timm and OpenVINO (freeing ~400,000 objects module by module, then the
     libraries' static destructors) took 1.4-1.7 s here, a sixth of a first `tlearn train`; a re-train spends 0.23 s
     on it. Everything a command writes is closed and fsynced before it returns, and the atexit handlers (Ray's
-    shutdown, temporary folders, logging) still run. Threads still running (none in tlearn's commands) get the
-    normal, waiting exit instead."""
+    shutdown, temporary folders, logging) still run. Non-daemon threads still running (none in tlearn's commands)
+    get the normal, waiting exit instead."""
     import atexit
     import threading
 
@@ -493,7 +493,7 @@ def _leave(code: int | str | None) -> NoReturn:
         err.print(code, highlight=False)
         code = 1
     code = 0 if code is None else code
-    if threading.active_count() > 1:
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
         raise SystemExit(code)
     atexit._run_exitfuncs()  # the one way to run them without the teardown that follows in sys.exit
     for stream in (sys.stdout, sys.stderr):

@@ -18,7 +18,7 @@ from tlearn.evaluate import classification_metrics
 from tlearn.evaluate.calibration import calibrate
 from tlearn.evaluate.metrics import ScoredSplit
 from tlearn.features import FeatureCache, Features, extract_features, feature_key
-from tlearn.features.backbone import FrozenBackbone
+from tlearn.features.backbone import FrozenBackbone, import_torch_early
 from tlearn.train.head import HeadFit, balanced_class_weight, fit_head
 from tlearn.train.settings import TrainSettings
 
@@ -78,8 +78,9 @@ class TrainResult:
 def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) -> TrainResult:
     """Train a classifier on `data`: the whole recipe, step by step."""
     start = time.perf_counter()
-    found = find_data(data, settings)
     with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
+        importing = import_torch_early(cache)
+        found = find_data(data, settings)
         backbone = frozen_backbone(found, settings, cache)
         split = extract(found, backbone, cache, settings)
         fit = fit_the_head(split, len(found.dataset.classes), settings)
@@ -91,6 +92,8 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
             fine_tune_bundle(result, found.dataset, backbone, fit, split, settings, resume)
         else:
             attach_engine(result.bundle, backbone.exported())
+        if importing is not None:
+            importing.join()  # done long ago unless every feature was cached (then torch was never needed)
     result.summary.seconds = time.perf_counter() - start
     return result
 
