@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tlearn.console import err, out, print_doctor, print_evaluation, print_summary
 from tlearn.errors import TlearnError
+from tlearn.evaluate import painter
 from tlearn.outputs import terminal_text  # light: rich.markup and the standard library
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ def train(
                                 precision=train_precision, accelerator=accelerator, devices=devices,
                                 num_nodes=num_nodes, strategy=strategy, deterministic=deterministic,
                                 trunk_cache=trunk_cache, views=views, inner_fraction=inner_fraction)
+    painter.start()  # the report's figures: a second process imports matplotlib while this one trains
     try:
         clf = tlearn.ImageClassifier(backbone, weights=weights, seed=seed, batch_size=batch_size,
                                      cache_dir=cache_dir, progress=not quiet, engine=engine.value,
@@ -184,8 +186,8 @@ def predict(
                                               "--output OUT.parquet also manifests (.txt/.csv) and s3:// gs:// "
                                               "URIs.")],
     top_k: Annotated[int, typer.Option(help="How many labels per image, best first.", min=1)] = 1,
-    fmt: Annotated[Optional[Format], typer.Option("--format", help="Output format [default: json when --output "
-                                                                  "ends in .json, else csv].")] = None,
+    fmt: Annotated[Optional[Format], typer.Option("--format", help="Output format (default: json for an --output "
+                                                                  "file named *.json, else csv).")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output (a new file, or a "
                                                         "previous .csv/.json result).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Let --output replace any existing file.")] = False,
@@ -327,6 +329,7 @@ def report(
     """Write an HTML report (metrics with confidence intervals, confusion matrix, calibration, mistakes)."""
     import tlearn
 
+    painter.start()
     try:
         path = tlearn.load(model, cache_dir=cache_dir, progress=not quiet).report(out_dir or model / "report", data)
     except _USER_ERRORS as exc:
@@ -486,8 +489,8 @@ def _leave(code: int | str | None) -> NoReturn:
     Tearing down a process that loaded torch, timm and OpenVINO (freeing ~400,000 objects module by module, then the
     libraries' static destructors) took 1.4-1.7 s here, a sixth of a first `tlearn train`; a re-train spends 0.23 s
     on it. Everything a command writes is closed and fsynced before it returns, and the atexit handlers (Ray's
-    shutdown, temporary folders, logging) still run. Threads still running (none in tlearn's commands) get the
-    normal, waiting exit instead."""
+    shutdown, temporary folders, logging) still run. Non-daemon threads still running (none in tlearn's commands)
+    get the normal, waiting exit instead."""
     import atexit
     import threading
 
@@ -495,7 +498,7 @@ def _leave(code: int | str | None) -> NoReturn:
         err.print(code, highlight=False)
         code = 1
     code = 0 if code is None else code
-    if threading.active_count() > 1:
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
         raise SystemExit(code)
     atexit._run_exitfuncs()  # the one way to run them without the teardown that follows in sys.exit
     for stream in (sys.stdout, sys.stderr):

@@ -19,7 +19,7 @@ from tlearn.evaluate import classification_metrics
 from tlearn.evaluate.calibration import calibrate
 from tlearn.evaluate.metrics import ScoredSplit
 from tlearn.features import FeatureCache, feature_key
-from tlearn.features.backbone import FrozenBackbone
+from tlearn.features.backbone import FrozenBackbone, import_torch_early
 from tlearn.features.views import ViewFeatures, extract_views
 from tlearn.train.head import HeadFit, balanced_class_weight, fit_head
 from tlearn.train.settings import AUTO, TrainSettings
@@ -90,9 +90,13 @@ class TrainResult:
 def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) -> TrainResult:
     """Train a classifier on `data`: the whole recipe, step by step."""
     start = time.perf_counter()
-    found = find_data(data, settings)
-    settings, choice = resolve_backbone(found, settings)
+    found, choice = None, None
+    if settings.backbone == AUTO:  # every backbone is tried on the data before one backbone's cache is opened
+        found = find_data(data, settings)
+        settings, choice = resolve_backbone(found, settings)
     with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
+        importing = import_torch_early(cache)
+        found = found or find_data(data, settings)
         backbone = frozen_backbone(found, settings, cache)
         split = extract(found, backbone, cache, settings)
         views = choose_the_views(found, backbone, cache, split, settings)
@@ -105,6 +109,8 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
             fine_tune_bundle(result, found.dataset, backbone, fit, split, settings, resume)
         else:
             attach_engine(result.bundle, backbone.exported())
+        if importing is not None:
+            importing.join()  # done long ago unless every feature was cached (then torch was never needed)
     if choice is not None:
         result.bundle.training["backbone_choice"] = result.summary.backbone_choice = choice.to_dict()
     result.summary.seconds = time.perf_counter() - start
