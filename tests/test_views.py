@@ -157,3 +157,14 @@ def test_a_fine_tuned_model_predicts_on_the_image_alone_and_says_so(hymenoptera_
     loaded = tlearn.load(folder, cache_dir=cache_dir, progress=False)
     assert loaded.predictor().card.tta == (kept == "head")
     assert loaded.evaluate(hymenoptera_small, "val")["accuracy"] == clf.metrics_["val"]["accuracy"]
+
+
+def test_bad_mirror_and_auto_with_weights_are_refused_before_any_work(tmp_path):
+    import tlearn
+    from tlearn.errors import InvalidParameter
+
+    with pytest.raises(InvalidParameter, match="mirror"):
+        tlearn.ImageClassifier(mirror="sideways").settings()
+    with pytest.raises(InvalidParameter, match="--weights"):
+        tlearn.ImageClassifier("auto", weights=tmp_path / "w.pth").settings()
+    assert tlearn.ImageClassifier("auto").settings().backbone == "auto"
