@@ -25,7 +25,7 @@ def print_summary(clf, out_dir: Path) -> None:
                               f"cache{built}")
     table.add_row("head", f"linear softmax, C={s.head_C:g} (chosen on val)")
     views = bundle.training.get("views")
-    if views:
+    if views and views["asked"] != "off":
         table.add_row("mirror", view_text(views))
     if s.backbone_choice:
         table.add_row("backbone auto", backbone_choice_text(s.backbone_choice))
