@@ -20,11 +20,9 @@ from tlearn.engines.views import Mirrored
 from tlearn.features.cache import FeatureCache
 from tlearn.features.extract import Features, extract_features
 
-VIEWS = ("image", "mirror")
-
 
 def view_key(key: str, view: str) -> str:
-    """Feature-cache key of `view` of the images whose own features have key `key`."""
+    """Feature-cache key of `view` ("image" or "mirror") of the images whose own features have key `key`."""
     if view == "image":
         return key
     return hashlib.sha256(f"{key}:{view}".encode()).hexdigest()[:32]
