@@ -1,14 +1,15 @@
-"""Issue 14, optional: does feature-level test-time augmentation (mean of the image's and its mirror's features)
-pay for the default head, and do mirrored training views?
+"""Issue 14: does the image's mirror pay for the default head, measured through `tlearn train` itself?
 
-    TLEARN_DATASETS=/work/shared/datasets .venv/bin/python bench/head_tta.py oxford17flowers
     TLEARN_DATASETS=/work/shared/datasets .venv/bin/python bench/head_tta.py hymenoptera
+    TLEARN_DATASETS=/work/shared/datasets .venv/bin/python bench/head_tta.py oxford17flowers
     .venv/bin/python bench/head_tta.py digits
+    .venv/bin/python bench/head_tta.py digits --per-class 20        # a quick check that it runs
 
-Features come from the frozen Lite0 (eager torch fp32) on the one pixel pipeline's output and on its mirror. The
-head (tlearn.train.fit_head, strength chosen on val as `tlearn train` does) is fitted on train's features, or on
-train's and their mirrors' (training views); it is scored on val and test on plain features or on the mean of each
-image's and its mirror's. One JSON line: val and test accuracy of the four combinations.
+Into one fresh cache folder (or --cache-dir), the head is trained with each `--mirror` setting: off first (the
+image's features are extracted), then auto (the mirrors' are extracted too; the recipe is chosen on an inner split
+of train), then train, tta and both (from the cache). Each is trained twice: the second is a cached re-train, whose
+time the mirror must not spoil. Last, val is predicted (Predictor.iter_files, as `tlearn predict`) by the off model
+and by a tta model. One JSON line per setting, then one for prediction.
 """
 from __future__ import annotations
 
@@ -16,58 +17,72 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from tlearn.backbones import create_backbone, get_spec
-from tlearn.data import find_dataset
+import tlearn
 from tlearn.data.far_sets import make_digits_dataset
-from tlearn.engines import stream_pixels
-from tlearn.train import balanced_class_weight, fit_head
+from tlearn.predict import Predictor
 
 SHARED = Path(os.environ.get("TLEARN_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" /
                              "datasets"))
+SETTINGS = ("off", "auto", "train", "tta", "both")
 
 
-@torch.inference_mode()
-def features(model, paths, prep, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(kept positions, features of the image, features of its mirror)."""
-    kept, plain, mirrored = [], [], []
-    for batch in stream_pixels(paths, prep, batch_size):
-        if not batch.indices:
-            continue
-        x = prep.normalise(torch.from_numpy(batch.pixels))
-        kept.extend(batch.indices)
-        plain.append(model(x).numpy())
-        mirrored.append(model(x.flip(-1)).numpy())
-    return np.array(kept), np.concatenate(plain), np.concatenate(mirrored)
+def train(data: Path, mirror: str, cache: Path) -> tuple[tlearn.ImageClassifier, float]:
+    start = time.perf_counter()
+    clf = tlearn.ImageClassifier(cache_dir=cache, progress=False, mirror=mirror).fit(data)
+    return clf, time.perf_counter() - start
+
+
+def row(clf: tlearn.ImageClassifier, first: float, again: float, mirror: str) -> dict:
+    views, summary = clf.bundle_.training["views"], clf.summary_
+    return {"mirror": mirror, "chosen": views["chosen"], "inner_scores": views["scores"],
+            "choice_seconds": round(views["seconds"], 3), "val": clf.metrics_["val"]["accuracy"],
+            "test": clf.metrics_.get("test", {}).get("accuracy"), "extracted": summary.extracted,
+            "extract_seconds": round(summary.extract_seconds, 1), "fit_seconds": round(first, 2),
+            "cached_refit_seconds": round(again, 2), "forwards_per_image": views["forwards_per_image"]}
+
+
+def prediction_seconds(clf: tlearn.ImageClassifier, files: list[Path]) -> tuple[float, float]:
+    """Seconds of `tlearn predict`'s pipeline over `files` (decoding included), and the best of 3 forward passes
+    (engine and head only) over the first 64 of them, already decoded."""
+    predictor = Predictor.from_bundle(clf.bundle_)
+    list(predictor.iter_files(files[:8]))  # warm-up: engine compiled, threads started
+    start = time.perf_counter()
+    list(predictor.iter_files(files))
+    whole = time.perf_counter() - start
+    pixels = np.stack([predictor.to_pixels(f) for f in files[:64]])
+    forwards = []
+    for _ in range(3):
+        start = time.perf_counter()
+        predictor.probabilities(pixels)
+        forwards.append((time.perf_counter() - start) / len(pixels))
+    return whole / len(files), min(forwards)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dataset")
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--per-class", type=int, help="digits only: images per digit")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_digits_dataset(Path(tmp) / "d") if args.dataset == "digits" else SHARED / args.dataset
-        dataset = find_dataset(data, 0, 0.15, 0.15)
-        prep = get_spec("efficientnet_lite0").preprocessing
-        model = create_backbone("efficientnet_lite0")[0].to(memory_format=torch.channels_last)
-        feats = {s: features(model, dataset.paths(s), prep) for s in dataset.splits}
-    ys = {s: dataset.labels(s)[f[0]] for s, f in feats.items()}
-    k = len(dataset.classes)
-    heads = {"plain": (feats["train"][1], ys["train"]),
-             "train_views": (np.concatenate(feats["train"][1:]), np.concatenate([ys["train"]] * 2))}
-    out = {"dataset": args.dataset}
-    for name, (x, y) in heads.items():
-        head = fit_head(x, y, feats["val"][1], ys["val"], k, class_weight=balanced_class_weight(y, k)).head
-        for tta in (False, True):
-            for split in (s for s in ("val", "test") if s in feats):
-                _, plain, mirrored = feats[split]
-                logits = head.logits((plain + mirrored) / 2 if tta else plain)
-                out[f"{name}{'+tta' if tta else ''}_{split}"] = float((logits.argmax(1) == ys[split]).mean())
-    print(json.dumps(out))
+        data = (make_digits_dataset(Path(tmp) / "digits", per_class=args.per_class) if args.dataset == "digits"
+                else SHARED / args.dataset)
+        cache = args.cache_dir or Path(tmp) / "cache"
+        models = {}
+        for mirror in SETTINGS:
+            models[mirror], first = train(data, mirror, cache)
+            _, again = train(data, mirror, cache)
+            print(json.dumps({"dataset": args.dataset, **row(models[mirror], first, again, mirror)}), flush=True)
+        files = [Path(p) for p in models["off"].scored_splits(splits=("val",))["val"].paths]
+        costs = {m: prediction_seconds(models[m], files) for m in ("off", "tta")}
+        print(json.dumps({"dataset": args.dataset, "predicted": len(files),
+                          **{f"{m}_ms_per_image": round(1000 * whole, 2) for m, (whole, _) in costs.items()},
+                          **{f"{m}_forward_ms_per_image": round(1000 * f, 2) for m, (_, f) in costs.items()}}))
 
 
 if __name__ == "__main__":

@@ -242,3 +242,19 @@ def test_ctrl_c_says_what_was_kept_and_exits_130(demo_data, tmp_path):
     assert run.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr and "--resume" in stderr
     assert not (tmp_path / "model").exists()
+
+
+def test_the_quick_exit_loses_no_output(demo_model_dir, demo_data, tmp_path):
+    """`tlearn` leaves without the interpreter's teardown once a command is done: what it printed to a pipe (one
+    CSV row per image) and wrote to files arrives whole, with the command's own exit code."""
+    images = sorted(p for p in demo_data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    run = subprocess.run([sys.executable, "-m", "tlearn.cli", "predict", str(demo_model_dir), str(demo_data),
+                          "--output", str(tmp_path / "rows.json")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert len(json.loads((tmp_path / "rows.json").read_text())["predictions"]) == len(images)  # JSON by suffix
+    piped = subprocess.run([sys.executable, "-m", "tlearn.cli", "predict", str(demo_model_dir), str(demo_data)],
+                           capture_output=True, text=True)
+    assert piped.returncode == 0 and len(piped.stdout.strip().splitlines()) == len(images) + 1  # and the header
+    missing = subprocess.run([sys.executable, "-m", "tlearn.cli", "predict", str(demo_model_dir),
+                              str(tmp_path / "absent")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "absent" in missing.stderr

@@ -143,3 +143,48 @@ def test_train_warns_about_near_duplicates_across_given_splits(demo_data, tmp_pa
     assert "near-duplicate image pair(s) sit in different splits" in result.output
     assert "copy_of_brick_00.png" in result.output
     assert json.loads((tmp_path / "m" / "metrics.json").read_text())["leaks"]["count"] >= 1
+
+
+FIGURE_FILES = ("confusion_counts.png", "confusion_normalised.png", "per_class.png", "reliability.png",
+                "coverage.png")
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_a_painter_process_draws_the_same_figures(demo_model, tmp_path):
+    """`tlearn train` has a second process draw the figures (painter.start): the same PNGs, pixel for pixel, as
+    drawn here; and the child is gone once the report is written."""
+    from tlearn.evaluate import painter
+
+    here = demo_model.report(tmp_path / "here")
+    painter.start()
+    child = painter._started._child
+    there = demo_model.report(tmp_path / "there")
+    assert painter._started is None  # handed to that report, once
+    for name in FIGURE_FILES:
+        assert np.array_equal(_pixels(here.parent / name), _pixels(there.parent / name)), name
+    assert here.read_text().split("written")[0] == there.read_text().split("written")[0]
+    assert child.wait(timeout=30) == 0
+
+
+def test_a_painter_that_died_or_failed(demo_model, tmp_path):
+    """A painter process killed before the report: the figures are drawn here. A figure that fails in the painter
+    raises its traceback here, and no report is left looking complete."""
+    from tlearn.evaluate import painter
+
+    painter.start()
+    painter._started._child.kill()
+    painter._started._child.wait()
+    html = demo_model.report(tmp_path / "killed")
+    assert all(_pixels(html.parent / name).std() > 10 for name in FIGURE_FILES)
+
+    painter.start()
+    failing = painter.take()
+    failing.draw("coverage", [{"nonsense": 1}], tmp_path / "c.png", "val")
+    with pytest.raises(painter.FigureError, match="coverage"):
+        failing.finish()
+    failing.close()
+    assert not (tmp_path / "c.png").exists()

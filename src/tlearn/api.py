@@ -32,12 +32,13 @@ class ImageClassifier:
                  workers: int | None = None, cache_dir: str | Path | None = None, progress: bool = True,
                  engine: str = "auto", precision: str | None = None, recipe: str = "head",
                  finetune: FinetuneSettings | None = None, run_dir: str | Path | None = None,
-                 ray: str | None = None):
+                 ray: str | None = None, mirror: str = "off"):
         self.backbone, self.weights, self.seed = backbone, weights, seed
         self.val_fraction, self.test_fraction, self.batch_size, self.workers = (val_fraction, test_fraction,
                                                                                 batch_size, workers)
         self.cache_dir, self.progress, self.engine, self.precision = cache_dir, progress, engine, precision
         self.recipe, self.finetune, self.run_dir, self.ray = recipe, finetune, run_dir, ray
+        self.mirror = mirror
 
     def settings(self) -> TrainSettings:
         """The validated settings of a train (InvalidParameter names a bad one)."""
@@ -47,7 +48,7 @@ class ImageClassifier:
             workers=self.workers, cache_dir=Path(self.cache_dir) if self.cache_dir else None, progress=self.progress,
             engine=self.engine, precision=self.precision or "fp32", recipe=self.recipe,
             finetune=self.finetune or FinetuneSettings(batch_size=self.batch_size),
-            run_dir=Path(self.run_dir) if self.run_dir else None, ray=self.ray)
+            run_dir=Path(self.run_dir) if self.run_dir else None, ray=self.ray, mirror=self.mirror)
 
     def fit(self, data: str | Path, resume: bool = False) -> "ImageClassifier":
         """Find the dataset, extract (or reuse cached) features, fit the head, calibrate, maybe fine-tune.

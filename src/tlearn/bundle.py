@@ -35,7 +35,8 @@ from tlearn.files import fsync_tree, swap_in
 from tlearn.files import sha256_file as file_sha256
 from tlearn.train.head import LinearHead
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: "tta" (predictions on the mean of the image's and its mirror's features)
+OLDEST_FORMAT = 2  # read as a model without tta
 CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "model.safetensors", "metrics.json"
 ENGINE_FILE, REFERENCE_FILE = "engine/backbone.onnx", "engine/reference.safetensors"
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -89,6 +90,7 @@ class Bundle:
     engine: EngineRecord | None = None
     engine_files: tuple[Path, Path] | None = None  # (exported backbone ONNX, its reference) to ship with the model
     files: dict = field(default_factory=dict)  # SHA-256 of each file, as written in (and checked against) the config
+    tta: bool = False  # predictions use the mean of the features of the image and of its mirror (2 forward passes)
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -113,7 +115,10 @@ class Bundle:
             write(path)
             digests[name] = file_sha256(path)
         self.files = digests
-        config = {"format": "tlearn-bundle", "format_version": FORMAT_VERSION, "classes": self.classes,
+        # a model without tta is written as format 2, which older tlearn versions read the same way; one with tta
+        # as 3, which they refuse (rather than predict on one view what was meant for two)
+        config = {"format": "tlearn-bundle", "format_version": FORMAT_VERSION if self.tta else OLDEST_FORMAT,
+                  "tta": self.tta, "classes": self.classes,
                   "backbone": self.backbone.to_dict(), "preprocessing": self.preprocessing.to_dict(),
                   "temperature": self.temperature, "engine": self.engine.to_dict() if self.engine else None,
                   "training": self.training, "split": self.split, "extra": self.extra, "files": digests,
@@ -142,7 +147,7 @@ class Bundle:
                 extra=dict(config.get("extra") or {}),
                 engine=EngineRecord(**config["engine"]) if config.get("engine") else None,
                 engine_files=(directory / ENGINE_FILE, directory / REFERENCE_FILE) if config.get("engine") else None,
-                files=dict(config["files"]))
+                files=dict(config["files"]), tta=_flag(config.get("tta", False), "tta"))
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -197,7 +202,7 @@ class Bundle:
             backbone = timm.create_model(self.backbone.architecture, pretrained=False, num_classes=0)
         n_features, n_classes = self.backbone.feature_dim, len(self.classes)
         with torch.device("meta"):
-            model = Classifier(backbone, nn.Linear(n_features, n_classes))
+            model = Classifier(backbone, nn.Linear(n_features, n_classes), mirror_mean=self.tta)
         try:
             model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.state.items()}, strict=True,
                                   assign=True)
@@ -271,9 +276,9 @@ def _check_format(directory: Path, config: dict) -> None:
         raise BundleError(f"{directory / CONFIG_FILE}: format_version must be a whole number, not {version!r}")
     if version > FORMAT_VERSION:
         raise BundleError(f"{directory} was written by a newer tlearn (format {version}); upgrade tlearn to load it")
-    if version < FORMAT_VERSION:
+    if version < OLDEST_FORMAT:
         raise BundleError(f"{directory} is an older tlearn model (format {version}, this tlearn reads "
-                          f"{FORMAT_VERSION}): train it again with this version")
+                          f"{OLDEST_FORMAT} to {FORMAT_VERSION}): train it again with this version")
 
 
 def _check_files(directory: Path, files) -> None:
@@ -312,6 +317,12 @@ def _preprocessing(data) -> Preprocessing:
         raise BundleError(f"preprocessing mean and std must be 3 finite numbers each, std positive "
                           f"(mean {prep.mean}, std {prep.std})")
     return prep
+
+
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise BundleError(f"{name} must be true or false, not {value!r}")
+    return value
 
 
 def _temperature(value) -> float:

@@ -14,11 +14,12 @@ from tlearn.train.head import LinearHead
 
 
 class Classifier(nn.Module):
-    """Backbone (pooled features), L2 normalisation, then a linear head: images in, logits out."""
+    """Backbone (pooled features), L2 normalisation, then a linear head: images in, logits out. With
+    `mirror_mean`, the features are the mean of the image's and its mirror's (test-time augmentation)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, mirror_mean: bool = False):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.mirror_mean = backbone, head, mirror_mean
 
     @classmethod
     def from_head(cls, backbone: nn.Module, head: LinearHead) -> "Classifier":
@@ -34,7 +35,10 @@ class Classifier(nn.Module):
         return self.head(F.normalize(features.float(), dim=-1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.classify_features(self.backbone(pixels))
+        features = self.backbone(pixels)
+        if self.mirror_mean:
+            features = (features + self.backbone(pixels.flip(-1))) / 2
+        return self.classify_features(features)
 
     def numpy_state(self) -> dict[str, np.ndarray]:
         """The state dict as numpy arrays, copied (what a bundle stores)."""

@@ -24,6 +24,11 @@ def print_summary(clf, out_dir: Path) -> None:
     table.add_row("features", f"{s.extracted} extracted in {s.extract_seconds:.1f}s{rate}, {s.from_cache} from "
                               f"cache{built}")
     table.add_row("head", f"linear softmax, C={s.head_C:g} (chosen on val)")
+    views = bundle.training.get("views")
+    if views and views["asked"] != "off":
+        table.add_row("mirror", view_text(views))
+    if s.backbone_choice:
+        table.add_row("backbone auto", backbone_choice_text(s.backbone_choice))
     if s.finetune:
         ft = s.finetune
         table.add_row("fine-tune", f"{ft['epochs_run']} epoch(s) in {ft['seconds']:.0f}s, best {ft['best_epoch']}, "
@@ -49,6 +54,22 @@ def print_summary(clf, out_dir: Path) -> None:
         err.print(f"[yellow]skipped {len(s.skipped_files)} unreadable file(s):[/]")
         for path, reason in s.skipped_files:
             err.print(f"  {terminal_text(path)}: {terminal_text(reason)}", highlight=False, soft_wrap=True)
+
+
+def view_text(views: dict) -> str:
+    """The views the head uses, how they were chosen, and what they cost at prediction."""
+    how = (f"chosen on an inner split of train ({views['images']} images): " + ", ".join(
+        f"{name} {score['accuracy']:.3f}" for name, score in views["scores"].items()) if views["asked"] == "auto"
+        else "asked for")
+    return (f"{views['chosen']} ({how}); predictions take {views['forwards_per_image']} forward pass"
+            f"{'es' if views['forwards_per_image'] > 1 else ''} per image")
+
+
+def backbone_choice_text(choice: dict) -> str:
+    """Each backbone `--backbone auto` tried: its inner-split accuracy and what it cost."""
+    tried = "; ".join(f"{t['name']} {t['accuracy']:.3f} in {t['seconds']:.1f}s ({t['extracted']} extracted)"
+                      for t in choice["trials"])
+    return f"{choice['chosen']} kept, best on an inner split of train ({choice['images']} images): {tried}"
 
 
 def print_leaks(leaks: dict) -> None:

@@ -20,6 +20,7 @@ from PIL import Image
 from tlearn.bundle import WEIGHTS_FILE, Bundle
 from tlearn.data.decode import DecodeError, decode_bytes, load_image, to_rgb
 from tlearn.data.pipeline import PixelBatch, default_workers
+from tlearn.engines.views import MeanOfViews, Mirrored
 from tlearn.errors import BundleError, check_range
 
 UNCERTAIN = "uncertain"  # the label of a prediction whose confidence is below the threshold asked for
@@ -70,6 +71,7 @@ class ModelCard:
     temperature: float
     engine: str  # the runtime actually used
     precision: str
+    tta: bool  # predictions on the mean of the image's and its mirror's features: two forward passes per image
     tlearn_version: str
 
     def to_dict(self) -> dict:
@@ -82,6 +84,9 @@ class Predictor:
     def __init__(self, bundle: Bundle, engine, *, name: str = "model", batch_size: int = 32,
                  workers: int | None = None, model_sha256: str = ""):
         self.bundle, self.engine = bundle, engine
+        # what turns pixels into the head's features: the engine, or the mean over the image and its mirror (the
+        # model folder says which; its metrics were measured that way)
+        self._forward = MeanOfViews(engine) if bundle.tta else engine
         self.classes, self.preprocessing = bundle.classes, bundle.preprocessing
         self.input_size = bundle.preprocessing.input_size
         self.batch_size = check_range("batch_size", batch_size, 1)
@@ -95,7 +100,8 @@ class Predictor:
             weights_source=bundle.backbone.weights.source, weights_sha256=bundle.backbone.weights.sha256,
             model_sha256=model_sha256, metrics=bundle.metrics, recipe=str(bundle.training.get("recipe", "head")),
             temperature=bundle.temperature, engine=getattr(engine, "name", "?"),
-            precision=getattr(engine, "precision", bundle.backbone.precision), tlearn_version=_version())
+            precision=getattr(engine, "precision", bundle.backbone.precision), tta=bundle.tta,
+            tlearn_version=_version())
 
     @classmethod
     def load(cls, directory: str | Path, *, engine: str = "auto", precision: str | None = None,
@@ -149,7 +155,8 @@ class Predictor:
             raise DecodeError("<input>", f"cannot preprocess image ({type(exc).__name__}: {exc})") from None
 
     def features(self, pixels: np.ndarray, *, concurrent: bool = False) -> np.ndarray:
-        """Pooled backbone features of uint8 pixels (n, 3, H, W).
+        """The features the head sees of uint8 pixels (n, 3, H, W): pooled backbone features, averaged with the
+        mirror's when the model predicts with test-time augmentation.
 
         By default one call runs at a time, its batch split across the engine's streams: the shortest wait for a
         single caller. With `concurrent`, the batch runs whole on one stream and calls from other threads run
@@ -159,9 +166,15 @@ class Predictor:
         if concurrent:
             from tlearn.engines import run_concurrent
 
-            return run_concurrent(self.engine, pixels, self._lock)
+            return run_concurrent(self._forward, pixels, self._lock)
         with self._lock:
-            return self.engine(pixels)
+            return self._forward(pixels)
+
+    def view_features(self, pixels: np.ndarray, view: str) -> np.ndarray:
+        """Pooled backbone features of one view ("image" or "mirror") of uint8 pixels (n, 3, H, W)."""
+        pixels = self._check_pixels(pixels)
+        with self._lock:
+            return (self.engine if view == "image" else Mirrored(self.engine))(pixels)
 
     def probabilities(self, pixels: np.ndarray, *, concurrent: bool = False) -> np.ndarray:
         """Calibrated class probabilities (n, classes), float64, of uint8 pixels (n, 3, H, W); `concurrent`: see
@@ -203,7 +216,7 @@ class Predictor:
         from tlearn.engines import run_batches
 
         with self._lock:
-            for batch, features in run_batches(self.engine, self.pixel_batches(files)):
+            for batch, features in run_batches(self._forward, self.pixel_batches(files)):
                 rows: dict[int, Prediction | Unreadable] = {i: Unreadable(os.fsdecode(files[i]), r)
                                                             for i, r in batch.errors}
                 if batch.indices:

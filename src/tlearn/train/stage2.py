@@ -36,6 +36,10 @@ def fine_tune_bundle(result: TrainResult, dataset: Dataset, backbone: FrozenBack
     network = tuned.result.model
     if chosen == "finetune":
         adopt_weights(bundle, network.numpy_state())
+        # the views were chosen for the frozen head: the tuned network predicts (and is measured) on the image alone
+        bundle.tta = False
+        bundle.training["views"] = {**bundle.training["views"], "tta": False, "forwards_per_image": 1,
+                                    "note": "the fine-tuned model predicts on the image alone"}
         with FeatureCache(bundle.backbone.feature_key, settings.cache_dir) as cache:
             tuned_backbone = FrozenBackbone(backbone.spec, backbone.info, cache.key, cache, engine=settings.engine,
                                             precision=settings.precision,

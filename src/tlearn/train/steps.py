@@ -4,8 +4,9 @@ package. `run_recipe` composes them; each is a short function a reader can follo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,10 +18,15 @@ from tlearn.errors import DatasetError
 from tlearn.evaluate import classification_metrics
 from tlearn.evaluate.calibration import calibrate
 from tlearn.evaluate.metrics import ScoredSplit
-from tlearn.features import FeatureCache, Features, extract_features, feature_key
-from tlearn.features.backbone import FrozenBackbone
+from tlearn.features import FeatureCache, feature_key
+from tlearn.features.backbone import FrozenBackbone, import_torch_early
+from tlearn.features.views import ViewFeatures, extract_views
 from tlearn.train.head import HeadFit, balanced_class_weight, fit_head
-from tlearn.train.settings import TrainSettings
+from tlearn.train.settings import AUTO, TrainSettings
+from tlearn.train.views import ViewChoice, choose_views, needs_mirror
+
+if TYPE_CHECKING:
+    from tlearn.train.backbone_choice import BackboneChoice
 
 # "auto" fine-tunes when there is room above the head on val and enough images per class to learn from
 AUTO_MIN_TRAIN_PER_CLASS, AUTO_HEAD_GOOD_ENOUGH = 20, 0.995
@@ -35,10 +41,15 @@ class FoundData:
 
 @dataclass
 class SplitFeatures:
-    features: dict[str, Features]
-    xs: dict[str, np.ndarray]
+    features: dict[str, ViewFeatures]
+    xs: dict[str, np.ndarray]  # the image's features
     ys: dict[str, np.ndarray]
     paths: dict[str, list[Path]]  # of the rows of xs
+    mirrors: dict[str, np.ndarray] = field(default_factory=dict)  # its mirror's, on the same rows, when extracted
+
+    def eval_rows(self, split: str, views: ViewChoice) -> np.ndarray:
+        """The features of `split` as the model will see them at prediction."""
+        return views.recipe.eval_rows(self.xs[split], self.mirrors.get(split))
 
     def scored(self, logits: dict[str, np.ndarray]) -> dict[str, ScoredSplit]:
         return {s: ScoredSplit(s, self.paths[s], self.ys[s], logits[s]) for s in ("val", "test") if s in logits}
@@ -60,6 +71,7 @@ class TrainSummary:
     engine_build_seconds: float
     head_C: float
     recipe: str  # the stage kept: head or finetune
+    backbone_choice: dict | None = None  # --backbone auto: each backbone tried, its inner-split score and seconds
     seconds: float = 0.0
     finetune: dict | None = None
 
@@ -78,12 +90,18 @@ class TrainResult:
 def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) -> TrainResult:
     """Train a classifier on `data`: the whole recipe, step by step."""
     start = time.perf_counter()
-    found = find_data(data, settings)
+    found, choice = None, None
+    if settings.backbone == AUTO:  # every backbone is tried on the data before one backbone's cache is opened
+        found = find_data(data, settings)
+        settings, choice = resolve_backbone(found, settings)
     with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
+        importing = import_torch_early(cache)
+        found = found or find_data(data, settings)
         backbone = frozen_backbone(found, settings, cache)
         split = extract(found, backbone, cache, settings)
-        fit = fit_the_head(split, len(found.dataset.classes), settings)
-        result = assemble(found, backbone, split, fit, settings)
+        views = choose_the_views(found, backbone, cache, split, settings)
+        fit = fit_the_head(split, len(found.dataset.classes), settings, views)
+        result = assemble(found, backbone, split, fit, settings, views)
         calibrate_bundle(result)
         if wants_finetune(result, settings):
             from tlearn.train.stage2 import fine_tune_bundle
@@ -91,6 +109,10 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
             fine_tune_bundle(result, found.dataset, backbone, fit, split, settings, resume)
         else:
             attach_engine(result.bundle, backbone.exported())
+        if importing is not None:
+            importing.join()  # done long ago unless every feature was cached (then torch was never needed)
+    if choice is not None:
+        result.bundle.training["backbone_choice"] = result.summary.backbone_choice = choice.to_dict()
     result.summary.seconds = time.perf_counter() - start
     return result
 
@@ -100,6 +122,16 @@ def find_data(data: str | Path, settings: TrainSettings) -> FoundData:
     dataset = find_dataset(data, settings.seed, settings.val_fraction, settings.test_fraction,
                            cache_dir=settings.cache_dir)
     return FoundData(dataset, dataset.hashes, quick_check(dataset, dataset.hashes))
+
+
+def resolve_backbone(found: FoundData, settings: TrainSettings) -> tuple[TrainSettings, BackboneChoice | None]:
+    """The settings with `--backbone auto` resolved to the backbone it keeps, and the record of that choice."""
+    if settings.backbone != AUTO:
+        return settings, None
+    from tlearn.train.backbone_choice import choose_backbone
+
+    choice = choose_backbone(found, settings)
+    return replace(settings, backbone=choice.chosen), choice
 
 
 def feature_key_for(settings: TrainSettings) -> str:
@@ -115,20 +147,50 @@ def frozen_backbone(found: FoundData, settings: TrainSettings, cache: FeatureCac
 
 
 def extract(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, settings: TrainSettings) -> SplitFeatures:
-    """Features of every split, from the cache where present; the engine is opened only if something is left."""
-    dataset, features = found.dataset, {}
+    """Features of every split (and of train's mirrors when the mirror setting may use them), from the cache where
+    present; the engine is opened only if something is left."""
+    dataset = found.dataset
     if settings.ray is not None:
         extract_on_ray(found, backbone, cache, settings)
-    for split in dataset.splits:
-        paths = dataset.paths(split)
-        features[split] = extract_features(paths, cache, backbone.engine, backbone.spec.preprocessing,
-                                           batch_size=settings.batch_size, workers=settings.workers,
-                                           progress=settings.progress, description=split,
-                                           hashes=[found.hashes[p] for p in paths])
+    mirrored = ("train",) if needs_mirror(settings.mirror) else ()
+    features = {split: _split_views(found, backbone, cache, settings, split, split in mirrored)
+                for split in dataset.splits}
     ys = {split: dataset.labels(split)[f.kept] for split, f in features.items()}
     _check_trainable(dataset, ys)
-    return SplitFeatures(features, {s: f.vectors for s, f in features.items()}, ys,
-                         {s: [dataset.paths(s)[i] for i in f.kept] for s, f in features.items()})
+    return SplitFeatures(features, {s: f.views["image"] for s, f in features.items()}, ys,
+                         {s: [dataset.paths(s)[i] for i in f.kept] for s, f in features.items()},
+                         {s: f.views["mirror"] for s, f in features.items() if "mirror" in f.views})
+
+
+def choose_the_views(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, split: SplitFeatures,
+                     settings: TrainSettings) -> ViewChoice:
+    """The mirror setting (chosen on an inner split of train with auto); val's and test's mirrors extracted when
+    the model will predict with them."""
+    views = choose_views(settings.mirror, split.xs["train"], split.mirrors.get("train"), split.ys["train"],
+                         len(found.dataset.classes), settings.finetune.inner_fraction, settings.seed)
+    add_mirrors(split, found, backbone, cache, settings, views)
+    return views
+
+
+def add_mirrors(split: SplitFeatures, found: FoundData, backbone: FrozenBackbone, cache: FeatureCache,
+                settings: TrainSettings, views: ViewChoice) -> None:
+    """The mirrors of val and test too, when the model predicts with them (tta): it is measured as it predicts."""
+    if not views.recipe.tta:
+        return
+    for name in (s for s in ("val", "test") if s in split.xs):
+        features = _split_views(found, backbone, cache, settings, name, True)
+        if not np.array_equal(features.kept, split.features[name].kept):  # both views decode the same files
+            raise RuntimeError(f"the {name} images that decoded changed between two reads")
+        split.features[name], split.mirrors[name] = features, features.views["mirror"]
+
+
+def _split_views(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, settings: TrainSettings, split: str,
+                 mirrored: bool) -> ViewFeatures:
+    paths = found.dataset.paths(split)
+    return extract_views(paths, cache, backbone.engine, backbone.spec.preprocessing,
+                         ("image", "mirror") if mirrored else ("image",), description=split,
+                         batch_size=settings.batch_size, workers=settings.workers, progress=settings.progress,
+                         hashes=[found.hashes[p] for p in paths])
 
 
 def extract_on_ray(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, settings: TrainSettings) -> None:
@@ -143,15 +205,16 @@ def extract_on_ray(found: FoundData, backbone: FrozenBackbone, cache: FeatureCac
                          progress=settings.progress)
 
 
-def fit_the_head(split: SplitFeatures, n_classes: int, settings: TrainSettings) -> HeadFit:
-    """Softmax regression on the frozen features, its strength chosen on val (class-balanced loss)."""
-    weight = balanced_class_weight(split.ys["train"], n_classes)
-    return fit_head(split.xs["train"], split.ys["train"], split.xs["val"], split.ys["val"], n_classes,
-                    class_weight=weight, progress=settings.progress)
+def fit_the_head(split: SplitFeatures, n_classes: int, settings: TrainSettings, views: ViewChoice) -> HeadFit:
+    """Softmax regression on the frozen features of the chosen views, its strength chosen on val (class-balanced
+    loss)."""
+    x, y = views.recipe.train_rows(split.xs["train"], split.mirrors.get("train"), split.ys["train"])
+    return fit_head(x, y, split.eval_rows("val", views), split.ys["val"], n_classes,
+                    class_weight=balanced_class_weight(y, n_classes), progress=settings.progress)
 
 
 def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, fit: HeadFit,
-             settings: TrainSettings) -> TrainResult:
+             settings: TrainSettings, views: ViewChoice) -> TrainResult:
     """The stage-1 bundle (backbone tensors + head), its metrics on val and test, and the summary."""
     dataset, spec = found.dataset, backbone.spec
     state = {**{f"backbone.{k}": v for k, v in backbone.state.items()},
@@ -163,11 +226,12 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
     bundle = Bundle(classes=dataset.classes, backbone=record, preprocessing=spec.preprocessing, state=state,
                     training={**settings.record(), "recipe": "head",
                               "head": {"type": "linear-softmax on L2-normalised features", "C": fit.C,
-                                       "search": fit.search}},
-                    split=dataset.describe(),
+                                       "search": fit.search}, "views": views.to_dict()},
+                    split=dataset.describe(), tta=views.recipe.tta,
                     extra={"skipped_files": [{"path": p, "reason": r} for p, r in failures],
                            "data_checks": found.checks.to_dict()})
-    logits = {s: fit.head.logits(x).astype(np.float64) for s, x in split.xs.items() if s in ("val", "test")}
+    logits = {s: fit.head.logits(split.eval_rows(s, views)).astype(np.float64) for s in split.xs
+              if s in ("val", "test")}
     bundle.metrics = {s: classification_metrics(split.ys[s], x.argmax(1), dataset.classes, settings.seed)
                       for s, x in logits.items()}
     # near-duplicates across splits make val/test optimistic: counted with the figures they inflate
@@ -177,7 +241,7 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
         data=str(dataset.root), layout=dataset.layout, classes=len(dataset.classes),
         images={s: len(split.ys[s]) for s in split.ys}, skipped_files=failures,
         ignored_files=[str(p) for p in dataset.ignored], extracted=extracted,
-        from_cache=sum(len(f.kept) for f in split.features.values()) - extracted,
+        from_cache=sum(f.from_cache for f in split.features.values()),
         extract_seconds=sum(f.seconds for f in split.features.values()),
         engine_build_seconds=backbone.build_seconds, head_C=fit.C, recipe="head")
     return TrainResult(bundle, summary, split.scored(logits))

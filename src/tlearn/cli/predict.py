@@ -1,0 +1,130 @@
+"""`tlearn predict`: labels for images, as CSV or JSON, or Parquet parts on one machine or a Ray cluster."""
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from tlearn.cli.common import USER_ERRORS, Engine, EngineName, ModelFolder, Precision, Quiet, app, fail
+from tlearn.console import err
+from tlearn.errors import TlearnError
+from tlearn.outputs import terminal_text
+
+if TYPE_CHECKING:
+    from tlearn.predict import Unreadable
+
+
+class Format(str, Enum):
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+def predict(
+    model: ModelFolder,
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively), globs; with "
+                                              "--output OUT.parquet also manifests (.txt/.csv) and s3:// gs:// "
+                                              "URIs.")],
+    top_k: Annotated[int, typer.Option(help="How many labels per image, best first.", min=1)] = 1,
+    fmt: Annotated[Optional[Format], typer.Option("--format", help="Output format (default: json for an --output "
+                                                                  "file named *.json, else csv).")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output (a new file, or a "
+                                                        "previous .csv/.json result).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --output replace any existing file.")] = False,
+    engine: Engine = EngineName.auto,
+    precision: Precision = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 32,
+    min_confidence: Annotated[Optional[float], typer.Option(
+        help="Label images whose (calibrated) top probability is below this 'uncertain'.", min=0.0, max=1.0)] = None,
+    quiet: Quiet = False,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="local|auto|ADDRESS",
+        help="Run on Ray Data (the ray extra): 'local' starts a cluster sized to this machine; 'auto' joins the one "
+             "`ray start` made here; host:port or ray://host:10001 joins that one. Needs --output OUT.parquet.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Parquet output: skip the paths OUT.parquet already "
+                                                          "holds (after a crash or kill).")] = False,
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Parquet output: a column with every "
+                                                                        "class's probability.")] = False,
+) -> None:
+    """Predict labels for images, one row per image (progress and unreadable files on stderr). With --output
+    OUT.parquet: a folder of Parquet parts with a manifest, unreadable files as rows (see docs/scale-out.md).
+
+    Exit code 0: every image predicted; 1: some files could not be read (the others are written); 2: nothing
+    to predict, or a usage error."""
+    if ray is not None or resume or probabilities or (output is not None and output.suffix == ".parquet"):
+        _predict_parquet(model, paths, output, ray, resume, top_k, min_confidence, probabilities, engine,
+                         precision, batch_size)
+        return
+    import tlearn
+    from tlearn.data.discovery import find_images
+    from tlearn.outputs import check_output_path
+    from tlearn.predict import Unreadable
+
+    fmt = fmt or (Format.json if output is not None and output.suffix.lower() == ".json" else Format.csv)
+    try:
+        if output:
+            check_output_path(output, force)
+        files, problems = find_images(paths)
+        if not files:
+            raise TlearnError("nothing to predict: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
+                                    if problems else "nothing to predict: no image files in the paths given")
+        clf = tlearn.load(model, progress=False, engine=engine.value, precision=precision and precision.value,
+                          batch_size=batch_size)
+        k = min(top_k, len(clf.classes_))
+        rows = clf.iter_predict(files, top_k=k, min_confidence=min_confidence)
+        unreadable = [Unreadable(os.fsdecode(p.path), p.reason) for p in problems]
+        written = _write_predictions(rows, fmt, output, k, min_confidence is not None, unreadable,
+                                     progress=len(files) if not quiet and len(files) >= PROGRESS_FROM else 0)
+    except USER_ERRORS as exc:
+        fail(exc)
+    for u in unreadable:
+        err.print(f"unreadable: {terminal_text(u.source)}: {terminal_text(u.reason)}", highlight=False,
+                  soft_wrap=True)
+    if output:
+        err.print(f"wrote {written} prediction(s) to {terminal_text(output)}", highlight=False, soft_wrap=True)
+    if unreadable:
+        raise typer.Exit(1)
+
+
+PROGRESS_FROM = 64  # images; fewer are predicted before a bar would be worth drawing
+
+
+def _write_predictions(rows, fmt: Format, output: Optional[Path], k: int, with_top_label: bool,
+                       unreadable: list[Unreadable], progress: int) -> int:
+    """Write the predictions to `output` (whole or not at all) or standard output, a bar on stderr when
+    `progress` (the number of images) is not 0; return how many were written."""
+    from rich.progress import Progress
+
+    from tlearn.outputs import atomic_text_file, stdout_text, write_predictions
+
+    opened = atomic_text_file(output) if output else stdout_text()
+    with opened as sink, Progress(console=err, transient=True, disable=not progress) as bar:
+        task = bar.add_task("predicting", total=progress or None)
+        return write_predictions(rows, sink, fmt.value, k, with_top_label, unreadable,
+                                 advance=lambda: bar.advance(task))
+
+
+def _predict_parquet(model: Path, paths: list[str], output: Optional[Path], ray: Optional[str], resume: bool,
+                     top_k: int, min_confidence: Optional[float], probabilities: bool, engine, precision,
+                     batch_size: int) -> None:
+    from tlearn.distributed import predict_to_parquet
+    from tlearn.errors import InvalidParameter
+
+    try:
+        if output is None or output.suffix != ".parquet":
+            raise InvalidParameter("--ray, --resume and --probabilities write Parquet: give --output OUT.parquet")
+        manifest = predict_to_parquet(model, paths, output, ray=ray is not None, address=ray, resume=resume,
+                                      top_k=top_k, min_confidence=min_confidence, probabilities=probabilities,
+                                      engine=engine.value, precision=precision and precision.value,
+                                      batch_size=batch_size)
+    except USER_ERRORS as exc:
+        fail(exc)
+    err.print(f"wrote {manifest['rows_this_run']} row(s) ({manifest['errors_this_run']} unreadable) to {output} in "
+              f"{manifest['seconds']:.1f}s ({manifest['images_per_second'] or 0:.0f} images/s, {manifest['mode']}, "
+              f"{manifest['cores']} cores); {manifest['rows']} row(s) in all", highlight=False)
+    if manifest["errors_this_run"]:
+        raise typer.Exit(1)  # as for CSV/JSON: some files could not be read (their rows say why)

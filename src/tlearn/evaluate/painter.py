@@ -1,0 +1,119 @@
+"""Who draws the report's figures: this process, or a second one started before the training.
+
+Importing matplotlib takes ~0.5 s and drawing a report's figures another ~0.5 s: two thirds of a re-train on cached
+features. `tlearn train` starts a painter process first thing; it imports matplotlib on the other core while the
+head is fitted, then draws each figure as it is asked to while this process writes the gallery, the page and the
+model folder. Jobs and answers are JSON lines on the child's stdin and stdout (figure name, arguments, output
+path), never pickles. Without a started painter, or if the child is gone, the figures are drawn here.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+FIGURES = ("training_curves", "confusion_matrices", "per_class_bars", "reliability", "coverage")
+
+
+class FigureError(RuntimeError):
+    """A figure could not be drawn (a bug: its traceback from the painter process is the message)."""
+
+
+class Painter:
+    """Draws figures by name (functions of tlearn.evaluate.plots); `finish` waits for every one asked so far."""
+
+    def __init__(self, child: subprocess.Popen | None = None):
+        self._child = child
+        self._asked: list[tuple[str, list]] = []
+
+    def draw(self, figure: str, *args) -> None:
+        if figure not in FIGURES:
+            raise ValueError(f"unknown figure {figure!r}")
+        args = [str(a) if isinstance(a, Path) else a for a in args]
+        self._asked.append((figure, args))
+        if self._child is not None:
+            try:
+                self._child.stdin.write(json.dumps({"figure": figure, "args": args}, default=_plain) + "\n")
+                self._child.stdin.flush()
+            except (BrokenPipeError, OSError):
+                self._child = None  # gone: finish draws what it did not confirm
+
+    def finish(self) -> None:
+        """Return once every figure asked for is on disk; raise FigureError if one failed."""
+        asked, self._asked = self._asked, []
+        done = 0
+        if self._child is not None:
+            for _ in asked:
+                line = self._child.stdout.readline()
+                if not line:
+                    self._child = None  # died (killed?): the rest is drawn here
+                    break
+                answer = json.loads(line)
+                if answer.get("error"):
+                    raise FigureError(f"drawing {asked[done][0]} failed in the painter process:\n{answer['error']}")
+                done += 1
+        for figure, args in asked[done:]:
+            _draw(figure, args)
+
+    def close(self) -> None:
+        """Let the child go (it exits when its stdin closes); this process does not wait for its teardown."""
+        if self._child is not None:
+            self._child.stdin.close()
+            self._child = None
+
+
+_started: Painter | None = None
+
+
+def start() -> None:
+    """Start the painter process now (idempotent), for the next report of this process to use."""
+    global _started
+    if _started is None:
+        child = subprocess.Popen([sys.executable, "-m", "tlearn.evaluate.painter"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1)
+        _started = Painter(child)
+
+
+def take() -> Painter:
+    """The started painter (handed over once), or one that draws in this process."""
+    global _started
+    painter, _started = _started, None
+    return painter or Painter()
+
+
+def _draw(figure: str, args: list) -> None:
+    from tlearn.evaluate import plots
+
+    getattr(plots, figure)(*args)
+
+
+def _plain(value):
+    import numpy as np  # only here: the CLI imports this module, and `tlearn --help` must start fast
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _serve() -> None:
+    """The painter process: import the plotting code, then draw each job read from stdin, answering in order."""
+    import traceback
+
+    from tlearn.evaluate import plots  # noqa: F401  (the slow import, done while the parent trains)
+
+    for line in sys.stdin:
+        job = json.loads(line)
+        try:
+            _draw(job["figure"], job["args"])
+            answer = {"ok": True}
+        except Exception:  # reported to the parent, which raises it there
+            answer = {"error": traceback.format_exc()}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _serve()
