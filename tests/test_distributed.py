@@ -141,6 +141,11 @@ def test_concurrent_batches_run_whole_on_the_streams_with_the_same_outputs(hym_m
     with ThreadPoolExecutor(3) as pool:
         together = list(pool.map(lambda b: predictor.probabilities(b, concurrent=True), batches))
     assert all(np.abs(a - b).max() <= 1e-5 for a, b in zip(alone, together))
+    if hasattr(predictor.engine, "run_whole"):  # test-time augmentation's mean of views, the same way
+        from tlearn.engines.views import MeanOfViews
+
+        views = MeanOfViews(predictor.engine)
+        assert np.abs(views.run_whole(batches[0]) - views(batches[0])).max() <= 1e-5
 
 
 def test_a_job_has_a_fixed_object_store_budget_then_leaves_the_context_as_it_was(ray_address):
