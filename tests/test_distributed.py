@@ -151,11 +151,11 @@ def test_concurrent_batches_run_whole_on_the_streams_with_the_same_outputs(hym_m
 def test_a_job_has_a_fixed_object_store_budget_then_leaves_the_context_as_it_was(ray_address):
     import ray
 
-    from tlearn.distributed.cluster import BUDGET_PER_NODE, ray_cluster
+    from tlearn.distributed.cluster import BUDGET_PER_CORE, ray_cluster
 
     limits = ray.data.DataContext.get_current().execution_options
     with ray_cluster(ray_address) as cluster:
-        assert limits.resource_limits.object_store_memory == BUDGET_PER_NODE * cluster.nodes
+        assert limits.resource_limits.object_store_memory == BUDGET_PER_CORE * cluster.cores
     assert limits.resource_limits.object_store_memory == float("inf") and ray.is_initialized()
 
 

@@ -15,13 +15,15 @@ READ_CPUS = 0.25
 # Files per read task: blocks of one batch whatever the job's size (Ray would otherwise split the files into a fixed
 # number of tasks, whose blocks, and the memory of the tasks and actors holding them, grow with the file count).
 FILES_PER_READ = 32
-# Object-store memory a job may fill per node (Ray Data's budget for blocks in flight: bytes read and not yet
-# predicted, rows not yet written). Ray Data's default is half the object store, 30% of RAM on a local cluster: the
-# reads then run ahead of the actors by up to gigabytes, so a job's memory grew with its size (+33% RSS from 5,000 to
-# 20,000 images). 128 MiB is ~2,000 photos of 60 KB read ahead, 40 blocks of 32: the actor never waits for bytes.
-BUDGET_PER_NODE = 128 << 20
-# The object store of a cluster started here: room for the budget and Ray's own objects, not 30% of RAM.
-LOCAL_OBJECT_STORE = 512 << 20
+# Object-store memory a job may fill per core of the cluster (Ray Data's budget for blocks in flight: bytes read and
+# not yet predicted, rows not yet written), as the actors' appetite for bytes grows with their cores. Ray Data's
+# default is half the object store, 30% of RAM on a local cluster: the reads then ran ahead of the actors by
+# hundreds of MiB, and a job's memory grew with its size (+33% RSS from 5,000 to 20,000 images). 64 MiB per core is
+# ~1,000 photos of 60 KB per core read ahead: on 2 cores the actor kept three batches in flight as with no budget
+# (at 8 and 16 MiB per core it waited for bytes).
+BUDGET_PER_CORE = 64 << 20
+# The object store of a cluster started here, in budgets: room for the job's blocks and Ray's own objects.
+LOCAL_STORE_BUDGETS = 4
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ def ray_cluster(address: str | None = None, progress: bool = False) -> Iterator[
     if started:
         settings = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": progress}
         if address in (None, "", "local"):
-            ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE, **settings)
+            cores = os.cpu_count() or 1
+            ray.init(num_cpus=cores, object_store_memory=LOCAL_STORE_BUDGETS * BUDGET_PER_CORE * cores, **settings)
         else:
             ray.init(address=address, **settings)
     if not progress:  # Ray Data logs each execution's plan and end at INFO
@@ -91,7 +94,7 @@ def ray_cluster(address: str | None = None, progress: bool = False) -> Iterator[
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         cluster = Cluster(address or "local", int(ray.cluster_resources().get("CPU", 0)), len(nodes))
         if limits.object_store_memory == float("inf"):  # not set by a caller that set up Ray Data itself
-            context.execution_options.resource_limits = limits.copy(object_store_memory=BUDGET_PER_NODE * cluster.nodes)
+            context.execution_options.resource_limits = limits.copy(object_store_memory=BUDGET_PER_CORE * cluster.cores)
         yield cluster
     finally:
         context.execution_options.resource_limits = limits  # the budget was this job's
