@@ -94,8 +94,9 @@ class OpenVinoEngine:
         """One batch, whole, on one request (one stream): thread-safe, so callers in as many threads as there are
         streams run at once, each stream on its own batch, as `pipelined` keeps them for one caller. This is how a
         Ray actor overlaps decoding with the engine (its calls run in threads); `__call__` instead splits one
-        batch across the streams, the shorter wait for a single caller. The requests are this method's own, so it
-        may run beside `__call__` and `pipelined`."""
+        batch across the streams, the shorter wait for a single caller. The requests are this method's own, made on
+        its first call, so it may run beside `__call__` and `pipelined`; each holds its own working memory, as the
+        queue's do (EfficientNet-Lite0, batch 32: ~320 MiB per request), so an engine used both ways holds both."""
         with self._idle_lock:
             if self._idle is None:
                 self._idle = queue.SimpleQueue()
