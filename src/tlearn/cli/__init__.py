@@ -61,6 +61,8 @@ def _leave(code: int | str | None) -> NoReturn:
     code = 0 if code is None else code
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
         raise SystemExit(code)
+    if sys.getprofile() is not None or sys.gettrace() is not None:  # a profiler or debugger writes its results
+        raise SystemExit(code)  # at the normal exit (python -m cProfile ...)
     atexit._run_exitfuncs()  # the one way to run them without the teardown that follows in sys.exit
     for stream in (sys.stdout, sys.stderr):
         try:
