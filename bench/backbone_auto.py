@@ -10,19 +10,15 @@ cached: the re-run's cost), then each backbone alone (from the cache) for its va
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
-import tlearn
-from tlearn.data.far_sets import make_digits_dataset
-from tlearn.train.settings import AUTO_BACKBONES
+from bench_data import dataset_and_cache, dataset_arguments
 
-SHARED = Path(os.environ.get("TLEARN_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" /
-                             "datasets"))
+import tlearn
+from tlearn.train.settings import AUTO_BACKBONES
 
 
 def train(data: Path, backbone: str, cache: Path) -> dict:
@@ -34,15 +30,9 @@ def train(data: Path, backbone: str, cache: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("dataset")
-    parser.add_argument("--cache-dir", type=Path)
-    parser.add_argument("--per-class", type=int, help="digits only: images per digit")
-    args = parser.parse_args()
+    args = dataset_arguments().parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = (make_digits_dataset(Path(tmp) / "digits", per_class=args.per_class) if args.dataset == "digits"
-                else SHARED / args.dataset)
-        cache = args.cache_dir or Path(tmp) / "cache"
+        data, cache = dataset_and_cache(args, Path(tmp))
         for run, backbone in (("first", "auto"), ("cached", "auto"), *(("alone", name) for name in AUTO_BACKBONES)):
             print(json.dumps({"dataset": args.dataset, "run": run, **train(data, backbone, cache)}), flush=True)
 

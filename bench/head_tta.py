@@ -13,21 +13,17 @@ and by a tta model. One JSON line per setting, then one for prediction.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_data import dataset_and_cache, dataset_arguments
 
 import tlearn
-from tlearn.data.far_sets import make_digits_dataset
 from tlearn.predict import Predictor
 
-SHARED = Path(os.environ.get("TLEARN_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" /
-                             "datasets"))
 SETTINGS = ("off", "auto", "train", "tta", "both")
 
 
@@ -64,15 +60,9 @@ def prediction_seconds(clf: tlearn.ImageClassifier, files: list[Path]) -> tuple[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("dataset")
-    parser.add_argument("--cache-dir", type=Path)
-    parser.add_argument("--per-class", type=int, help="digits only: images per digit")
-    args = parser.parse_args()
+    args = dataset_arguments().parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = (make_digits_dataset(Path(tmp) / "digits", per_class=args.per_class) if args.dataset == "digits"
-                else SHARED / args.dataset)
-        cache = args.cache_dir or Path(tmp) / "cache"
+        data, cache = dataset_and_cache(args, Path(tmp))
         models = {}
         for mirror in SETTINGS:
             models[mirror], first = train(data, mirror, cache)
