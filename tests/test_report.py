@@ -170,9 +170,16 @@ def test_a_painter_process_draws_the_same_figures(demo_model, tmp_path):
     assert child.wait(timeout=30) == 0
 
 
+def _coverage_rows(demo_model) -> list[dict]:
+    from tlearn.evaluate.calibration import accuracy_coverage
+
+    val = demo_model.scored_splits()["val"]
+    return accuracy_coverage(val.proba(), val.labels)
+
+
 def test_a_painter_that_died_or_failed(demo_model, tmp_path):
-    """A painter process killed before the report: the figures are drawn here. A figure that fails in the painter
-    raises its traceback here, and no report is left looking complete."""
+    """A painter process killed before the report, or one whose output is not its answers: the figures are drawn
+    here. A figure that fails in the painter raises its traceback here, and no report is left looking complete."""
     from tlearn.evaluate import painter
 
     painter.start()
@@ -180,6 +187,16 @@ def test_a_painter_that_died_or_failed(demo_model, tmp_path):
     painter._started._child.wait()
     html = demo_model.report(tmp_path / "killed")
     assert all(_pixels(html.parent / name).std() > 10 for name in FIGURE_FILES)
+
+    painter.start()  # a child that answers with something that is not an answer: drawn here too
+    talking = painter.take()
+    talking._child.kill()
+    talking._child.wait()
+    talking._child.stdout = io.StringIO("Matplotlib is building the font cache\n")
+    talking._child.stdin = io.StringIO()
+    talking.draw("coverage", _coverage_rows(demo_model), tmp_path / "talking.png", "val")
+    talking.finish()
+    assert _pixels(tmp_path / "talking.png").std() > 10
 
     painter.start()
     failing = painter.take()

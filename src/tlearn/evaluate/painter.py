@@ -45,11 +45,10 @@ class Painter:
         done = 0
         if self._child is not None:
             for _ in asked:
-                line = self._child.stdout.readline()
-                if not line:
-                    self._child = None  # died (killed?): the rest is drawn here
+                answer = _answer(self._child.stdout.readline())
+                if answer is None:
+                    self._child = None  # died (killed?) or talking nonsense: the rest is drawn here
                     break
-                answer = json.loads(line)
                 if answer.get("error"):
                     raise FigureError(f"drawing {asked[done][0]} failed in the painter process:\n{answer['error']}")
                 done += 1
@@ -80,6 +79,15 @@ def take() -> Painter:
     global _started
     painter, _started = _started, None
     return painter or Painter()
+
+
+def _answer(line: str) -> dict | None:
+    """The painter's answer on `line`, or None: end of file (it died), or a line that is not one of its answers."""
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
 
 
 def _draw(figure: str, args: list) -> None:
