@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from tlearn.backbones import weights_available
 from tlearn.errors import WeightsUnavailable
 from tlearn.features import FeatureCache
-from tlearn.train.inner import inner_head_score, inner_split
+from tlearn.train.inner import describe_inner_split, inner_head_score, inner_split
 from tlearn.train.settings import AUTO_BACKBONES, TrainSettings
 
 
@@ -47,8 +47,8 @@ def choose_backbone(found, settings: TrainSettings) -> BackboneChoice:
         trial, images = _try(found, replace(settings, backbone=name, mirror="off"))
         trials.append(trial)
     best = max(trials, key=lambda t: (t.accuracy, -t.log_loss))
-    fraction = settings.finetune.inner_fraction
-    return BackboneChoice(best.name, f"{fraction:g} of train, stratified, seed {settings.seed}", images, trials)
+    return BackboneChoice(best.name, describe_inner_split(settings.finetune.inner_fraction, settings.seed), images,
+                          trials)
 
 
 def _try(found, settings: TrainSettings) -> tuple[BackboneTrial, int]:

@@ -23,6 +23,11 @@ def inner_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
+def describe_inner_split(fraction: float, seed: int) -> str:
+    """`inner_split` in words, for the record of a choice made on it."""
+    return f"{fraction:g} of train, stratified, seed {seed}"
+
+
 def val_score(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(accuracy, -log loss): the candidate with the larger score is kept (accuracy first, log loss breaks ties)."""
     from scipy.special import log_softmax

@@ -18,7 +18,7 @@ from tlearn.backbones import BackboneSpec
 from tlearn.data import Dataset
 from tlearn.train.finetune import FinetuneResult, FinetuneSettings
 from tlearn.train.head import LinearHead
-from tlearn.train.inner import inner_split, val_score
+from tlearn.train.inner import describe_inner_split, inner_split, val_score
 
 STAGES = ("head", "finetune")
 
@@ -92,7 +92,7 @@ def fine_tune_stage(dataset: Dataset, spec: BackboneSpec, backbone, head: Linear
     tuned_scores = val_score(logits.pop("inner"), inputs.scored_labels["inner"])
     choice = StageChoice(
         "finetune" if tuned_scores > head_scores else "head",
-        f"{settings.inner_fraction:g} of train, stratified, seed {seed}; head refitted without it",
+        describe_inner_split(settings.inner_fraction, seed) + "; head refitted without it",
         int(inner.sum()), {stage: {"accuracy": a, "log_loss": -nl}
                            for stage, (a, nl) in zip(STAGES, (head_scores, tuned_scores))})
     result.model = plain_batch_norm(result.model)

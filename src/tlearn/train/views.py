@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tlearn.train.inner import inner_head_score, inner_split
+from tlearn.train.inner import describe_inner_split, inner_head_score, inner_split
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,6 @@ def choose_views(asked: str, image: np.ndarray, mirrored: np.ndarray | None, y: 
         scores[name] = inner_head_score(x, labels, recipe.eval_rows(image[inner], mirrored[inner]), y[inner],
                                         n_classes)
     chosen = max(RECIPES, key=lambda name: scores[name])  # the first (cheapest) of equals
-    return ViewChoice(chosen, asked, f"{fraction:g} of train, stratified, seed {seed}", int(inner.sum()),
+    return ViewChoice(chosen, asked, describe_inner_split(fraction, seed), int(inner.sum()),
                       {n: {"accuracy": a, "log_loss": -nl} for n, (a, nl) in scores.items()},
                       time.perf_counter() - start)
