@@ -7,7 +7,10 @@ a temporary folder). Each job is `tlearn predict MODEL FOLDER --output OUT.parqu
 `--ray local` starts the Ray cluster inside the job, so the job's process tree (driver, GCS, raylet, object store,
 workers) is everything it costs. Reported per job: wall seconds, images/s of the whole job and after start-up (from
 the first rows written: cluster, actors and engine ready), and the peak over time of the summed RSS and PSS of the
-process tree (sampled every 0.25 s; PSS shares the object store's pages instead of counting them in every process).
+process tree (PSS shares the object store's pages instead of counting them in every process). RSS is read from
+/proc/PID/statm every 0.25 s (~4 ms of CPU per sample); PSS from /proc/PID/smaps_rollup every 2 s, as that read walks
+every page of every process (~50 ms of CPU per sample of a Ray job's ~15 processes: every 0.25 s it took ~10% of this
+machine's two cores from the Ray job, and far less from the one-process local job).
 Bars (issue 12): ray images/s >= 70% of local's at 5,000 images; ray peak memory at 20,000 within 20% of 5,000's.
 Without --model, a model is trained on hymenoptera first (needs the train extra).
 """
@@ -55,40 +58,60 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def memory_kib(pids: list[int]) -> dict[str, tuple[int, int]]:
-    """(RSS, PSS) in KiB of `pids` from /proc/PID/smaps_rollup, summed per kind of process (its command name:
-    python for the driver, raylet, gcs_server, ray::MapWorker... for Ray's)."""
-    kinds: dict[str, tuple[int, int]] = {}
+def kind_of(pid: int) -> str:
+    """The kind of a process, from its command line: python for the driver, raylet, ray::MapWorker..."""
+    name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    return name.split("(")[0] if name.startswith("ray::") else Path(name.split()[0] if name else "?").name
+
+
+def rss_kib(pids: list[int]) -> dict[str, int]:
+    """RSS in KiB of `pids` from /proc/PID/statm (cheap), summed per kind of process."""
+    kinds: dict[str, int] = {}
+    page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
     for pid in pids:
         try:
-            fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-                          if line.startswith(("Rss:", "Pss:")))
-            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except (OSError, ValueError):
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page_kib
+            kind = kind_of(pid)
+        except (OSError, ValueError, IndexError):
             continue
-        kind = name.split("(")[0] if name.startswith("ray::") else Path(name.split()[0] if name else "?").name
-        rss, pss = kinds.get(kind, (0, 0))
-        kinds[kind] = (rss + int(fields["Rss"].split()[0]), pss + int(fields["Pss"].split()[0]))
+        kinds[kind] = kinds.get(kind, 0) + rss
     return kinds
+
+
+def pss_kib(pids: list[int]) -> int:
+    """PSS in KiB summed over `pids`, from /proc/PID/smaps_rollup (costly: walks every page)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += next(int(line.split()[1]) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                          if line.startswith("Pss:"))
+        except (OSError, ValueError, StopIteration):
+            continue
+    return total
 
 
 def run_job(model: Path, folder: Path, out: Path, ray: bool) -> dict:
     command = [sys.executable, "-m", "tlearn.cli", "predict", str(model), str(folder), "--output", str(out)]
     command += ["--ray", "local"] if ray else []
     start = time.perf_counter()
-    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    errors = tempfile.TemporaryFile("w+")
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True)
     peak_rss = peak_pss = 0
     peak_by_kind: dict[str, int] = {}
+    next_pss = start
     while job.poll() is None:
-        kinds = memory_kib(tree(job.pid))
-        peak_rss = max(peak_rss, sum(rss for rss, _ in kinds.values()))
-        peak_pss = max(peak_pss, sum(pss for _, pss in kinds.values()))
-        for kind, (rss, _) in kinds.items():
+        pids = tree(job.pid)
+        kinds = rss_kib(pids)
+        peak_rss = max(peak_rss, sum(kinds.values()))
+        for kind, rss in kinds.items():
             peak_by_kind[kind] = max(peak_by_kind.get(kind, 0), rss)
+        if time.perf_counter() >= next_pss:
+            peak_pss, next_pss = max(peak_pss, pss_kib(pids)), time.perf_counter() + 2.0
         time.sleep(0.25)
     seconds = time.perf_counter() - start
     if job.returncode != 0:
-        sys.exit(f"job failed ({job.returncode}): {job.stderr.read()[-2000:]}")
+        errors.seek(0)
+        sys.exit(f"job failed ({job.returncode}): {errors.read()[-2000:]}")
     manifest = json.loads((out / "_manifest.json").read_text())
     steady = (manifest["images"] - 32) / max(1e-9, manifest["seconds"] - manifest["startup_seconds"])
     return {"mode": "ray" if ray else "local", "images": manifest["images"], "wall_seconds": round(seconds, 1),

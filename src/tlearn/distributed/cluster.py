@@ -12,9 +12,15 @@ from tlearn.errors import MissingExtra
 # Read tasks only move bytes from storage into the object store: a quarter of a core each leaves the cores to the
 # actors that decode and run the engine, and lets reads go on while every actor is busy.
 READ_CPUS = 0.25
-# Files per read task: blocks of one batch whatever the job's size (Ray would otherwise split the files into a fixed
-# number of tasks, whose blocks, and the memory of the tasks and actors holding them, grow with the file count).
-FILES_PER_READ = 32
+# Files per read task: blocks of a fixed size whatever the job's size (Ray would otherwise split the files into a fixed
+# number of tasks, whose blocks, and the memory of the tasks and actors holding them, grow with the file count). Each
+# block is one call of an actor: 64 files (two batches) ran at 105-110 img/s after start-up on 2 cores (Zen 4), 32 at
+# 94 (twice the calls, tasks and bookkeeping), 128 at 109-113 but with the first rows 1.5 s later.
+FILES_PER_READ = 64
+# A local cluster keeps its idle workers for the job: by default Ray stops a worker idle for 1 s once it has more
+# workers than cores (the actors count), so the read worker, idle while the budget below holds reads back, was
+# stopped and a new one started (~2.5 s of CPU each) every ~10 s: six read workers in a 5,000-image job, one now.
+KEEP_IDLE_WORKERS_MS = 3_600_000
 # Object-store memory a job may fill per core of the cluster (Ray Data's budget for blocks in flight: bytes read and
 # not yet predicted, rows not yet written), as the actors' appetite for bytes grows with their cores. Ray Data's
 # default is half the object store, 30% of RAM on a local cluster: the reads then ran ahead of the actors by
@@ -81,7 +87,8 @@ def ray_cluster(address: str | None = None, progress: bool = False) -> Iterator[
         settings = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": progress}
         if address in (None, "", "local"):
             cores = os.cpu_count() or 1
-            ray.init(num_cpus=cores, object_store_memory=LOCAL_STORE_BUDGETS * BUDGET_PER_CORE * cores, **settings)
+            ray.init(num_cpus=cores, object_store_memory=LOCAL_STORE_BUDGETS * BUDGET_PER_CORE * cores,
+                     _system_config={"idle_worker_killing_time_threshold_ms": KEEP_IDLE_WORKERS_MS}, **settings)
         else:
             ray.init(address=address, **settings)
     if not progress:  # Ray Data logs each execution's plan and end at INFO
