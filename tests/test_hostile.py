@@ -371,8 +371,13 @@ CASES: dict[str, Case] = {
     "output_is_a_folder": _output_to(lambda w: w / "in", r"is a folder"),
     "output_over_user_file": _output_to(lambda w: (w / "notes.txt", (w / "notes.txt").write_text("mine"))[0],
                                         r"refusing to overwrite"),
-    "output_over_previous_result": _output_to(lambda w: (w / "p.csv", (w / "p.csv").write_text("old"))[0],
-                                              r"wrote 2 prediction\(s\)", exits=(0,)),
+    "output_over_previous_result": _output_to(
+        lambda w: (w / "p.csv", (w / "p.csv").write_text("path,label,score\nold.jpg,bee,0.9\n"))[0],
+        r"wrote 2 prediction\(s\)", exits=(0,)),
+    "output_over_users_csv": _output_to(lambda w: (w / "own.csv", (w / "own.csv").write_text("a,b\n1,2\n"))[0],
+                                        r"not a previous tlearn result"),
+    "output_over_users_json": _output_to(lambda w: (w / "own.json", (w / "own.json").write_text('{"a": 1}'))[0],
+                                         r"not a previous tlearn result"),
     "output_forced": _output_to(lambda w: (w / "n.txt", (w / "n.txt").write_text("mine"))[0],
                                 r"wrote 2 prediction\(s\)", exits=(0,), force=True),
     # datasets (doctor)

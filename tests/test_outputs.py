@@ -7,13 +7,21 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
 from tlearn.cli import app
-from tlearn.outputs import OutputRefused, atomic_text_file, check_output_path, csv_cell, terminal_text
+from tlearn.outputs import (
+    OutputRefused,
+    atomic_text_file,
+    check_output_path,
+    csv_cell,
+    terminal_text,
+    write_predictions,
+)
 
 runner = CliRunner()
 
@@ -41,7 +49,7 @@ def test_terminal_text_escapes_controls_bytes_and_markup():
 def test_output_path_refusals(tmp_path):
     image = tmp_path / "a.jpg"
     image.write_bytes(b"\xff\xd8 a photo")
-    with pytest.raises(OutputRefused, match="exists and is not a result file"):
+    with pytest.raises(OutputRefused, match="exists and is not a previous tlearn result"):
         check_output_path(image)
     check_output_path(image, force=True)
     with pytest.raises(OutputRefused, match="does not exist"):
@@ -50,6 +58,25 @@ def test_output_path_refusals(tmp_path):
         check_output_path(tmp_path)
     (tmp_path / "old.csv").write_text("path,label,score\n")
     check_output_path(tmp_path / "old.csv")
+
+
+def test_a_users_own_csv_or_json_is_not_overwritten_without_force(tmp_path):
+    for name, content in (("accounts.csv", "name,balance\nann,10\n"), ("settings.json", '{"keep": true}\n'),
+                          ("notes.txt", "")):
+        own = tmp_path / name
+        own.write_text(content)
+        with pytest.raises(OutputRefused, match="not a previous tlearn result"):
+            check_output_path(own)
+        assert own.read_text() == content
+        check_output_path(own, force=True)
+    rows = [SimpleNamespace(source="a.jpg", label="cat", score=0.9, top_label="cat", top=[("cat", 0.9)])]
+    for fmt in ("csv", "json"):
+        previous = tmp_path / f"previous.{fmt}"
+        with atomic_text_file(previous) as sink:
+            write_predictions(rows, sink, fmt)
+        check_output_path(previous)  # what predict wrote before may be replaced
+    (tmp_path / "empty.json").write_text("")
+    check_output_path(tmp_path / "empty.json")
 
 
 def test_atomic_file_appears_whole_or_not_at_all(tmp_path):

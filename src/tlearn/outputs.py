@@ -27,7 +27,9 @@ from tlearn.errors import TlearnError
 from tlearn.files import temporary_beside
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-RESULT_SUFFIXES = frozenset({".csv", ".json", ".parquet"})  # what a previous tlearn run could have written
+# How a previous `tlearn predict --output` file begins (CSV header; JSON document), so that one may be replaced
+# without --force and nothing else is (a user's own .csv or .json included).
+RESULT_STARTS = {".csv": b"path,label,score", ".json": b'{\n "predictions": ['}
 
 
 class OutputRefused(TlearnError):
@@ -100,12 +102,25 @@ def check_output_path(path: Path, force: bool = False) -> None:
         raise OutputRefused(f"cannot write {terminal_text(path)}: the folder {terminal_text(parent)} does not exist")
     if path.is_dir():
         raise OutputRefused(f"cannot write {terminal_text(path)}: it is a folder; give a file name")
-    if os.path.lexists(path) and not force and path.suffix.lower() not in RESULT_SUFFIXES:
-        raise OutputRefused(f"{terminal_text(path)} exists and is not a result file (.csv, .json, .parquet): "
-                            "refusing to overwrite it; choose another name, or add --force")
+    if os.path.lexists(path) and not force and not is_previous_result(path):
+        raise OutputRefused(f"{terminal_text(path)} exists and is not a previous tlearn result (a .csv or .json "
+                            "that tlearn predict wrote): refusing to overwrite it; choose another name, or add --force")
     if not os.access(parent, os.W_OK):
         raise OutputRefused(f"cannot write {terminal_text(path)}: the folder {terminal_text(parent)} is not "
                             "writable")
+
+
+def is_previous_result(path: Path) -> bool:
+    """Whether `path` is an empty file or one that `tlearn predict --output` wrote (told by how it begins)."""
+    start = RESULT_STARTS.get(path.suffix.lower())
+    if start is None or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as existing:
+            head = existing.read(len(start))
+    except OSError:
+        return False
+    return head in (b"", start)
 
 
 @contextmanager
