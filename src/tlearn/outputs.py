@@ -27,9 +27,7 @@ from tlearn.errors import TlearnError
 from tlearn.files import temporary_beside
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-# How a previous `tlearn predict --output` file begins (CSV header; JSON document), so that one may be replaced
-# without --force and nothing else is (a user's own .csv or .json included).
-RESULT_STARTS = {".csv": b"path,label,score", ".json": b'{\n "predictions": ['}
+CSV_COLUMNS = ("path", "label", "score")  # the first columns of every CSV of predictions
 
 
 class OutputRefused(TlearnError):
@@ -71,7 +69,7 @@ def write_predictions(rows: Iterable, sink: IO[str], fmt: str = "csv", k: int = 
     unreadable = [] if unreadable is None else unreadable
     writer = csv_writer(sink) if fmt == "csv" else None
     if writer:
-        writer.writerow(["path", "label", "score"] + (["top_label"] if with_top_label else []) +
+        writer.writerow(list(CSV_COLUMNS) + (["top_label"] if with_top_label else []) +
                         [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")])
     predictions, written = [], 0
     for row in rows:
@@ -112,7 +110,7 @@ def check_output_path(path: Path, force: bool = False) -> None:
 
 def is_previous_result(path: Path) -> bool:
     """Whether `path` is an empty file or one that `tlearn predict --output` wrote (told by how it begins)."""
-    start = RESULT_STARTS.get(path.suffix.lower())
+    start = _result_start(path.suffix.lower())
     if start is None or not path.is_file():
         return False
     try:
@@ -121,6 +119,16 @@ def is_previous_result(path: Path) -> bool:
     except OSError:
         return False
     return head in (b"", start)
+
+
+def _result_start(suffix: str) -> bytes | None:
+    """How write_predictions begins a file of that suffix (its CSV header; its JSON document up to the list of
+    predictions), so that a previous result may be replaced without --force and nothing else is."""
+    if suffix == ".csv":
+        return ",".join(CSV_COLUMNS).encode()
+    if suffix == ".json":
+        return json_text({"predictions": []}).split("[", 1)[0].encode() + b"["
+    return None
 
 
 @contextmanager
