@@ -110,6 +110,7 @@ class Case:
     exits: tuple[int, ...]
     says: str  # a regular expression the output must match
     unlabelled: tuple[str, ...] = ()  # file names that must get no label
+    change: Callable[[Path], None] | None = None  # of a tampered model folder: the edit
 
 
 def _inputs(work: Path, demo_data: Path, good: int = 1) -> Path:
@@ -271,7 +272,7 @@ def _tampered(change: Callable[[Path], None], says: str) -> Case:
         copy = Path(shutil.copytree(model, work / "model"))
         change(copy)
         return ["predict", str(copy), str(_inputs(work, demo, good=2))]
-    return Case(build, (2,), says)
+    return Case(build, (2,), says, change=change)
 
 
 def _edit_config(edit: Callable[[dict], None]) -> Callable[[Path], None]:
@@ -288,6 +289,59 @@ def _flip_bytes(model: Path) -> None:
     middle = len(content) // 2
     content[middle:middle + 64] = bytes(b ^ 0xFF for b in content[middle:middle + 64])
     path.write_bytes(bytes(content))
+
+
+def _rehash(model: Path) -> None:
+    """Re-write config.json's SHA-256 records after an edit, as someone covering their tracks would."""
+    config = json.loads((model / "config.json").read_text())
+    config["files"] = {name: hashlib.sha256((model / name).read_bytes()).hexdigest() for name in config["files"]}
+    (model / "config.json").write_text(json.dumps(config))
+
+
+def _edited(change: Callable[[Path], None]) -> Callable[[Path], None]:
+    """`change`, then every record re-hashed: only a check of meaning can tell."""
+    return lambda model: (change(model), _rehash(model))
+
+
+def _edit_tensors(edit: Callable[[dict], None], name: str = "model.safetensors") -> Callable[[Path], None]:
+    from safetensors.numpy import load_file, save_file
+
+    def change(model: Path) -> None:
+        tensors = load_file(model / name)
+        edit(tensors)
+        save_file(tensors, model / name)
+    return _edited(change)
+
+
+def _edit_engine(model: Path) -> None:
+    """The engine's last convolution's bias shifted (an engine that is not the one the model was verified with)."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = model / "engine" / "backbone.onnx"
+    graph = onnx.load(str(path))
+    last = max((i for i, init in enumerate(graph.graph.initializer) if len(init.dims) == 1 and init.dims[0] > 100),
+               key=lambda i: i)
+    array = numpy_helper.to_array(graph.graph.initializer[last]) + 0.5
+    graph.graph.initializer[last].CopyFrom(numpy_helper.from_array(array, graph.graph.initializer[last].name))
+    onnx.save(graph, str(path))
+    _rehash(model)
+
+
+def _other_models_file(name: str) -> Callable[[Path], None]:
+    """A file of the hymenoptera model (another dataset, two classes) put in, records re-hashed."""
+    def change(model: Path) -> None:
+        shutil.copyfile(_OTHER_MODEL[0] / name, model / name)
+        _rehash(model)
+    return change
+
+
+def _reverse_head(tensors: dict) -> None:
+    """The head's rows in reverse order: a model of the same classes trained in another order."""
+    tensors["head.weight"], tensors["head.bias"] = tensors["head.weight"][::-1].copy(), tensors["head.bias"][::-1].copy()
+
+
+_OTHER_MODEL: list[Path] = []  # filled by the test from the hymenoptera_model fixture
 
 
 def _split_collision(root: Path) -> None:
@@ -432,6 +486,27 @@ BUNDLE_CASES: dict[str, Case] = {
     "config_std_zero": _tampered(_edit_config(lambda c: c["preprocessing"].update(std=[0, 0, 0])), r"std"),
     "config_format_version_string": _tampered(_edit_config(lambda c: c.update(format_version="1")),
                                               r"format_version"),
+    # edited with the records re-hashed (issue 24): refused by meaning
+    "config_temperature_1e-300": _tampered(_edited(_edit_config(lambda c: c.update(temperature=1e-300))),
+                                           r"temperature must be a number between 0.05 and 20"),
+    "config_temperature_1e300": _tampered(_edited(_edit_config(lambda c: c.update(temperature=1e300))),
+                                          r"temperature must be a number between"),
+    "config_temperature_in_range": _tampered(_edited(_edit_config(lambda c: c.update(temperature=3.0))),
+                                             r"does not give the answers recorded"),
+    "config_classes_reordered": _tampered(_edited(_edit_config(lambda c: c["classes"].reverse())),
+                                          r"does not give the answers recorded"),
+    "config_classes_renamed": _tampered(_edited(_edit_config(lambda c: c["classes"].__setitem__(0, "cat"))),
+                                        r"no valid probe"),
+    "config_probe_removed": _tampered(_edited(_edit_config(lambda c: c.pop("probe"))), r"no valid probe"),
+    "config_input_size_edited": _tampered(_edited(_edit_config(lambda c: c["preprocessing"].update(input_size=192))),
+                                          r"192x192 images"),
+    "weights_head_rows_swapped": _tampered(_edit_tensors(_reverse_head), r"does not give the answers recorded"),
+    "weights_of_another_model": _tampered(_other_models_file("model.safetensors"), r"the head is \(2, 1280\)"),
+    "engine_edited_rehashed": _tampered(_edit_engine, r"the engine .*backbone.onnx: other features"),
+    "engine_reference_edited": _tampered(_edit_tensors(
+        lambda t: t.__setitem__("outputs", t["outputs"] + np.random.default_rng(0).random(t["outputs"].shape,
+                                                                                            np.float32)),
+        "engine/reference.safetensors"), r"does not give the answers recorded"),
 }
 
 
@@ -459,8 +534,10 @@ def _labelled(stdout: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("kind", list(CASES) + list(BUNDLE_CASES))
-def test_hostile_input(kind, demo_model_dir, demo_data, cache_dir, tmp_path, monkeypatch):
+def test_hostile_input(kind, demo_model_dir, demo_data, cache_dir, tmp_path, monkeypatch, request):
     case = CASES.get(kind) or BUNDLE_CASES[kind]
+    if "another_model" in kind and not _OTHER_MODEL:
+        _OTHER_MODEL.append(request.getfixturevalue("hymenoptera_model"))
     monkeypatch.setenv("TLEARN_CACHE", str(cache_dir))  # the demo photos' features are cached there
     work = tmp_path / "work"
     work.mkdir()
@@ -485,3 +562,20 @@ def test_hostile_input(kind, demo_model_dir, demo_data, cache_dir, tmp_path, mon
 
 def test_the_corpus_is_large_enough():
     assert len(CASES) + len(BUNDLE_CASES) >= 60
+
+
+@pytest.mark.parametrize("kind", ["config_temperature_in_range", "config_classes_reordered",
+                                  "weights_head_rows_swapped", "engine_edited_rehashed"])
+def test_an_edited_model_is_refused_by_every_consumer(kind, demo_model_dir, demo_data, tmp_path):
+    """Not only predict: evaluate, serve (before it binds) and the Predictor refuse it, exit 2 / BundleError."""
+    from tlearn.errors import BundleError
+    from tlearn.predict import Predictor
+
+    model = Path(shutil.copytree(demo_model_dir, tmp_path / "model"))
+    BUNDLE_CASES[kind].change(model)
+    for args in (["evaluate", str(model), str(demo_data), "-q"], ["serve", str(model), "--port", "8765"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert re.search(r"other features|does not give the answers recorded", result.output), result.output
+    with pytest.raises(BundleError):
+        Predictor.load(model)

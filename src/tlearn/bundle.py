@@ -1,12 +1,18 @@
 """A trained model on disk, the only module that knows its format.
 
     MODEL/config.json          typed, versioned record: classes, backbone, preprocessing, calibration, provenance,
-                               and the SHA-256 of every other file of the model (checked on every load)
+                               the SHA-256 of every other file of the model (checked on every load), and the probe:
+                               the calibrated logits, by class name, of the engine reference's photos
     MODEL/model.safetensors    backbone + head tensors
     MODEL/metrics.json         val/test metrics with confidence intervals
     MODEL/engine/backbone.onnx the backbone's verified exported engine (uint8 pixels in, pooled features out)
     MODEL/engine/reference.safetensors   probe pixels and eager-torch outputs it was verified against
     MODEL/report/              the HTML report (derived; not checked)
+
+Hashes catch accidents, not edits: a folder whose records were re-hashed after an edit (a temperature, the order
+of the classes, another model's weights or engine) is caught by meaning. Every config value is bounded to what it
+can mean, and the head must give the probe's recorded logits by class name on the reference features (checked
+here, in numpy); the Predictor then checks the engine against the reference (`predict.check_engine`).
 
 Nothing in a model folder is a pickle and loading one never unpickles. A folder is written whole or not at all:
 `ModelFolder` builds it beside its final place and swaps it in with one atomic rename.
@@ -30,7 +36,8 @@ from safetensors.numpy import load_file, save_file
 
 from tlearn.backbones import Preprocessing
 from tlearn.backbones.registry import BACKBONES, WeightsInfo
-from tlearn.errors import BundleError
+from tlearn.errors import BundleError, EngineError
+from tlearn.evaluate.calibration import TEMPERATURE_BOUNDS
 from tlearn.files import fsync_tree, swap_in
 from tlearn.files import sha256_file as file_sha256
 from tlearn.train.head import LinearHead
@@ -41,6 +48,9 @@ CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "model.safetensors", "m
 ENGINE_FILE, REFERENCE_FILE = "engine/backbone.onnx", "engine/reference.safetensors"
 INTERPOLATIONS = ("bicubic", "bilinear")
 PRECISIONS = ("fp32", "bf16", "int8")
+# the head's calibrated logits on the reference features, recomputed at load, must match the recorded ones to this
+# (the same numpy arithmetic on the same numbers: only the order of float operations can differ)
+PROBE_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,7 @@ class Bundle:
                   "tta": self.tta, "classes": self.classes,
                   "backbone": self.backbone.to_dict(), "preprocessing": self.preprocessing.to_dict(),
                   "temperature": self.temperature, "engine": self.engine.to_dict() if self.engine else None,
+                  "probe": self.probe_logits() if self.engine_files else None,
                   "training": self.training, "split": self.split, "extra": self.extra, "files": digests,
                   "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         # ASCII escapes: a class or file name that is not valid UTF-8 (surrogates) survives, under any locale
@@ -158,6 +169,8 @@ class Bundle:
         if tensors:
             bundle.state = _read_tensors(directory / WEIGHTS_FILE)
             bundle.check_tensors(directory)
+            if bundle.engine_files is not None:
+                bundle.check_probe(directory, config.get("probe"))
         return bundle
 
     def check_tensors(self, directory: Path) -> None:
@@ -170,6 +183,47 @@ class Bundle:
                               f"{len(self.classes)} classes and {self.backbone.feature_dim} features")
         if not (np.isfinite(head_w).all() and np.isfinite(head_b).all()):
             raise BundleError(f"{directory / WEIGHTS_FILE}: the head holds NaN or infinite values")
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """(probe pixels, eager-torch features of them) the engine was verified against."""
+        from tlearn.engines import read_reference
+
+        try:
+            return read_reference(self.engine_files[1])
+        except EngineError as exc:
+            raise BundleError(str(exc)) from None
+
+    def probe_logits(self) -> dict[str, list[float]]:
+        """The calibrated logits of the reference photos' features, by class name (the probe written to the config:
+        any edit of the classes, the temperature or the head changes them)."""
+        logits = self.head(calibrated=True).logits(self.reference()[1]).astype(np.float64)
+        return {name: [float(v) for v in logits[:, c]] for c, name in enumerate(self.classes)}
+
+    def check_probe(self, directory: Path, recorded) -> None:
+        """The head, classes and temperature must give the logits recorded at training (BundleError otherwise);
+        the reference must fit the config (image size, feature dimension)."""
+        pixels, features = self.reference()
+        size, dim = self.preprocessing.input_size, self.backbone.feature_dim
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size) or features.shape != (len(pixels), dim):
+            raise BundleError(f"{directory / REFERENCE_FILE} holds {tuple(pixels.shape)} pixels and "
+                              f"{tuple(features.shape)} features, but config.json says {size}x{size} images and "
+                              f"{dim} features: the engine or the config is another model's; restore the folder or "
+                              "train again")
+        if not isinstance(recorded, dict) or set(recorded) != set(self.classes) or not all(
+                isinstance(v, list) and len(v) == len(pixels) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+                for v in recorded.values()):
+            raise BundleError(f"{directory / CONFIG_FILE} has no valid probe (the logits, by class name, of the "
+                              "reference photos): the config was edited or written by an older tlearn; restore it "
+                              "or train again")
+        for name, values in self.probe_logits().items():
+            for i, (got, want) in enumerate(zip(values, recorded[name])):
+                if abs(got - want) > PROBE_TOLERANCE * (1 + abs(want)):
+                    raise BundleError(
+                        f"{directory} does not give the answers recorded when it was trained (class {name!r} on "
+                        f"probe photo {i}: logit {got:.4g}, recorded {want:.4g}): the classes, the temperature or "
+                        "the weights were edited, or another model's files were put in (their SHA-256 re-written); "
+                        "restore the folder or train again")
 
     def head(self, calibrated: bool = False) -> LinearHead:
         """The linear head on pooled backbone features (numpy, no torch): logits as it was trained, or divided by
@@ -326,8 +380,12 @@ def _flag(value, name: str) -> bool:
 
 
 def _temperature(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise BundleError(f"the calibration temperature must be a finite positive number, not {value!r}")
+    low, high = TEMPERATURE_BOUNDS
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low * (1 - 1e-9) <= value <= high * (1 + 1e-9):
+        raise BundleError(f"the calibration temperature must be a number between {low:g} and {high:g} (the range "
+                          f"calibration searches), not {value!r:.40}: config.json was edited; restore it or train "
+                          "again")
     return float(value)
 
 

@@ -130,6 +130,7 @@ class Predictor:
         else:
             opened = open_files(*bundle.engine_files, bundle.engine.verdicts, engine, precision,
                                 compile_cache=compile_cache())
+        check_engine(bundle, opened)
         return cls(bundle, opened, name=name, batch_size=batch_size, workers=workers,
                    model_sha256=bundle.files.get(WEIGHTS_FILE, ""))
 
@@ -244,6 +245,22 @@ class Predictor:
             raise ValueError(f"pixels must be uint8 (n >= 1, {', '.join(map(str, expected))}), not "
                              f"{pixels.dtype} {pixels.shape}")
         return np.ascontiguousarray(pixels)
+
+
+def check_engine(bundle: Bundle, engine) -> None:
+    """The opened engine must compute the reference features on the reference photos, whatever verdicts the config
+    records: BundleError when the engine (or the backbone weights, for torch) is not the one the model was made
+    with, though the records were re-hashed."""
+    from tlearn.engines import compare
+
+    pixels, features = bundle.reference()
+    verdict = compare(engine, pixels, features)
+    if not verdict["ok"]:
+        which = f"the backbone weights in {WEIGHTS_FILE}" if getattr(engine, "name", "") == "torch" else \
+            f"the engine {os.fspath(bundle.engine_files[0])}"
+        raise BundleError(f"{which}: other features than the ones the model was verified with "
+                          f"({verdict['detail']}): another model's engine or weights were put in, or the file was "
+                          "edited; restore the folder or train again")
 
 
 def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Unreadable]]:

@@ -12,6 +12,9 @@ if TYPE_CHECKING:  # metrics imports scikit-learn and scipy.stats; the report us
     from tlearn.evaluate.metrics import ScoredSplit
 
 ECE_BINS = 15
+# the temperatures fit_temperature may choose, searched on log T so that they are symmetric around "no change";
+# a model folder whose temperature lies outside them was edited (tlearn.bundle refuses it)
+TEMPERATURE_BOUNDS = (1 / 20, 20.0)
 COVERAGE_THRESHOLDS = tuple(np.round(np.linspace(0.0, 0.95, 20), 2))
 
 
@@ -25,8 +28,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     def nll(log_t: float) -> float:
         return float(-log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(labels)), labels].mean())
 
-    # searched on log T so the bounds (1/20 .. 20) are symmetric around "no change"
-    result = minimize_scalar(nll, bounds=(-np.log(20), np.log(20)), method="bounded")
+    low, high = TEMPERATURE_BOUNDS
+    result = minimize_scalar(nll, bounds=(np.log(low), np.log(high)), method="bounded")
     return float(np.exp(result.x))
 
 
