@@ -69,7 +69,7 @@ def test_sixteen_bit_greyscale_keeps_its_contrast(tmp_path):
 
 
 def test_transparent_pixels_become_white(tmp_path):
-    img = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    img = Image.new("RGBA", (16, 16), (10, 20, 30, 0))
     assert np.asarray(load_image(_save(tmp_path / "t.png", img))).min() == 255
 
 

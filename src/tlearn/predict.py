@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from tlearn.bundle import WEIGHTS_FILE, Bundle
-from tlearn.data.decode import DecodeError, decode_bytes, load_image, to_rgb
+from tlearn.data.decode import DecodeError, check_size, decode_bytes, load_image, to_rgb
 from tlearn.data.pipeline import PixelBatch, default_workers
 from tlearn.engines.views import MeanOfViews, Mirrored
 from tlearn.errors import BundleError, check_range
@@ -63,7 +63,7 @@ class ModelCard:
     backbone: str
     architecture: str
     input_size: int
-    weights_source: str
+    weights_source: str  # the weights file's name and where it came from, never a path on this machine's disk
     weights_sha256: str
     model_sha256: str  # of model.safetensors
     metrics: dict
@@ -97,7 +97,8 @@ class Predictor:
         self.card = ModelCard(
             name=name, classes=list(bundle.classes), backbone=bundle.backbone.name,
             architecture=bundle.backbone.architecture, input_size=self.input_size,
-            weights_source=bundle.backbone.weights.source, weights_sha256=bundle.backbone.weights.sha256,
+            weights_source=_public_source(bundle.backbone.weights.source, bundle.backbone.weights.origin),
+            weights_sha256=bundle.backbone.weights.sha256,
             model_sha256=model_sha256, metrics=bundle.metrics, recipe=str(bundle.training.get("recipe", "head")),
             temperature=bundle.temperature, engine=getattr(engine, "name", "?"),
             precision=getattr(engine, "precision", bundle.backbone.precision), tta=bundle.tta,
@@ -150,6 +151,7 @@ class Predictor:
             picture = _array_image(image)
         else:
             raise DecodeError("<input>", f"not an image: {type(image).__name__}")
+        check_size(*picture.size, "<input>")
         try:
             return self.preprocessing.to_pixels(picture)
         except Exception as exc:  # a transform failing on a strange image is a fact about that image
@@ -282,6 +284,12 @@ def _check_options(top_k: int, min_confidence: float | None) -> None:
     check_range("top_k", top_k, 1)
     if min_confidence is not None:
         check_range("min_confidence", min_confidence, 0.0, 1.0)
+
+
+def _public_source(source: str, origin: str) -> str:
+    """What the card says of the weights' source: a file's name and origin ("file", "package", ...), not its path
+    (the card is served to clients, who have no business knowing the server's folders)."""
+    return f"{Path(source).name} ({origin})" if os.path.isabs(source) or os.sep in source else source
 
 
 def _array_image(array: np.ndarray) -> Image.Image:

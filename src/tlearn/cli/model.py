@@ -113,12 +113,16 @@ def serve(
     engine: Engine = EngineName.auto,
 ) -> None:
     """Serve a model over HTTP: a web page, POST /v1/predict, KServe v2, TorchServe-style routes, /metrics."""
+    import os
+
     from tlearn.serve import ServeSettings, run
 
+    if token is None and os.environ.get("TLEARN_TOKEN") == "":  # click reads an empty variable as unset
+        token = ""
     try:
         settings = ServeSettings(name=name or model.resolve().name, max_batch=max_batch,
                                  batch_timeout_ms=batch_timeout_ms, max_body_mb=max_body_mb, max_images=max_images,
-                                 max_pixels=max_pixels, queue=queue, timeout_s=timeout_s, token=token or None,
+                                 max_pixels=max_pixels, queue=queue, timeout_s=timeout_s, token=token,
                                  min_confidence=min_confidence, decode_threads=decode_threads)
         run(model, settings, host=host, port=port, engine=engine.value)
     except USER_ERRORS as exc:

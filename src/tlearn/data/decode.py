@@ -16,6 +16,10 @@ from tlearn.files import sha256_file
 # Refused as a decompression bomb: checked from the header, before any pixel is decoded, by each call on its own
 # (no process-wide warning filters, which threads race on). Below Pillow's own warning threshold (~89.5 Mpx).
 MAX_PIXELS = 80_000_000
+# Refused as too small to mean anything: an image is upscaled to the model's input (224 px and more), and a few
+# pixels blown up to that are a blur that a model still labels, often confidently. The same bound everywhere: the
+# command line, the Python API, the server and training data (the smallest input size a model may have).
+MIN_SIDE = 16
 MAX_FILE_BYTES = 1 << 30  # larger files are refused before they are read into memory
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # formats people do keep beside their photos that tlearn does not read: skipped with this reason, never silently
@@ -55,6 +59,7 @@ def decode_bytes(content: bytes, path: str | Path = "<bytes>", draft_size: tuple
         img = Image.open(io.BytesIO(content))
         if img.width * img.height > max_pixels:
             raise DecodeError(path, f"image too large ({img.width}x{img.height} pixels, limit {max_pixels:,})")
+        check_size(img.width, img.height, path)
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", draft_size)
         img.load()
@@ -67,6 +72,13 @@ def decode_bytes(content: bytes, path: str | Path = "<bytes>", draft_size: tuple
         raise DecodeError(path, f"image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise DecodeError(path, f"corrupt or truncated image ({exc})") from None
+
+
+def check_size(width: int, height: int, path: str | Path = "<image>") -> None:
+    """DecodeError for an image under MIN_SIDE pixels on a side (see MIN_SIDE)."""
+    if min(width, height) < MIN_SIDE:
+        raise DecodeError(path, f"image too small ({width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} are "
+                                "needed to mean anything)")
 
 
 def read_regular_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:

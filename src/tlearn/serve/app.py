@@ -9,6 +9,7 @@ from importlib.resources import files
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
@@ -30,7 +31,10 @@ def create_app(predictor, settings: ServeSettings) -> FastAPI:
         await service.stop()
         log.info("tlearn serve: answered %d of the %d requests received", service.answered, service.received)
 
-    app = FastAPI(title=f"tlearn: {settings.name}", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # the schema and its docs page are routes of their own, so that they ask for the token like every other route
+    # that tells what the server holds
+    app = FastAPI(title=f"tlearn: {settings.name}", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.service = service
     _add_errors(app, service)
     app.add_middleware(RequestMetrics, service=service)
@@ -49,6 +53,14 @@ def create_app(predictor, settings: ServeSettings) -> FastAPI:
     @app.get("/metrics", dependencies=secured, include_in_schema=False)
     def metrics() -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    @app.get("/openapi.json", dependencies=secured, include_in_schema=False)
+    def schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=secured, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
 
     page = files("tlearn.serve").joinpath("page.html").read_text(encoding="utf-8")
     page = page.replace("__TLEARN_MODEL_NAME__", json.dumps(settings.name).replace("</", "<\\/"))

@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from tlearn.serve.limits import Rejection
+from tlearn.serve.limits import Rejection, parse_json
 
 RAW_TYPES = ("image/", "application/octet-stream")
 
@@ -65,8 +64,9 @@ async def _multipart_files(headers: Headers, body: bytes, max_images: int) -> li
 
 
 def _json_instances(body: bytes) -> list[bytes]:
+    document = parse_json(body, "json")
     try:
-        instances = json.loads(body)["instances"]
+        instances = document["instances"]
         if not isinstance(instances, list):
             raise TypeError("instances is not a list")
         return [decode_b64(_b64_field(item), i) for i, item in enumerate(instances)]

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 import tlearn
 from tlearn.serve.inputs import check_image_count, decode_b64
-from tlearn.serve.limits import Rejection, read_body
+from tlearn.serve.limits import Rejection, json_count, json_object, parse_json, read_body
 from tlearn.serve.v1 import known
 
 INPUT = "image"
@@ -89,22 +89,30 @@ class InferCall:
 def parse_infer(body: bytes, header_length: str | None, settings) -> InferCall:
     """The request's images and the outputs it asks for; 400 on anything the protocol does not allow."""
     split = _header_length(header_length, len(body))
-    try:
-        request = json.loads(body[:split])
-        inputs, wanted = request["inputs"], request.get("outputs")
-        binary_default = bool(request.get("parameters", {}).get("binary_data_output", False))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise Rejection(400, "v2-request", f"not a v2 inference request ({type(exc).__name__}: {exc})") from None
+    request = json_object(parse_json(memoryview(body)[:split], "v2-request"), "the request", "v2-request")
+    inputs, wanted = request.get("inputs"), request.get("outputs")
+    binary_default = request_flag(json_object(request.get("parameters"), "parameters", "v2-request"),
+                                  "binary_data_output", False)
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict) \
             or inputs[0].get("name") != INPUT:
         raise Rejection(400, "v2-inputs", f"send exactly one input tensor, named {INPUT!r}")
     images = _images(inputs[0], memoryview(body)[split:], settings)
-    outputs = [(o.get("name"), bool(o.get("parameters", {}).get("binary_data", binary_default)))
+    if wanted is not None and (not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted)):
+        raise Rejection(400, "v2-outputs", 'outputs must be a list of objects such as {"name": "label"}')
+    outputs = [(o.get("name"), request_flag(json_object(o.get("parameters"), "an output's parameters",
+                                                        "v2-outputs"), "binary_data", binary_default))
                for o in wanted] if wanted else [(name, binary_default) for name in OUTPUTS]
     unknown = [name for name, _ in outputs if name not in OUTPUTS]
     if unknown:
         raise Rejection(400, "v2-outputs", f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}")
     return InferCall(request.get("id"), images, outputs)
+
+
+def request_flag(parameters: dict, name: str, default: bool) -> bool:
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise Rejection(400, "v2-request", f"parameter {name} must be true or false, not {value!r:.40}")
+    return value
 
 
 def _header_length(value: str | None, body_length: int) -> int:
@@ -117,10 +125,12 @@ def _header_length(value: str | None, body_length: int) -> int:
 
 def _images(tensor: dict, binary: memoryview, settings) -> list[bytes | np.ndarray]:
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                                  and d >= 0 for d in shape):
         raise Rejection(400, "v2-inputs", f"input shape {shape!r} is not a list of sizes")
     check_image_count(shape[0], settings.max_images)
-    size = tensor.get("parameters", {}).get("binary_data_size")
+    size = json_object(tensor.get("parameters"), "the input's parameters", "v2-inputs").get("binary_data_size")
+    size = None if size is None else json_count(size, "binary_data_size", "v2-inputs")
     raw = bytes(binary[:size]) if size is not None else None
     if size is not None and len(raw) != size:
         raise Rejection(400, "v2-inputs", f"binary_data_size {size} is larger than the binary data sent")

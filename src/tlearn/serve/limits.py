@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 from dataclasses import dataclass, fields
 
 from starlette.requests import Request
@@ -34,6 +35,9 @@ class ServeSettings:
             check_range("--min-confidence", self.min_confidence, 0.0, 1.0)
         if not self.name or "/" in self.name:
             raise InvalidParameter(f"--name must be a non-empty name without '/', not {self.name!r}")
+        if self.token is not None and not self.token.strip():
+            raise InvalidParameter("the token (--token or $TLEARN_TOKEN) is empty, which would leave the server "
+                                   "open to anyone: give a token, or unset TLEARN_TOKEN to serve without one")
 
     @property
     def max_body_bytes(self) -> int:
@@ -68,6 +72,33 @@ def check_token(settings: ServeSettings, request: Request) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
         raise Rejection(401, "token", "missing or wrong token: send 'Authorization: Bearer <token>'",
                         headers={"WWW-Authenticate": "Bearer"})
+
+
+def parse_json(body: bytes | memoryview, limit: str) -> object:
+    """The JSON document of a request body; 400 (naming `limit`) for anything that is not JSON, including a document
+    nested deeper than the parser's recursion limit (about 1,000 levels) or text that is not UTF-8."""
+    try:
+        return json.loads(bytes(body))
+    except RecursionError:
+        raise Rejection(400, limit, "the JSON body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Rejection(400, limit, f"the body is not valid JSON ({exc})") from None
+
+
+def json_object(value, what: str, limit: str) -> dict:
+    """`value` if it is a JSON object (absent: {}), else 400 naming `what`."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Rejection(400, limit, f"{what} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def json_count(value, what: str, limit: str) -> int:
+    """`value` if it is a whole number >= 0 (not a string, a float or a boolean), else 400 naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise Rejection(400, limit, f"{what} must be a whole number >= 0, not {value!r:.40}")
+    return value
 
 
 async def read_body(request: Request, settings: ServeSettings) -> bytes:
