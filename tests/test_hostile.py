@@ -13,8 +13,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -706,3 +708,87 @@ def test_server_model_card_names_no_path_of_the_server(served):
     card = served.get("/v1/models/demo").json()["card"]
     assert "/" not in card["weights_source"] and card["weights_source"].endswith(")")
     assert str(Path.home()) not in json.dumps(card) and "site-packages" not in json.dumps(card)
+
+
+def _serve_cli(args: list[str], env: dict | None = None):
+    return runner.invoke(app, ["serve", *args], env=env)
+
+
+SERVE_CLI_CASES: dict[str, tuple[Callable[[Path, socket.socket], tuple[list[str], dict | None]], str]] = {
+    "serve_port_99999": (lambda m, s: ([str(m), "--port", "99999"], None), r"cannot listen on 127.0.0.1:99999"),
+    "serve_port_in_use": (lambda m, s: ([str(m), "--port", str(s.getsockname()[1])], None),
+                          r"cannot listen on .*Address already in use"),
+    "serve_host_unknown": (lambda m, s: ([str(m), "--host", "300.1.1.1", "--port", "8000"], None),
+                           r"cannot listen on 300.1.1.1"),
+    "serve_token_env_empty": (lambda m, s: ([str(m)], {"TLEARN_TOKEN": ""}), r"token .*is empty"),
+    "serve_token_blank": (lambda m, s: ([str(m), "--token", "  "], None), r"token .*is empty"),
+}
+
+
+@pytest.mark.parametrize("kind", list(SERVE_CLI_CASES))
+def test_hostile_serve_command(kind, demo_model_dir):
+    """Refused in one line, exit 2, before the model is loaded or the port is held."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args, env = SERVE_CLI_CASES[kind][0](demo_model_dir, taken)
+        result = _serve_cli(args, env)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert re.search(SERVE_CLI_CASES[kind][1], " ".join(result.output.split())), result.output
+
+
+@pytest.fixture(scope="module")
+def real_server(demo_model_dir):
+    from served_process import RealServer
+
+    server = RealServer(demo_model_dir, "--timeout-s", str(SLOW_CLIENT_TIMEOUT))
+    yield server
+    server.stop()
+
+
+SLOW_CLIENT_TIMEOUT = 2.0  # the server's --timeout-s in these cases: the bound on each client's reading time
+
+
+def _closed_after(sock: socket.socket, trickle: bytes, bound: float) -> tuple[float, bytes]:
+    """Send `trickle` a byte every 0.2 s (then nothing) until the server closes; (seconds it took, what it said)."""
+    sock.settimeout(0.2)
+    started, answer = time.monotonic(), b""
+    for i in range(int(bound / 0.2) + 1):
+        try:
+            if i < len(trickle):
+                sock.send(trickle[i:i + 1])
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        except socket.timeout:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            break
+    return time.monotonic() - started, answer
+
+
+SLOW_CASES: dict[str, tuple[bytes, str]] = {  # what the client sends, slowly; what the server answers (if anything)
+    "server_headers_trickled": (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 200, ""),
+    "server_connects_and_says_nothing": (b"", ""),
+    "server_body_stops_half_way": (b"", "408"),  # the headers at once, then half the body, then nothing
+}
+
+
+@pytest.mark.parametrize("kind", list(SLOW_CASES))
+def test_hostile_slow_client(kind, real_server, demo_data):
+    """A client that holds a connection without finishing its request is cut off within a bounded time, while other
+    clients are answered."""
+    trickle, says = SLOW_CASES[kind]
+    jpeg = _encoded(_photo(demo_data), "JPEG")
+    with socket.create_connection(("127.0.0.1", real_server.port)) as slow:
+        if kind == "server_body_stops_half_way":
+            slow.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                         + str(len(jpeg)).encode() + b"\r\n\r\n" + jpeg[: len(jpeg) // 2])
+        status, answer = real_server.post("/v1/predict", jpeg, "image/jpeg")  # another client meanwhile
+        assert status == 200 and answer["predictions"][0]["label"] in CLASSES
+        seconds, said = _closed_after(slow, trickle, bound=SLOW_CLIENT_TIMEOUT + 6)
+    assert seconds < SLOW_CLIENT_TIMEOUT + 5, f"the connection was held {seconds:.1f} s"
+    assert says.encode() in said.split(b"\r\n")[0], said[:200]
+    if says:
+        assert b'"limit":"timeout-s"' in said
