@@ -13,10 +13,15 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,13 +206,14 @@ def _bombs(work, model, demo):
     return ["predict", str(model), str(folder), "--batch-size", "2"]
 
 
-def _dataset(work: Path, demo: Path, per_class: int = 6) -> Path:
-    """A small copy of the demo photos, one folder per class (carved splits)."""
+def _dataset(work: Path, demo: Path, change: Callable[[Path], None] = lambda root: None, per_class: int = 6) -> Path:
+    """A small copy of the demo photos, one folder per class (carved splits), changed."""
     root = work / "data"
     for cls in sorted(CLASSES):
         (root / cls).mkdir(parents=True)
         for i, source in enumerate(sorted((demo / "train" / cls).glob("*.png"))[:per_class]):
             shutil.copy(source, root / cls / f"{i}.png")
+    change(root)
     return root
 
 
@@ -474,6 +480,18 @@ CASES: dict[str, Case] = {
     "train_with_unreadable_files": _train(_unreadable_files, r"skipped 2 unreadable(.|\n)*broken.png"),
     "data_is_a_file": Case(lambda w, m, d: ["doctor", str(_inputs(w, d) / "good0.png")], (2,), r"is a file"),
     "data_missing": Case(lambda w, m, d: ["doctor", str(w / "nothing")], (2,), r"does not exist"),
+    # where other outputs go (issue 24)
+    "export_out_over_a_photo": Case(lambda w, m, d: ["export", str(m), "--out", str(_inputs(w, d) / "good0.png")],
+                                    (2,), r"good0.png exists and is not an ONNX file that tlearn exported"),
+    "export_out_over_users_onnx": Case(
+        lambda w, m, d: ["export", str(m), "--out", str((w / "theirs.onnx", (w / "theirs.onnx").write_bytes(
+            b"\x08\x07\x12\x04mine"))[0])], (2,), r"theirs.onnx exists and is not an ONNX file that tlearn"),
+    "export_out_is_a_folder": Case(lambda w, m, d: ["export", str(m), "--out", str(_inputs(w, d))], (2,),
+                                   r"is a folder"),
+    "quarantine_onto_a_file": Case(
+        lambda w, m, d: ["doctor", str(_dataset(w, d, _unreadable_files)), "-q", "--quarantine",
+                         str((w / "q.txt", (w / "q.txt").write_text("mine"))[0])], (2,),
+        r"--quarantine .*q.txt is a file, not a folder"),
     "quarantine_inside_data": Case(lambda w, m, d: ["doctor", str(_dataset(w, d)), "-q", "--quarantine",
                                                     str(w / "data" / "brick" / "q")], (2,), r"inside the dataset"),
 }
@@ -792,3 +810,266 @@ def test_hostile_slow_client(kind, real_server, demo_data):
     assert says.encode() in said.split(b"\r\n")[0], said[:200]
     if says:
         assert b'"limit":"timeout-s"' in said
+
+
+# ---- disks and caches (issue 24): a full or read-only disk, a damaged cache --------------------------------------
+class Disks:
+    """Small tmpfs mounts (root only: the test is skipped elsewhere), unmounted at the end of the test."""
+
+    def __init__(self):
+        self.mounted: list[Path] = []
+
+    def small(self, path: Path, size: str = "256k") -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("a full disk is a small tmpfs here, which needs root")
+        path.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        self.mounted.append(path)
+        return path
+
+    def full(self, path: Path, size: str = "256k") -> Path:
+        """A disk with no space left: a user's file fills it."""
+        self.small(path, size)
+        fd = os.open(path / "users-big-file.bin", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return path
+
+    def read_only(self, path: Path, fill: Callable[[Path], object] = lambda p: None) -> Path:
+        self.small(path, "64m")
+        fill(path)
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        return path
+
+    def unmount(self) -> None:
+        for path in reversed(self.mounted):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def disks():
+    made = Disks()
+    yield made
+    made.unmount()
+
+
+@dataclass
+class DiskCase:
+    build: Callable  # (work, disks, model, demo, cache) -> argv
+    exits: tuple[int, ...]
+    says: str
+    after: Callable[[Path], None] = lambda work: None  # checks on what is left
+
+
+def _both(warning: str) -> str:
+    """The warning (on stderr) and a trained model's summary (on stdout), in either order."""
+    return rf"(?s)(?=.*{warning})(?=.*classes\W+3\b)"
+
+
+def _no_leftovers(folder: str, keep: tuple[str, ...] = ("users-big-file.bin",)) -> Callable[[Path], None]:
+    def check(work: Path) -> None:
+        left = sorted(p.name for p in (work / folder).iterdir() if p.name not in keep)
+        assert left == [], f"left under {folder}: {left}"
+    return check
+
+
+def _copied_cache(cache: Path, work: Path) -> Path:
+    """A copy of the session's feature cache (the demo photos' features, their engines) to damage."""
+    return Path(shutil.copytree(cache, work / "cache", ignore=shutil.ignore_patterns("*.damaged-*")))
+
+
+def _damage_middle(cache: Path) -> None:
+    database = cache / "features.sqlite"
+    content = bytearray(database.read_bytes())
+    middle = len(content) // 2
+    content[middle:middle + 8192] = np.random.default_rng(1).integers(0, 256, 8192, dtype=np.uint8).tobytes()
+    database.write_bytes(bytes(content))
+
+
+def _live_wal(cache: Path) -> None:
+    """A WAL of uncommitted-to-the-file changes copied beside the database, from a writer that is still open."""
+    import sqlite3
+
+    writer_copy = cache.parent / "writer"
+    writer_copy.mkdir()
+    shutil.copy(cache / "features.sqlite", writer_copy / "features.sqlite")
+    db = sqlite3.connect(writer_copy / "features.sqlite")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("DELETE FROM vectors WHERE rowid % 2 = 0")
+    db.commit()
+    wal = bytearray((writer_copy / "features.sqlite-wal").read_bytes())
+    wal[len(wal) // 2: len(wal) // 2 + 4096] = b"\xff" * 4096  # and torn in the middle, as a copy mid-write is
+    (cache / "features.sqlite-wal").write_bytes(bytes(wal))
+    db.close()
+    shutil.rmtree(writer_copy)
+
+
+def _other_version(cache: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(cache / "features.sqlite") as db:
+        db.execute("PRAGMA user_version = 99")
+
+
+def _train_into(out: Callable[[Path, Disks], Path], cache: Callable[[Path, Disks, Path], Path] | None = None):
+    def build(work, disks, model, demo, session_cache):
+        root = _dataset(work, demo)
+        args = ["train", str(root), "--out", str(out(work, disks)), "-q"]
+        return args + (["--cache-dir", str(cache(work, disks, session_cache))] if cache else [])
+    return build
+
+
+def _predict_output(work, disks, model, demo, cache):
+    return ["predict", str(model), str(_inputs(work, demo, good=2)), "--output",
+            str(disks.full(work / "disk") / "p.csv")]
+
+
+def _read_only_model(work, disks, model, demo, cache):
+    return disks.read_only(work / "disk", lambda d: shutil.copytree(model, d / "model")) / "model"
+
+
+DISK_CASES: dict[str, DiskCase] = {
+    "disk_train_out_full": DiskCase(_train_into(lambda w, d: d.full(w / "disk", "1m") / "model"), (2,),
+                                    r"cannot write .*model \(--out\): No space left on device",
+                                    _no_leftovers("disk")),
+    "disk_train_out_read_only": DiskCase(_train_into(lambda w, d: d.read_only(w / "disk") / "model"), (2,),
+                                         r"model \(--out\): Read-only file system", _no_leftovers("disk")),
+    "disk_predict_output_full": DiskCase(_predict_output, (2,), r"p.csv \(--output\): No space left on device",
+                                         _no_leftovers("disk")),
+    "disk_report_model_read_only": DiskCase(lambda w, d, m, demo, c: ["report", str(_read_only_model(w, d, m, demo,
+                                                                                                      c)), "-q"],
+                                            (2,), r"report \(--out\): Read-only file system"),
+    "disk_predict_model_read_only": DiskCase(lambda w, d, m, demo, c: ["predict", str(_read_only_model(w, d, m, demo,
+                                                                                                        c)),
+                                                                       str(_inputs(w, demo, good=2))],
+                                             (0,), r"path,label,score\n.*,(brick|grass|gravel),"),
+    "disk_export_out_full": DiskCase(lambda w, d, m, demo, c: ["export", str(m), "--out",
+                                                               str(d.full(w / "disk", "1m") / "m.onnx")],
+                                     (2,), r"cannot write .*No space left on device", _no_leftovers("disk")),
+    "cache_disk_full": DiskCase(_train_into(lambda w, d: w / "model", lambda w, d, c: d.full(w / "cache", "128k")),
+                                (0,), _both(r"warning: the feature cache in .*cannot store features")),
+    "cache_dir_read_only": DiskCase(_train_into(lambda w, d: w / "model", lambda w, d, c: d.read_only(w / "cache")),
+                                    (0,), _both(r"warning: the feature cache in .*cannot store")),
+    "cache_read_only_with_features": DiskCase(
+        _train_into(lambda w, d: w / "model",
+                    lambda w, d, c: d.read_only(w / "cache", lambda p: shutil.copy(c / "features.sqlite", p))),
+        (0,), _both(r"warning: the feature cache in .*cannot store")),
+    "cache_damaged_mid_file": DiskCase(
+        _train_into(lambda w, d: w / "model", lambda w, d, c: (_damage_middle(_copied_cache(c, w)), w / "cache")[1]),
+        (0,), _both(r"warning: the feature cache .*features.sqlite is (damaged|not a readable database).*moved to "
+                    r"features.sqlite.damaged-")),
+    "cache_live_wal_beside": DiskCase(
+        _train_into(lambda w, d: w / "model", lambda w, d, c: (_live_wal(_copied_cache(c, w)), w / "cache")[1]),
+        (0,), r"classes\W+3\b"),
+    "cache_of_another_version": DiskCase(
+        _train_into(lambda w, d: w / "model", lambda w, d, c: (_other_version(_copied_cache(c, w)), w / "cache")[1]),
+        (0,), _both(r"written by another version of tlearn")),
+    "cache_overwritten_with_text": DiskCase(
+        _train_into(lambda w, d: w / "model", lambda w, d, c: (
+            (_copied_cache(c, w) / "features.sqlite").write_text("not a database " * 100), w / "cache")[1]),
+        (0,), _both(r"moved to features.sqlite.damaged-")),
+    "cache_dir_is_a_file": DiskCase(
+        _train_into(lambda w, d: w / "model", lambda w, d, c: (w / "c", (w / "c").write_text("x"))[0]),
+        (2,), r"feature cache in .*c: it is not a folder"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DISK_CASES))
+def test_hostile_disk(kind, disks, demo_model_dir, demo_data, cache_dir, tmp_path, monkeypatch):
+    case = DISK_CASES[kind]
+    monkeypatch.setenv("TLEARN_CACHE", str(cache_dir))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, case.build(work, disks, demo_model_dir, demo_data, cache_dir))
+    output = result.stdout + result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in output
+    assert result.exit_code in case.exits, output[-2000:]
+    assert re.search(case.says, output) or re.search(case.says, " ".join(output.split())), output[-2000:]
+    if result.exit_code == 2:
+        assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+    case.after(work)
+
+
+# ---- Ctrl-C (issue 24): one line, exit 130, nothing half-written ------------------------------------------------
+def _interrupt(args: list[str], ready: Callable[[str], bool], cwd: Path, env: dict) -> tuple[int, str]:
+    """Run `tlearn ARGS` as a terminal does (its own process group), press Ctrl-C (SIGINT to the whole group) once
+    `ready(stderr so far)`; (exit code, stderr)."""
+    process = subprocess.Popen([sys.executable, "-m", "tlearn.cli", *args], cwd=cwd, env=env, text=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not ready("".join(seen)) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "".join(seen)  # still working when interrupted
+    os.killpg(process.pid, signal.SIGINT)
+    code = process.wait(timeout=120)
+    reader.join(timeout=10)
+    return code, "".join(seen)
+
+
+def _served(port: int) -> Callable[[str], bool]:
+    def ready(_: str) -> bool:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200
+        except OSError:
+            return False
+    return ready
+
+
+INTERRUPTS: dict[str, Callable[[Path, Path, Path], tuple[list[str], Callable[[str], bool], Callable[[Path], None]]]] = {
+    # (work, model, demo) -> (args, when to press Ctrl-C, what must not be there after)
+    "ctrl_c_train_while_extracting": lambda w, m, d: (
+        ["train", str(_dataset(w, d)), "--out", str(w / "model"), "--cache-dir", str(w / "fresh-cache")],
+        lambda err: "building the" in err, _no_leftovers(".", keep=("data", "fresh-cache"))),
+    "ctrl_c_predict_to_output": lambda w, m, d: (
+        ["predict", str(m), str(_many_inputs(w, d)), "--output", str(w / "p.csv"), "--batch-size", "1"],
+        _after_seconds(3.0), _no_leftovers(".", keep=("in",))),
+    "ctrl_c_serve": lambda w, m, d: (["serve", str(m), "--port", str(_free_port())], None, lambda w: None),
+}
+
+
+def _after_seconds(seconds: float) -> Callable[[str], bool]:
+    """Ready once `seconds` have passed since the first call (the command loaded, and busy for many more)."""
+    started: list[float] = []
+    return lambda err: (started or started.append(time.monotonic()) or True) and \
+        time.monotonic() - started[0] >= seconds
+
+
+def _many_inputs(work: Path, demo: Path) -> Path:
+    folder = _inputs(work, demo, good=6)
+    for i in range(400):
+        shutil.copy(folder / f"good{i % 6}.png", folder / f"copy{i}.png")
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", list(INTERRUPTS))
+def test_hostile_interrupt(kind, demo_model_dir, demo_data, cache_dir, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    args, ready, after = INTERRUPTS[kind](work, demo_model_dir, demo_data)
+    ready = ready or _served(int(args[-1]))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "TLEARN_CACHE": str(cache_dir)}
+    code, err = _interrupt(args, ready, work, env)
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    ours = [line for line in err.splitlines() if line.strip() and not line.startswith("INFO:")
+            and not line.startswith(("building the", "extracting", "predicting"))]
+    assert len(ours) == 1 and ours[0].startswith("interrupted: nothing half-written"), err[-3000:]
+    after(work)

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from tlearn.backbones import Preprocessing
 from tlearn.backbones.registry import BACKBONES, WeightsInfo
 from tlearn.errors import BundleError, EngineError
 from tlearn.evaluate.calibration import TEMPERATURE_BOUNDS
-from tlearn.files import fsync_tree, swap_in
+from tlearn.files import disk_refusals, fsync_tree, swap_in
 from tlearn.files import sha256_file as file_sha256
 from tlearn.train.head import LinearHead
 
@@ -111,8 +111,10 @@ class Bundle:
 
     def write(self, folder: Path) -> None:
         """Write the bundle's files into `folder` (an empty staging folder: see ModelFolder)."""
-        files = {WEIGHTS_FILE: lambda p: save_file({k: np.ascontiguousarray(v) for k, v in self.state.items()}, p,
-                                                   metadata={"format": "tlearn"}),
+        # serialised in memory, written by Python: a full disk is an OSError (safetensors' own writer raises its
+        # SafetensorError for it)
+        files = {WEIGHTS_FILE: lambda p: p.write_bytes(save({k: np.ascontiguousarray(v) for k, v in self.state.items()},
+                                                            metadata={"format": "tlearn"})),
                  METRICS_FILE: lambda p: p.write_text(json.dumps(self.metrics, indent=1))}
         if self.engine_files is not None:
             model_file, reference_file = self.engine_files
@@ -298,22 +300,29 @@ class ModelFolder:
             parent.mkdir(parents=True, exist_ok=True)
             self.staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{self.target.name}.new-"))
         except OSError as exc:
-            raise BundleError(f"cannot write the model next to {self.target}: {exc.strerror or exc}") from None
+            raise BundleError(f"cannot write the model next to {self.target} (--out): {exc.strerror or exc}; "
+                              "choose another --out") from None
         os.chmod(self.staging, 0o755)
         return self.staging
 
     def __exit__(self, kind, exc, tb) -> None:
         if kind is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
+            with disk_refusals(self.target, "--out"):  # a full or read-only disk: OutputError naming --out
+                if isinstance(exc, OSError):
+                    raise exc
             return
         try:
-            fsync_tree(self.staging)
-            if (self.target / RUN_FOLDER).is_dir() and not (self.staging / RUN_FOLDER).exists():
-                os.rename(self.target / RUN_FOLDER, self.staging / RUN_FOLDER)
-            swap_in(self.staging, self.target)
-        except OSError as error:
+            with disk_refusals(self.target, "--out"):
+                fsync_tree(self.staging)
+                if (self.target / RUN_FOLDER).is_dir() and not (self.staging / RUN_FOLDER).exists():
+                    os.rename(self.target / RUN_FOLDER, self.staging / RUN_FOLDER)
+                swap_in(self.staging, self.target)
+        except BaseException as error:
             shutil.rmtree(self.staging, ignore_errors=True)
-            raise BundleError(f"cannot write the model to {self.target}: {error.strerror or error}") from None
+            if isinstance(error, OSError):
+                raise BundleError(f"cannot write the model to {self.target}: {error.strerror or error}") from None
+            raise
 
 
 def is_model_folder(path: Path) -> bool:

@@ -27,6 +27,10 @@ class WeightsUnavailable(TlearnError):
     """The backbone's pretrained weights are not on this machine."""
 
 
+class OutputError(TlearnError):
+    """An output cannot be written where it was asked: the disk is full or read-only, or writing is not allowed."""
+
+
 class InvalidParameter(TlearnError, ValueError):
     """A setting outside its allowed values."""
 

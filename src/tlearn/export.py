@@ -6,6 +6,7 @@ and the preprocessing are. The mechanics (tracing, int8 quantisation, the compar
 from __future__ import annotations
 
 import json
+import os
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -14,6 +15,7 @@ import numpy as np
 
 from tlearn.bundle import Bundle
 from tlearn.errors import TlearnError, require
+from tlearn.outputs import OutputRefused
 from tlearn.predict import Predictor, expand_paths
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ def export_bundle(bundle: Bundle, predictor: Predictor, path: Path, *, int8: boo
 
     The images it is checked (and, for int8, calibrated) on go through the predictor's pixel pipeline."""
     require("torch", "train", "exporting a model")
+    check_export_path(Path(path))
     from tlearn.engines.export import export_classifier
 
     pixels, source = check_pixels(bundle, predictor, images)
@@ -43,6 +46,27 @@ def export_bundle(bundle: Bundle, predictor: Predictor, path: Path, *, int8: boo
         batches = (b.pixels for b in predictor.pixel_batches([train[i] for i in sorted(order)]) if len(b.indices))
     return export_classifier(bundle.build_model(), bundle.preprocessing, Path(path),
                              properties(bundle, "int8" if int8 else "fp32"), pixels, source, batches)
+
+
+def check_export_path(path: Path) -> None:
+    """Refuse an --out that would replace anything but an ONNX file tlearn exported (a user's photo, say)."""
+    if path.is_dir():
+        raise OutputRefused(f"cannot write {path}: it is a folder; give a file name ending in .onnx")
+    if os.path.lexists(path) and not _is_tlearn_export(path):
+        raise OutputRefused(f"{path} exists and is not an ONNX file that tlearn exported: refusing to overwrite "
+                            "it; choose another --out")
+    if not path.parent.is_dir():
+        raise OutputRefused(f"cannot write {path}: the folder {path.parent} does not exist")
+
+
+def _is_tlearn_export(path: Path) -> bool:
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX at all (any parse error of any file)
+        return False
+    return any(p.key == "producer" and p.value.startswith("tlearn") for p in model.metadata_props)
 
 
 def check_pixels(bundle: Bundle, predictor: Predictor, images: Sequence[str | Path] | None) -> tuple[np.ndarray, str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import os
 import shutil
@@ -9,6 +10,11 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+
+from tlearn.errors import OutputError
+
+# what a disk answers when it will not take a file: full, over quota, read-only, not permitted, too large, failing
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO})
 
 
 def cache_root() -> Path:
@@ -25,24 +31,42 @@ def sha256_file(path: str | Path) -> str:
 
 
 @contextmanager
-def temporary_beside(path: str | Path) -> Iterator[str]:
-    """A temporary file name next to `path` (same file system, so a rename onto `path` is atomic), readable by
-    others (0644, not mkstemp's 0600: model folders and caches are shared), removed on exit if still there."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
+def disk_refusals(path: str | Path, option: str | None = None) -> Iterator[None]:
+    """An OSError of the disk under `path` (DISK_ERRNOS) raised inside as one OutputError that names `path` and the
+    `option` that chose it: the one way every output reports a full or read-only disk."""
     try:
-        yield tmp
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        given = f" ({option})" if option else ""
+        instead = f"choose another {option}" if option else "choose another place"
+        raise OutputError(f"cannot write {path}{given}: {exc.strerror or exc}; nothing was left there: free some "
+                          f"space, or {instead}") from None
+
+
+@contextmanager
+def temporary_beside(path: str | Path, option: str | None = None) -> Iterator[str]:
+    """A temporary file name next to `path` (same file system, so a rename onto `path` is atomic), readable by
+    others (0644, not mkstemp's 0600: model folders and caches are shared), removed on exit if still there. A disk
+    that refuses it (full, read-only) is an OutputError naming `path` and `option` (see disk_refusals)."""
+    path = Path(path)
+    tmp = None
+    try:
+        with disk_refusals(path, option):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            os.chmod(tmp, 0o644)
+            yield tmp
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def write_atomically(path: str | Path, write: Callable[[str], object]) -> Path:
+def write_atomically(path: str | Path, write: Callable[[str], object], option: str | None = None) -> Path:
     """Call `write(temporary name)`, then rename it onto `path`: readers see the old file or the new, never half."""
-    with temporary_beside(path) as tmp:
+    with temporary_beside(path, option) as tmp:
         write(tmp)
         os.replace(tmp, path)
     return Path(path)

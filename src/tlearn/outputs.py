@@ -132,10 +132,10 @@ def _result_start(suffix: str) -> bytes | None:
 
 
 @contextmanager
-def atomic_text_file(path: Path) -> Iterator[IO[str]]:
+def atomic_text_file(path: Path, option: str | None = None) -> Iterator[IO[str]]:
     """A text file (UTF-8, names' original bytes kept) that appears at `path` only once it is complete:
     written to a temporary file beside it (0644), synced, then renamed over it."""
-    with temporary_beside(path) as tmp:
+    with temporary_beside(path, option) as tmp:
         with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as text:
             yield text
             text.flush()

@@ -36,9 +36,9 @@ def main() -> None:
     try:
         app()
     except Interrupted:
-        err.print("\ninterrupted. Nothing half-written was kept: a model folder is written whole or not at all, and "
-                  "any output file only when complete. Features extracted so far are cached: the same command "
-                  "continues from there (a fine-tune continues with --resume).", highlight=False)
+        err.print("\ninterrupted: nothing half-written was kept (a model folder and an output file appear whole or "
+                  "not at all); the same command continues from the features cached so far (a fine-tune with "
+                  "--resume)", highlight=False, soft_wrap=True)
         _leave(130)
     except SystemExit as done:  # typer ends every command with one
         _leave(done.code)

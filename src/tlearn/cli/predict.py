@@ -101,7 +101,7 @@ def _write_predictions(rows, fmt: Format, output: Optional[Path], k: int, with_t
 
     from tlearn.outputs import atomic_text_file, stdout_text, write_predictions
 
-    opened = atomic_text_file(output) if output else stdout_text()
+    opened = atomic_text_file(output, "--output") if output else stdout_text()
     with opened as sink, Progress(console=err, transient=True, disable=not progress) as bar:
         task = bar.add_task("predicting", total=progress or None)
         return write_predictions(rows, sink, fmt.value, k, with_top_label, unreadable,

@@ -25,6 +25,7 @@ from tlearn.data.decode import DecodeError, content_hashes, decode_bytes, read_r
 from tlearn.data.discovery import walk_images
 from tlearn.data.fingerprints import NEAR_DUPLICATE_BITS, fingerprint_files, near_pairs
 from tlearn.data.layout import SPLIT_OF, Dataset, DatasetError, find_dataset
+from tlearn.files import disk_refusals
 from tlearn.outputs import csv_cell, csv_writer
 
 ERROR, WARNING = "error", "warning"
@@ -124,21 +125,26 @@ def quarantine(report: DoctorReport, directory: str | Path) -> list[dict]:
     if directory == root or root in directory.parents:
         raise DatasetError(f"the quarantine folder {directory} is inside the dataset {root}: choose one outside it, "
                          "or its files would be read as a class")
+    if directory.exists() and not directory.is_dir():
+        raise DatasetError(f"--quarantine {directory} is a file, not a folder: give a folder (it is made if absent)")
     reasons: dict[str, list[str]] = defaultdict(list)
     for finding in report.findings:
         for rel in finding.move:
             reasons[rel].append(f"{finding.kind}: {finding.message}")
     moved = []
-    for rel, why in sorted(reasons.items()):
-        source = root / rel
-        if not source.exists():
-            continue
-        target = _free_name(directory / rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(source, target)
-        moved.append({"path": rel, "moved_to": str(target), "reasons": " | ".join(why)})
-    if moved:
-        _append_reasons(directory / "reasons.csv", moved)
+    with disk_refusals(directory, "--quarantine"):  # a full or read-only disk: one line; what moved is logged
+        try:
+            for rel, why in sorted(reasons.items()):
+                source = root / rel
+                if not source.exists():
+                    continue
+                target = _free_name(directory / rel)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(source, target)
+                moved.append({"path": rel, "moved_to": str(target), "reasons": " | ".join(why)})
+        finally:
+            if moved:
+                _append_reasons(directory / "reasons.csv", moved)
     return moved
 
 

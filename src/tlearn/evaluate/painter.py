@@ -49,6 +49,8 @@ class Painter:
                 if answer is None:
                     self._child = None  # died (killed?) or talking nonsense: the rest is drawn here
                     break
+                if answer.get("errno"):  # the disk refused the file: the same OSError as if it were drawn here
+                    raise OSError(answer["errno"], answer["strerror"], answer["filename"])
                 if answer.get("error"):
                     raise FigureError(f"drawing {asked[done][0]} failed in the painter process:\n{answer['error']}")
                 done += 1
@@ -69,8 +71,10 @@ def start() -> None:
     """Start the painter process now (idempotent), for the next report of this process to use."""
     global _started
     if _started is None:
+        # in a process group of its own: Ctrl-C at the terminal interrupts the parent (which says what was kept),
+        # not the painter, which ends when its stdin closes
         child = subprocess.Popen([sys.executable, "-m", "tlearn.evaluate.painter"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1)
+                                 stdout=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1, process_group=0)
         _started = Painter(child)
 
 
@@ -117,6 +121,9 @@ def _serve() -> None:
         try:
             _draw(job["figure"], job["args"])
             answer = {"ok": True}
+        except OSError as exc:  # a full or read-only disk: the parent reports it as its own
+            answer = {"errno": exc.errno, "strerror": exc.strerror, "filename": str(exc.filename),
+                      "error": traceback.format_exc()}
         except Exception:  # reported to the parent, which raises it there
             answer = {"error": traceback.format_exc()}
         sys.stdout.write(json.dumps(answer) + "\n")

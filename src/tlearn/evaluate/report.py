@@ -15,6 +15,7 @@ import numpy as np
 from tlearn.data.decode import DecodeError, load_image
 from tlearn.evaluate import painter as painters
 from tlearn.evaluate.calibration import accuracy_coverage, expected_calibration_error, reliability_bins
+from tlearn.files import disk_refusals
 
 if TYPE_CHECKING:  # metrics imports scikit-learn and scipy.stats: only write_report needs it, and imports it there
     from tlearn.evaluate.metrics import ScoredSplit
@@ -41,7 +42,8 @@ def write_report(directory: str | Path, inputs: ReportInputs) -> Path:
     the gallery and the page; the report is complete when this returns."""
     painter = painters.take()
     try:
-        return _write(Path(directory), inputs, painter)
+        with disk_refusals(directory, "--out"):  # a full or read-only disk (a model folder on a read-only mount)
+            return _write(Path(directory), inputs, painter)
     finally:
         painter.close()
 

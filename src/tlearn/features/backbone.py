@@ -27,6 +27,7 @@ from tlearn.engines import (
     state_key,
     stream_pixels,
 )
+from tlearn.errors import OutputError
 from tlearn.features.cache import FeatureCache
 
 if TYPE_CHECKING:
@@ -107,29 +108,42 @@ class FrozenBackbone:
     @functools.cache
     def engine(self):
         """The engine running the backbone: from its verified exported files when there are, else exported now."""
-        folder = self.cache.directory / "engines"
-        exported = None if self.built else open_exported(self.engine_key, folder, self.engine_name, self.precision)
+        exported = None if self.built else open_exported(self.engine_key, self.cache.engines, self.engine_name,
+                                                         self.precision)
         if exported is not None:
             return exported
         start = time.perf_counter()
         if self.progress:
             print(f"building the {self.spec.name} engine once for these weights (export, verification, compile)",
                   file=sys.stderr)
-        engine = open_engine(self.network(), self.spec.preprocessing, folder, self.engine_name, self.precision,
-                             self._calibration if self.calibration_paths else None)
+        engine = self._export(self.engine_name)
         self.build_seconds = time.perf_counter() - start
         return engine
 
+    def _export(self, engine: str):
+        """open_engine in the cache's engines folder; a disk that refuses the files moves them to a temporary one."""
+        calibration = self._calibration if self.calibration_paths else None
+        try:
+            return open_engine(self.network(), self.spec.preprocessing, self.cache.engines, engine, self.precision,
+                               calibration)
+        except OutputError as exc:
+            if not self.cache.storing:
+                raise
+            self.cache.stop_storing(exc)
+            return open_engine(self.network(), self.spec.preprocessing, self.cache.engines, engine, self.precision,
+                               calibration)
+
     def exported(self) -> ExportedEngine:
         """The verified files of the engine, exporting them first if they are not there (a cache emptied by hand)."""
-        folder = self.cache.directory / "engines" / self.engine_key
-        model_file = folder / f"model-{'int8' if self.precision == 'int8' else 'fp32'}.onnx"
+        name = f"model-{'int8' if self.precision == 'int8' else 'fp32'}.onnx"
+        folder = self.cache.engines / self.engine_key
         verdicts = recorded_verdicts(folder)
-        if not (intact(model_file) and intact(folder / REFERENCE_FILE) and any(v["ok"] for v in verdicts.values())):
+        if not (intact(folder / name) and intact(folder / REFERENCE_FILE) and any(v["ok"] for v in verdicts.values())):
             # the fastest exported engine that verifies (the model folder never ships the torch engine)
-            open_engine(self.network(), self.spec.preprocessing, folder.parent, "auto", self.precision,
-                        self._calibration if self.calibration_paths else None)
+            self._export("auto")
+            folder = self.cache.engines / self.engine_key  # a temporary folder if the cache's disk refused them
             verdicts = recorded_verdicts(folder)
+        model_file = folder / name
         return ExportedEngine(model_file, folder / REFERENCE_FILE, verdicts, self.precision)
 
     def _calibration(self) -> Iterator[np.ndarray]:

@@ -1,18 +1,25 @@
 """On-disk cache of pooled backbone features, keyed by (backbone key, file content hash).
 
 SQLite gives atomic commits (a killed run loses at most the batch in flight) and safe concurrent readers;
-vectors are stored as raw float32 bytes with a checksum, never pickled. Nothing read back is trusted blindly:
-a vector whose checksum does not match, or that is not finite, counts as absent and is computed again; a
-database that is not one any more is moved aside and started afresh (it is derived data); a folder that cannot
-be used is a TlearnError that names it.
+vectors are stored as raw float32 bytes with a checksum, never pickled. The cache is derived data, and nothing read
+back is trusted blindly:
+- a vector whose checksum does not match, or that is not finite, counts as absent and is computed again;
+- a database that is damaged (a torn write or a bad sector anywhere in it, found by SQLite's quick check when it is
+  opened or by any later read), is not SQLite any more, or was written by another cache version is moved aside with
+  its WAL and started afresh, with a warning;
+- a disk that refuses to store more (full, read-only, an I/O error) costs the cache, not the run: a warning, and
+  the run goes on without storing (reading what the cache held, where it still can);
+- only a --cache-dir that is not a folder is an error (CacheError), which names it.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
+import shutil
 import sqlite3
 import sys
+import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +28,8 @@ from tlearn.errors import TlearnError
 from tlearn.files import cache_root, sha256_file, write_atomically
 
 DATABASE = "features.sqlite"
+CACHE_VERSION = 1  # PRAGMA user_version of the database; another value: written by another layout, started afresh
+SCHEMA = {"vectors": ("model", "content", "vector", "checksum"), "failures": ("model", "content", "reason")}
 
 
 def default_cache_dir() -> Path:
@@ -29,7 +38,11 @@ def default_cache_dir() -> Path:
 
 
 class CacheError(TlearnError):
-    """The cache folder cannot be used (not a folder, read-only, disk full)."""
+    """The cache folder cannot be used (not a folder)."""
+
+
+class StaleCache(Exception):
+    """A database file that is not this cache's any more: damaged, not SQLite, or of another version."""
 
 
 class FeatureCache:
@@ -38,18 +51,54 @@ class FeatureCache:
     def __init__(self, key: str, directory: Path | None = None):
         self.key = key
         self.directory = Path(directory) if directory is not None else default_cache_dir()
-        with self._failing_as_cache_error("open"):
+        self.path = self.directory / DATABASE
+        self.storing = True  # False once the disk refused a write (or the cache could not be opened for writing)
+        self._scratch: Path | None = None
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CacheError(f"cannot open the feature cache in {self.directory}: it is not a folder; choose "
+                             "another folder with --cache-dir or $TLEARN_CACHE")
+        try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            try:
-                self._db = _open(self.directory / DATABASE)
-            except sqlite3.DatabaseError as exc:  # truncated or overwritten: derived data, start again
-                if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, disk full: not damage
-                    raise
-                aside = self.directory / f"{DATABASE}.damaged-{int(time.time())}"
-                (self.directory / DATABASE).rename(aside)
-                print(f"the feature cache {self.directory / DATABASE} was damaged ({exc}); moved to {aside.name} "
-                      "and started afresh", file=sys.stderr)
-                self._db = _open(self.directory / DATABASE)
+            self._db = self._open_checked()
+        except (OSError, sqlite3.OperationalError) as exc:  # read-only, full, or not ours to write
+            self._db = _open_read_only(self.path) or _open(":memory:")
+            self.stop_storing(exc)
+
+    def _open_checked(self) -> sqlite3.Connection:
+        try:
+            return _open(self.path, check=True)
+        except StaleCache as stale:
+            self._move_aside(str(stale))
+            return _open(self.path)
+
+    def _move_aside(self, why: str) -> None:
+        """The database and its WAL (which must never be replayed onto a fresh one) moved aside, with a warning."""
+        aside = self.directory / f"{DATABASE}.damaged-{int(time.time())}"
+        for suffix in ("", "-wal", "-shm"):
+            part = Path(f"{self.path}{suffix}")
+            if part.exists():
+                part.rename(f"{aside}{suffix}")
+        _warn(f"the feature cache {self.path} {why}; moved to {aside.name} and started afresh (its features are "
+              "computed again)")
+
+    @property
+    def engines(self) -> Path:
+        """Where exported engines are kept: beside the features, or, once the disk refused a write, a temporary
+        folder of this process (removed at exit; a model folder copies its engine before)."""
+        if self.storing:
+            return self.directory / "engines"
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="tlearn-engines-"))
+            atexit.register(shutil.rmtree, self._scratch, True)
+        return self._scratch
+
+    def stop_storing(self, exc: BaseException) -> None:
+        """Go on without storing anything more here (one warning): the disk refused a write."""
+        if self.storing:
+            self.storing = False
+            _warn(f"the feature cache in {self.directory} cannot store features ({exc}): going on without storing "
+                  "them (a next run computes them again); free space there, or choose another folder with "
+                  "--cache-dir or $TLEARN_CACHE")
 
     def get_many(self, hashes: list[str]) -> dict[str, np.ndarray]:
         """The cached vectors among `hashes` whose checksum matches and that are finite and not all zero."""
@@ -65,18 +114,15 @@ class FeatureCache:
         for h, v in items:
             blob = np.ascontiguousarray(v, dtype=np.float32).tobytes()
             rows.append((self.key, h, blob, _checksum(blob)))
-        with self._failing_as_cache_error("write to"), self._db:
-            self._db.executemany("INSERT OR REPLACE INTO vectors (model, content, vector, checksum) "
-                                 "VALUES (?, ?, ?, ?)", rows)
+        self._write("INSERT OR REPLACE INTO vectors (model, content, vector, checksum) VALUES (?, ?, ?, ?)", rows)
 
     def failures(self, hashes: list[str]) -> dict[str, str]:
         """The reasons files among `hashes` could not be decoded, as recorded by put_failures."""
         return dict(self._select("content, reason", "failures", hashes))
 
     def put_failures(self, items: list[tuple[str, str]]) -> None:
-        with self._failing_as_cache_error("write to"), self._db:
-            self._db.executemany("INSERT OR REPLACE INTO failures (model, content, reason) VALUES (?, ?, ?)",
-                                 [(self.key, h, reason) for h, reason in items])
+        self._write("INSERT OR REPLACE INTO failures (model, content, reason) VALUES (?, ?, ?)",
+                    [(self.key, h, reason) for h, reason in items])
 
     def backbone_state(self) -> dict[str, np.ndarray] | None:
         """The backbone tensors stored with these features by `put_backbone_state`, or None (also when the file
@@ -101,19 +147,55 @@ class FeatureCache:
         from safetensors.numpy import save_file
 
         path = self._backbone_file()
-        if self.backbone_state() is None:
-            with self._failing_as_cache_error("write to"):
+        if self.storing and self.backbone_state() is None:
+            try:
                 write_atomically(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
                                                              tmp))
                 write_atomically(path.with_suffix(".sha256"), lambda tmp: Path(tmp).write_text(sha256_file(path)))
+            except OSError as exc:
+                self.stop_storing(exc)
 
-    def _select(self, columns: str, table: str, hashes: list[str]):
-        unique = sorted(set(hashes))
-        with self._failing_as_cache_error("read"):
+    def _select(self, columns: str, table: str, hashes: list[str]) -> list[tuple]:
+        unique, rows = sorted(set(hashes)), []
+        try:
             for start in range(0, len(unique), 500):
                 chunk = unique[start:start + 500]
-                yield from self._db.execute(f"SELECT {columns} FROM {table} WHERE model = ? AND content IN "
-                                            f"({','.join('?' * len(chunk))})", [self.key, *chunk]).fetchall()
+                rows += self._db.execute(f"SELECT {columns} FROM {table} WHERE model = ? AND content IN "
+                                         f"({','.join('?' * len(chunk))})", [self.key, *chunk]).fetchall()
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):  # locked past the timeout, an I/O error: as if nothing were cached
+                _warn(f"cannot read the feature cache {self.path} ({exc}): computing the features again")
+                return []
+            self._start_afresh(exc)
+            return []
+        return rows
+
+    def _write(self, statement: str, rows: list[tuple]) -> None:
+        if not self.storing or not rows:
+            return
+        for attempt in (1, 2):
+            try:
+                with self._db:
+                    self._db.executemany(statement, rows)
+                return
+            except sqlite3.DatabaseError as exc:
+                if not _is_damage(exc) or attempt == 2:
+                    self.stop_storing(exc)
+                    return
+                self._start_afresh(exc)
+            except OSError as exc:
+                self.stop_storing(exc)
+                return
+
+    def _start_afresh(self, exc: BaseException) -> None:
+        """A database found damaged while in use: moved aside, and a fresh one opened in its place."""
+        self._db.close()
+        try:
+            self._move_aside(f"is damaged ({exc})")
+            self._db = _open(self.path)
+        except (OSError, sqlite3.Error) as error:
+            self._db = _open(":memory:")
+            self.stop_storing(error)
 
     def _backbone_file(self) -> Path:
         # The tensor names are timm's: another timm version may name them differently.
@@ -125,14 +207,6 @@ class FeatureCache:
             timm = "none"
         return self.directory / "backbones" / f"{self.key}-timm{timm}.safetensors"
 
-    @contextmanager
-    def _failing_as_cache_error(self, verb: str):
-        try:
-            yield
-        except (OSError, sqlite3.OperationalError) as exc:
-            raise CacheError(f"cannot {verb} the feature cache in {self.directory} ({exc}); choose another folder "
-                             "with --cache-dir or $TLEARN_CACHE") from None
-
     def close(self) -> None:
         self._db.close()
 
@@ -143,15 +217,64 @@ class FeatureCache:
         self.close()
 
 
-def _open(path: Path) -> sqlite3.Connection:
+def _open(path: Path | str, check: bool = False) -> sqlite3.Connection:
+    """The cache database at `path`, its tables made if absent. With `check`: StaleCache when the file is damaged
+    (SQLite's quick check, which reads every page: ~0.1 s per 50 MB), not SQLite, or of another CACHE_VERSION."""
     db = sqlite3.connect(path, timeout=60)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("CREATE TABLE IF NOT EXISTS vectors (model TEXT NOT NULL, content TEXT NOT NULL, "
-               "vector BLOB NOT NULL, checksum TEXT NOT NULL, PRIMARY KEY (model, content))")
-    # files that could not be decoded: remembered too, so a dataset with a bad file still re-trains from cache
-    db.execute("CREATE TABLE IF NOT EXISTS failures (model TEXT NOT NULL, content TEXT NOT NULL, "
-               "reason TEXT NOT NULL, PRIMARY KEY (model, content))")
+    try:
+        if check:
+            _check(db)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE IF NOT EXISTS vectors (model TEXT NOT NULL, content TEXT NOT NULL, "
+                   "vector BLOB NOT NULL, checksum TEXT NOT NULL, PRIMARY KEY (model, content))")
+        # files that could not be decoded: remembered too, so a dataset with a bad file still re-trains from cache
+        db.execute("CREATE TABLE IF NOT EXISTS failures (model TEXT NOT NULL, content TEXT NOT NULL, "
+                   "reason TEXT NOT NULL, PRIMARY KEY (model, content))")
+        db.execute(f"PRAGMA user_version = {CACHE_VERSION}")
+        db.commit()
+    except BaseException:
+        db.close()
+        raise
     return db
+
+
+def _check(db: sqlite3.Connection) -> None:
+    try:
+        verdict = db.execute("PRAGMA quick_check").fetchall()
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {name: tuple(row[1] for row in db.execute(f"PRAGMA table_info({name})")) for name in SCHEMA}
+    except sqlite3.DatabaseError as exc:
+        if not _is_damage(exc):
+            raise
+        raise StaleCache(f"is not a readable database ({exc})") from None
+    if verdict != [("ok",)]:
+        raise StaleCache(f"is damaged ({'; '.join(str(row[0]) for row in verdict[:3])})")
+    if version not in (0, CACHE_VERSION) or any(columns and columns != SCHEMA[name]
+                                                for name, columns in tables.items()):
+        raise StaleCache(f"was written by another version of tlearn (cache version {version}, this one writes "
+                         f"{CACHE_VERSION})")
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection | None:
+    """The database as it is, for reading only (a read-only disk or folder), or None when that fails too."""
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+        _check(db)
+        return db if all(db.execute(f"PRAGMA table_info({name})").fetchall() for name in SCHEMA) else None
+    except (sqlite3.Error, StaleCache):
+        return None
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """A fault of the file itself (malformed, not a database), not of the disk or another writer (full, read-only,
+    locked, I/O), which OperationalError reports."""
+    return not isinstance(exc, sqlite3.OperationalError) or "malformed" in str(exc) or "not a database" in str(exc)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _checksum(blob: bytes) -> str:

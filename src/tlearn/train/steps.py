@@ -199,7 +199,7 @@ def extract_on_ray(found: FoundData, backbone: FrozenBackbone, cache: FeatureCac
     from tlearn.distributed import extract_features_ray
 
     paths = [p for split in found.dataset.splits for p in found.dataset.paths(split)]
-    extract_features_ray(paths, [found.hashes[p] for p in paths], backbone.engine_key, cache.directory / "engines",
+    extract_features_ray(paths, [found.hashes[p] for p in paths], backbone.engine_key, cache.engines,
                          backbone.spec.preprocessing, cache, settings.ray, engine=settings.engine,
                          precision=settings.precision, batch_size=settings.batch_size, export=backbone.engine,
                          progress=settings.progress)
