@@ -277,12 +277,15 @@ def _unreadable_files(root: Path) -> None:
     (root / "grass" / "cut.png").write_bytes((root / "grass" / "0.png").read_bytes()[:200])
 
 
-def _tampered(change: Callable[[Path], None], says: str) -> Case:
-    """A copy of the model folder, changed, asked to predict: the problem must be named, exit 2."""
+def _tampered(change: Callable[[Path], None], says: str, args: tuple[str, ...] = (),
+              command: Callable[[Path, Path, Path], list[str]] | None = None) -> Case:
+    """A copy of the model folder, changed, asked to predict (or `command`): the problem must be named, exit 2."""
     def build(work, model, demo):
         copy = Path(shutil.copytree(model, work / "model"))
         change(copy)
-        return ["predict", str(copy), str(_inputs(work, demo, good=2))]
+        if command is not None:
+            return command(copy, work, demo)
+        return ["predict", str(copy), str(_inputs(work, demo, good=2)), *args]
     return Case(build, (2,), says, change=change)
 
 
@@ -345,6 +348,12 @@ def _other_models_file(name: str) -> Callable[[Path], None]:
         shutil.copyfile(_OTHER_MODEL[0] / name, model / name)
         _rehash(model)
     return change
+
+
+def _shift_backbone(tensors: dict) -> None:
+    """The first convolution's weights shifted: backbone weights that are not the ones the engine was made of."""
+    first = next(k for k in sorted(tensors) if k.startswith("backbone.") and tensors[k].ndim == 4)
+    tensors[first] = tensors[first] + np.float32(0.05)
 
 
 def _reverse_head(tensors: dict) -> None:
@@ -529,6 +538,18 @@ BUNDLE_CASES: dict[str, Case] = {
     "weights_head_rows_swapped": _tampered(_edit_tensors(_reverse_head), r"does not give the answers recorded"),
     "weights_of_another_model": _tampered(_other_models_file("model.safetensors"), r"the head is \(2, 1280\)"),
     "engine_edited_rehashed": _tampered(_edit_engine, r"the engine .*backbone.onnx: other features"),
+    "weights_backbone_edited_torch_engine": _tampered(
+        _edit_tensors(_shift_backbone), r"the backbone weights in model.safetensors: other features",
+        args=("--engine", "torch")),
+    "weights_backbone_edited_export": _tampered(
+        _edit_tensors(_shift_backbone), r"the backbone weights in model.safetensors: other features",
+        command=lambda copy, work, demo: ["export", str(copy), "--out", str(work / "m.onnx")]),
+    "config_feature_dim_edited": _tampered(_edited(_edit_config(lambda c: c["backbone"].update(feature_dim=1000))),
+                                           r"the head is \(3, 1280\)"),
+    "config_classes_twice": _tampered(_edited(_edit_config(lambda c: c["classes"].__setitem__(1, c["classes"][0]))),
+                                      r"classes has the same name twice"),
+    "config_temperature_true": _tampered(_edited(_edit_config(lambda c: c.update(temperature=True))),
+                                         r"temperature must be a number"),
     "engine_reference_edited": _tampered(_edit_tensors(
         lambda t: t.__setitem__("outputs", t["outputs"] + np.random.default_rng(0).random(t["outputs"].shape,
                                                                                             np.float32)),
@@ -588,6 +609,15 @@ def test_hostile_input(kind, demo_model_dir, demo_data, cache_dir, tmp_path, mon
 
 def test_the_corpus_is_large_enough():
     assert len(CASES) + len(BUNDLE_CASES) >= 60
+    assert len(all_kinds()) >= 140
+
+
+def all_kinds() -> list[str]:
+    """Every kind of fault in this corpus (each dict below is parametrised by its own test)."""
+    kinds = [*CASES, *BUNDLE_CASES, *SERVER_CASES, *TOKEN_CASES, "server_model_card_without_paths",
+             *SERVE_CLI_CASES, *SLOW_CASES, *DISK_CASES, *INTERRUPTS, *API_CASES]
+    assert len(kinds) == len(set(kinds)), "a kind is named twice"
+    return kinds
 
 
 @pytest.mark.parametrize("kind", ["config_temperature_in_range", "config_classes_reordered",
@@ -605,6 +635,26 @@ def test_an_edited_model_is_refused_by_every_consumer(kind, demo_model_dir, demo
         assert re.search(r"other features|does not give the answers recorded", result.output), result.output
     with pytest.raises(BundleError):
         Predictor.load(model)
+
+
+# ---- the Python API (issue 24): the same policy for images too small to mean anything ----------------------------
+API_CASES: dict[str, Callable[[Path], object]] = {  # (a work folder) -> an input for Predictor.predict
+    "api_array_2x2": lambda w: np.full((2, 2, 3), 128, np.uint8),
+    "api_pil_image_1x1": lambda w: Image.new("RGB", (1, 1)),
+    "api_png_bytes_3x300": lambda w: _encoded(Image.new("RGB", (300, 3)), "PNG"),
+    "api_file_2x2": lambda w: (w / "tiny.png", (w / "tiny.png").write_bytes(_encoded(Image.new("RGB", (2, 2)),
+                                                                                      "PNG")))[0],
+}
+
+
+@pytest.mark.parametrize("kind", list(API_CASES))
+def test_hostile_api_input(kind, demo_model_dir, demo_data, tmp_path):
+    from tlearn.predict import Predictor, Unreadable
+
+    good = _photo(demo_data)
+    rows = Predictor.load(demo_model_dir).predict([good, API_CASES[kind](tmp_path)])
+    assert not isinstance(rows[0], Unreadable)
+    assert isinstance(rows[1], Unreadable) and "image too small" in rows[1].reason, rows[1]
 
 
 # ---- the server (issue 24): hostile requests get a 4xx JSON answer naming the check, never a 500 -------------------
@@ -722,7 +772,7 @@ def test_hostile_request_without_token(kind, served):
     assert served.get(path).status_code == 200  # with the token
 
 
-def test_server_model_card_names_no_path_of_the_server(served):
+def test_server_model_card_without_paths(served):
     card = served.get("/v1/models/demo").json()["card"]
     assert "/" not in card["weights_source"] and card["weights_source"].endswith(")")
     assert str(Path.home()) not in json.dumps(card) and "site-packages" not in json.dumps(card)
@@ -1034,21 +1084,19 @@ INTERRUPTS: dict[str, Callable[[Path, Path, Path], tuple[list[str], Callable[[st
         lambda err: "building the" in err, _no_leftovers(".", keep=("data", "fresh-cache"))),
     "ctrl_c_predict_to_output": lambda w, m, d: (
         ["predict", str(m), str(_many_inputs(w, d)), "--output", str(w / "p.csv"), "--batch-size", "1"],
-        _after_seconds(3.0), _no_leftovers(".", keep=("in",))),
+        _writing(w), _no_leftovers(".", keep=("in",))),
     "ctrl_c_serve": lambda w, m, d: (["serve", str(m), "--port", str(_free_port())], None, lambda w: None),
 }
 
 
-def _after_seconds(seconds: float) -> Callable[[str], bool]:
-    """Ready once `seconds` have passed since the first call (the command loaded, and busy for many more)."""
-    started: list[float] = []
-    return lambda err: (started or started.append(time.monotonic()) or True) and \
-        time.monotonic() - started[0] >= seconds
+def _writing(work: Path) -> Callable[[str], bool]:
+    """Ready once the output's temporary file beside it holds some rows: interrupted mid-write."""
+    return lambda err: any(p.stat().st_size > 200 for p in work.glob(".p.csv.*.tmp"))
 
 
 def _many_inputs(work: Path, demo: Path) -> Path:
     folder = _inputs(work, demo, good=6)
-    for i in range(400):
+    for i in range(1000):
         shutil.copy(folder / f"good{i % 6}.png", folder / f"copy{i}.png")
     return folder
 

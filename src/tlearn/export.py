@@ -34,6 +34,12 @@ def export_bundle(bundle: Bundle, predictor: Predictor, path: Path, *, int8: boo
     check_export_path(Path(path))
     from tlearn.engines.export import export_classifier
 
+    model = bundle.build_model()
+    from tlearn.engines import PixelsToOutputs, TorchEngine
+    from tlearn.predict import check_engine
+
+    # the backbone weights are what the export is made of: they must compute the engine's reference features
+    check_engine(bundle, TorchEngine(PixelsToOutputs(model.backbone, bundle.preprocessing)))
     pixels, source = check_pixels(bundle, predictor, images)
     batches = None
     if int8:
@@ -44,7 +50,7 @@ def export_bundle(bundle: Bundle, predictor: Predictor, path: Path, *, int8: boo
                               "export without --int8, or put the dataset back")
         order = np.random.default_rng(seed).permutation(len(train))[:CALIBRATION_IMAGES]
         batches = (b.pixels for b in predictor.pixel_batches([train[i] for i in sorted(order)]) if len(b.indices))
-    return export_classifier(bundle.build_model(), bundle.preprocessing, Path(path),
+    return export_classifier(model, bundle.preprocessing, Path(path),
                              properties(bundle, "int8" if int8 else "fp32"), pixels, source, batches)
 
 
