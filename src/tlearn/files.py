@@ -37,12 +37,23 @@ def disk_refusals(path: str | Path, option: str | None = None) -> Iterator[None]
     try:
         yield
     except OSError as exc:
-        if exc.errno not in DISK_ERRNOS:
+        if exc.errno not in DISK_ERRNOS or not _about(exc, Path(path).parent):
             raise
         given = f" ({option})" if option else ""
         instead = f"choose another {option}" if option else "choose another place"
         raise OutputError(f"cannot write {path}{given}: {exc.strerror or exc}; nothing was left there: free some "
                           f"space, or {instead}") from None
+
+
+def _about(exc: OSError, folder: Path) -> bool:
+    """Whether `exc` concerns a file under `folder` (a write's ENOSPC names no file): not some other file's trouble,
+    such as an input that cannot be read."""
+    if exc.filename is None:
+        return True
+    try:
+        return Path(os.path.abspath(os.fsdecode(exc.filename))).is_relative_to(os.path.abspath(folder))
+    except (TypeError, ValueError):
+        return False
 
 
 @contextmanager
