@@ -930,6 +930,10 @@ def _no_leftovers(folder: str, keep: tuple[str, ...] = ("users-big-file.bin",)) 
     return check
 
 
+def _all_there(*paths: Path) -> None:
+    assert all(p.exists() for p in paths), [p for p in paths if not p.exists()]
+
+
 def _copied_cache(cache: Path, work: Path) -> Path:
     """A copy of the session's feature cache (the demo photos' features, their engines) to damage."""
     return Path(shutil.copytree(cache, work / "cache", ignore=shutil.ignore_patterns("*.damaged-*")))
@@ -1000,6 +1004,15 @@ DISK_CASES: dict[str, DiskCase] = {
                                                                                                         c)),
                                                                        str(_inputs(w, demo, good=2))],
                                              (0,), r"path,label,score\n.*,(brick|grass|gravel),"),
+    "disk_predict_output_read_only": DiskCase(
+        lambda w, d, m, demo, c: ["predict", str(m), str(_inputs(w, demo, good=2)), "--output",
+                                  str(d.read_only(w / "disk") / "p.csv")],
+        (2,), r"p.csv.*(--output|not writable|Read-only file system)", _no_leftovers("disk")),
+    "disk_quarantine_read_only": DiskCase(
+        lambda w, d, m, demo, c: ["doctor", str(_dataset(w, demo, _unreadable_files)), "-q", "--quarantine",
+                                  str(d.read_only(w / "disk") / "q")],
+        (2,), r"q \(--quarantine\): Read-only file system",
+        lambda w: (_no_leftovers("disk")(w), _all_there(w / "data" / "brick" / "broken.png"))),
     "disk_export_out_full": DiskCase(lambda w, d, m, demo, c: ["export", str(m), "--out",
                                                                str(d.full(w / "disk", "1m") / "m.onnx")],
                                      (2,), r"cannot write .*No space left on device", _no_leftovers("disk")),
