@@ -43,6 +43,7 @@ class ExportedEngine:
     reference_file: Path
     verdicts: dict
     precision: str
+    feature_map_file: Path | None = None  # the backbone up to its last spatial map (heat maps), when it has one
 
 
 def import_torch_early(cache: FeatureCache) -> threading.Thread | None:
@@ -130,7 +131,16 @@ class FrozenBackbone:
             open_engine(self.network(), self.spec.preprocessing, folder.parent, "auto", self.precision,
                         self._calibration if self.calibration_paths else None)
             verdicts = recorded_verdicts(folder)
-        return ExportedEngine(model_file, folder / REFERENCE_FILE, verdicts, self.precision)
+        return ExportedEngine(model_file, folder / REFERENCE_FILE, verdicts, self.precision, self._feature_map(folder))
+
+    def _feature_map(self, folder: Path) -> Path | None:
+        """The feature-map engine of these weights (tlearn.engines.feature_map), exported beside the backbone's
+        once (this builds the network when a cache from an older tlearn has none)."""
+        from tlearn.engines.feature_map import FEATURE_MAP_FILE, export_feature_map
+
+        if intact(folder / FEATURE_MAP_FILE):
+            return folder / FEATURE_MAP_FILE
+        return export_feature_map(self.network(), self.spec.preprocessing, folder)
 
     def _calibration(self) -> Iterator[np.ndarray]:
         """uint8 batches of a seeded sample of up to 128 training images: int8 activation ranges are fitted on them."""
