@@ -158,15 +158,22 @@ def scaled(values: np.ndarray) -> np.ndarray:
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
-def overlay(picture: Image.Image, heat: np.ndarray) -> Image.Image:
-    """`heat` (height, width) in [0, 1] in matplotlib's jet colours, blended over the RGB `picture`."""
+def overlay(picture: Image.Image, heat: np.ndarray, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """`heat` (height, width) in [0, 1] in matplotlib's jet colours, blended over the RGB `picture` (inside `box`
+    only, when given: the part of the image the model saw)."""
     from matplotlib import colormaps
 
     if heat.shape != picture.size[::-1]:
         heat = upsample(heat, picture.size)
     colours = colormaps[COLOUR_MAP](np.clip(heat, 0, 1))[..., :3] * 255
     photo = np.asarray(picture.convert("RGB"), np.float32)
-    return Image.fromarray(((1 - OVERLAY_ALPHA) * photo + OVERLAY_ALPHA * colours).astype(np.uint8), "RGB")
+    alpha = np.full(heat.shape + (1,), OVERLAY_ALPHA, np.float32)
+    if box is not None:
+        left, top, right, bottom = box
+        inside = np.zeros_like(alpha)
+        inside[top:bottom, left:right] = 1
+        alpha *= inside
+    return Image.fromarray(((1 - alpha) * photo + alpha * colours).astype(np.uint8), "RGB")
 
 
 def overlay_png(picture: Image.Image, explanation: Explanation) -> bytes:
@@ -176,7 +183,7 @@ def overlay_png(picture: Image.Image, explanation: Explanation) -> bytes:
     info = PngInfo()
     info.add_text(PNG_TAG, f"{explanation.label} p={explanation.probability:.4f} source={explanation.source}")
     buffer = io.BytesIO()
-    overlay(picture, explanation.heat).save(buffer, "PNG", pnginfo=info)
+    overlay(picture, explanation.heat, explanation.box).save(buffer, "PNG", pnginfo=info)
     return buffer.getvalue()
 
 
@@ -198,3 +205,41 @@ def is_overlay(path: Path) -> bool:
             return opened.format == "PNG" and PNG_TAG in getattr(opened, "text", {})
     except (OSError, ValueError, SyntaxError):
         return False
+
+
+def overlay_targets(files: list[Path], out_dir: Path) -> list[Path]:
+    """Where the overlay of each file goes: out_dir/<name>.heat.png, numbered when two inputs share a name."""
+    targets, taken = [], set()
+    for file in files:
+        stem, n = Path(file).stem, 1
+        while (name := f"{stem}{'' if n == 1 else f'-{n}'}.heat.png") in taken:
+            n += 1
+        taken.add(name)
+        targets.append(Path(out_dir) / name)
+    return targets
+
+
+def write_overlays(predictor: Predictor, files: list[Path], out_dir: Path, class_: str | None = None
+                   ) -> list[tuple[Path, Explanation]]:
+    """The overlay of each file's heat map written into `out_dir`, with its Explanation. Every image is explained
+    before anything is written: a class the model lacks, an image that does not decode, or a file in the way that
+    is not an overlay tlearn wrote raises a TlearnError with no file touched."""
+    from tlearn.errors import TlearnError
+    from tlearn.files import write_atomically
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TlearnError(f"{out_dir} is a file; give a folder for the heat maps (--out)")
+    targets = overlay_targets(files, out_dir)
+    for target in targets:
+        if target.exists() and not is_overlay(target):
+            raise TlearnError(f"{target} exists and is not a heat map tlearn wrote; refusing to replace it: "
+                              "choose another --out, or move it")
+    done = []
+    for file, target in zip(files, targets):
+        explanation = predictor.explain(file, class_)
+        done.append((target, explanation, overlay_png(shown_picture(file), explanation)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for target, _, png in done:
+        write_atomically(target, lambda tmp, data=png: Path(tmp).write_bytes(data))
+    return [(target, explanation) for target, explanation, _ in done]
