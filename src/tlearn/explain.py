@@ -120,13 +120,13 @@ def explain_pixels(predictor: Predictor, pixels: np.ndarray, class_: str | None 
 
 
 def explain_image(predictor: Predictor, image: ImageInput, class_: str | None = None,
-                  source: str = "<image 0>") -> Explanation:
+                  source: str = "<image 0>", max_pixels: int | None = None) -> Explanation:
     """The Explanation of one image (see Predictor.explain); DecodeError for an image that does not decode."""
     if class_ is not None:
         class_index(predictor.classes, class_, np.zeros(len(predictor.classes)))  # before any work
     if isinstance(image, (str, os.PathLike)):
         source = os.fsdecode(image)
-    pixels = predictor.to_pixels(image)[None]
+    pixels = predictor.to_pixels(image, max_pixels=max_pixels)[None]
     grid, probabilities, index = explain_pixels(predictor, pixels, class_)
     size = image_size(image)
     box = tuple(int(round(v)) for v in predictor.preprocessing.crop_box(*size))

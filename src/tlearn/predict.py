@@ -203,14 +203,14 @@ class Predictor:
                                                      getattr(self.engine, "precision", "fp32"))
             return self._feature_map(pixels)
 
-    def explain(self, image: ImageInput, class_: str | None = None):
+    def explain(self, image: ImageInput, class_: str | None = None, *, max_pixels: int | None = None):
         """A class activation map of `image` (tlearn.explain.Explanation) for `class_`, a class name (default: the
         top-1 class): its heat at the image's size, and the probability of the class it explains. No torch; about
         one forward pass, as a prediction. DecodeError for an image that does not decode, InvalidParameter for a
         class the model does not have."""
         from tlearn.explain import explain_image
 
-        return explain_image(self, image, class_)
+        return explain_image(self, image, class_, max_pixels=max_pixels)
 
     # ---- whole jobs --------------------------------------------------------------------------------------------
     def predict(self, images: Sequence[ImageInput], top_k: int = 1,
