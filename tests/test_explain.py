@@ -245,3 +245,14 @@ def test_explanation_record_round_trips_to_json(hym, hym_photos):
     assert isinstance(explanation, Explanation)
     data = json.loads(json.dumps(explanation.to_dict()))
     assert np.asarray(data["grid"]).shape == explanation.grid.shape
+
+
+def test_report_shows_heat_maps_for_mistakes_and_least_confident(hymenoptera_model, tmp_path):
+    import tlearn
+
+    page = tlearn.load(hymenoptera_model, progress=False).report(tmp_path / "report").read_text()
+    heat = sorted(p.name for p in (tmp_path / "report" / "gallery").glob("*_heat.jpg"))
+    assert "Least confident images" in page and [n for n in heat if n.startswith("unsure_")]
+    assert all(f"gallery/{name}" in page for name in heat)
+    mistakes = [p for p in (tmp_path / "report" / "gallery").glob("mistake_*.jpg") if "_heat" not in p.name]
+    assert len([n for n in heat if n.startswith("mistake_")]) == len(mistakes)

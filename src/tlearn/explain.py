@@ -243,3 +243,22 @@ def write_overlays(predictor: Predictor, files: list[Path], out_dir: Path, class
     for target, _, png in done:
         write_atomically(target, lambda tmp, data=png: Path(tmp).write_bytes(data))
     return [(target, explanation) for target, explanation, _ in done]
+
+
+def heat_map_overlay(predictor: Predictor):
+    """A function: an image's path -> the overlay of its top-1 heat map (for the report); None when the model
+    cannot explain (no feature-map engine, e.g. VGG, or an older model folder without the train extra)."""
+    from tlearn.errors import TlearnError
+
+    if predictor.bundle.feature_map_file is None:
+        return None
+    try:
+        predictor.feature_maps(np.zeros((1, 3, predictor.input_size, predictor.input_size), np.uint8))
+    except TlearnError:
+        return None
+
+    def overlay_of(path: Path) -> Image.Image:
+        explanation = predictor.explain(path)
+        return overlay(shown_picture(path), explanation.heat, explanation.box)
+
+    return overlay_of
