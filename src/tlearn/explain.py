@@ -69,10 +69,10 @@ def open_feature_map(bundle: Bundle, engine: str, precision: str):
         try:
             require("torch", "train", "a heat map of a model folder without a feature-map engine")
         except MissingExtra:
-            raise BundleError("this model folder has no feature-map engine for heat maps (it was written by an "
-                              "older tlearn): train it again with this tlearn (seconds on cached features), or "
-                              "install the train extra (pip install 'tlearn[train]') to export one on the fly") \
-                from None
+            raise BundleError("this model folder has no feature-map engine for heat maps (written by an older "
+                              "tlearn, or a backbone without a spatial map before its pooling, as VGG16): train it "
+                              "again with this tlearn (seconds on cached features), or install the train extra "
+                              "(pip install 'tlearn[train]') to export one on the fly") from None
         folder = default_cache_dir() / "engines" / state_key(bundle.backbone_state(), bundle.preprocessing)
         folder.mkdir(parents=True, exist_ok=True)
         reference = folder / "reference.safetensors"

@@ -31,6 +31,14 @@ if TYPE_CHECKING:
     from tlearn.backbones import Preprocessing
 
 FEATURE_MAP_FILE = "feature-map.onnx"
+NO_MAP_FILE = "feature-map.none"  # written where a backbone has no map, so that a re-train does not build it to ask
+
+
+def exported_feature_map(folder: Path) -> Path | None | bool:
+    """The feature-map file exported in `folder`; False when the backbone has none; None when not asked yet."""
+    if intact(Path(folder) / FEATURE_MAP_FILE):
+        return Path(folder) / FEATURE_MAP_FILE
+    return False if intact(Path(folder) / NO_MAP_FILE) else None
 
 
 def pooled(maps: np.ndarray) -> np.ndarray:
@@ -54,6 +62,8 @@ def export_feature_map(backbone: nn.Module, preprocessing: Preprocessing, folder
     if intact(path):
         return path
     if not isinstance(getattr(backbone, "pre_logits", nn.Identity()), nn.Identity):
+        (Path(folder) / NO_MAP_FILE).write_text("fully connected layers after the last convolution\n")
+        _remember(Path(folder) / NO_MAP_FILE)
         return None
 
     class FeatureMap(nn.Module):

@@ -136,10 +136,11 @@ class FrozenBackbone:
     def _feature_map(self, folder: Path) -> Path | None:
         """The feature-map engine of these weights (tlearn.engines.feature_map), exported beside the backbone's
         once (this builds the network when a cache from an older tlearn has none)."""
-        from tlearn.engines.feature_map import FEATURE_MAP_FILE, export_feature_map
+        from tlearn.engines.feature_map import export_feature_map, exported_feature_map
 
-        if intact(folder / FEATURE_MAP_FILE):
-            return folder / FEATURE_MAP_FILE
+        exported = exported_feature_map(folder)
+        if exported is not None:
+            return exported or None
         return export_feature_map(self.network(), self.spec.preprocessing, folder)
 
     def _calibration(self) -> Iterator[np.ndarray]:
