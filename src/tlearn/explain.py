@@ -246,8 +246,9 @@ def write_overlays(predictor: Predictor, files: list[Path], out_dir: Path, class
 
 
 def heat_map_overlay(predictor: Predictor):
-    """A function: an image's path -> the overlay of its top-1 heat map (for the report); None when the model
-    cannot explain (no feature-map engine, e.g. VGG, or an older model folder without the train extra)."""
+    """A function: (an image's path, the longest side wanted) -> the overlay of its top-1 heat map, drawn at that
+    size (the report's thumbnails); None when the model cannot explain (no feature-map engine: VGG, or an older
+    model folder without the train extra)."""
     from tlearn.errors import TlearnError
 
     if predictor.bundle.feature_map_file is None:
@@ -257,8 +258,17 @@ def heat_map_overlay(predictor: Predictor):
     except TlearnError:
         return None
 
-    def overlay_of(path: Path) -> Image.Image:
+    def overlay_of(path: Path, side: int) -> Image.Image:
+        from dataclasses import replace
+
+        from tlearn.data.decode import load_image
+
         explanation = predictor.explain(path)
-        return overlay(shown_picture(path), explanation.heat, explanation.box)
+        picture = load_image(path, draft_size=(side, side))
+        picture.thumbnail((side, side))
+        scale = (picture.width / explanation.size[0], picture.height / explanation.size[1])
+        box = tuple(int(round(v * scale[i % 2])) for i, v in enumerate(explanation.box))
+        small = replace(explanation, size=picture.size, box=box)
+        return overlay(picture, small.heat, small.box)
 
     return overlay_of

@@ -36,7 +36,7 @@ class ReportInputs:
     data_checks: dict = field(default_factory=dict)  # DoctorReport.to_dict() of the training data
     facts: dict = field(default_factory=dict)  # short "name: value" lines for the header
     # the overlay of an image's heat map for its top-1 class (tlearn.explain), when the model has one
-    heat_map: Callable[[Path], Image.Image] | None = None
+    heat_map: Callable[[Path, int], Image.Image] | None = None
 
 
 def write_report(directory: str | Path, inputs: ReportInputs) -> Path:
@@ -156,7 +156,7 @@ def _calibration_section(directory: Path, scored: ScoredSplit, temperature: floa
 
 
 def _gallery(directory: Path, scored: ScoredSplit, temperature: float, classes: list[str],
-             heat_map: Callable[[Path], Image.Image] | None) -> str:
+             heat_map: Callable[[Path, int], Image.Image] | None) -> str:
     proba = scored.proba(temperature)
     predicted, confidence = proba.argmax(1), proba.max(1)
     wrong = np.flatnonzero(predicted != scored.labels)
@@ -178,7 +178,7 @@ def _gallery(directory: Path, scored: ScoredSplit, temperature: float, classes: 
 
 
 def _cards(directory: Path, scored: ScoredSplit, classes: list[str], predicted: np.ndarray, confidence: np.ndarray,
-           chosen: np.ndarray, kind: str, heat_map: Callable[[Path], Image.Image] | None) -> list[str]:
+           chosen: np.ndarray, kind: str, heat_map: Callable[[Path, int], Image.Image] | None) -> list[str]:
     """A thumbnail card per chosen image (with its heat map's overlay beside it, when there is one)."""
     cards = []
     for rank, i in enumerate(chosen):
@@ -202,11 +202,11 @@ def _cards(directory: Path, scored: ScoredSplit, classes: list[str], predicted: 
     return cards
 
 
-def _heat(heat_map: Callable[[Path], Image.Image] | None, path: Path) -> Image.Image | None:
+def _heat(heat_map: Callable[[Path, int], Image.Image] | None, path: Path) -> Image.Image | None:
     from tlearn.errors import TlearnError
 
     try:
-        return None if heat_map is None else heat_map(path)
+        return None if heat_map is None else heat_map(path, THUMBNAIL_PX)
     except TlearnError:  # an image the explainer refuses (too large, say) keeps its card, without a heat map
         return None
 
