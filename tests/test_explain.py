@@ -256,3 +256,17 @@ def test_report_shows_heat_maps_for_mistakes_and_least_confident(hymenoptera_mod
     assert all(f"gallery/{name}" in page for name in heat)
     mistakes = [p for p in (tmp_path / "report" / "gallery").glob("mistake_*.jpg") if "_heat" not in p.name]
     assert len([n for n in heat if n.startswith("mistake_")]) == len(mistakes)
+
+
+def test_int8_model_explains_the_class_its_predictions_give(hymenoptera_small, cache_dir, tmp_path):
+    """The feature-map file is fp32; the class and probability of an int8 model come from its own engine."""
+    import tlearn
+
+    folder = tlearn.ImageClassifier(cache_dir=cache_dir, progress=False, precision="int8").fit(
+        hymenoptera_small).save(tmp_path / "int8")
+    predictor = Predictor.load(folder)
+    assert predictor.card.precision == "int8"
+    photos = sorted((hymenoptera_small / "val").rglob("*.jpg"))[:4]
+    for photo, row in zip(photos, predictor.predict(photos)):
+        explanation = predictor.explain(photo)
+        assert explanation.label == row.top_label and explanation.probability == pytest.approx(row.score, abs=1e-6)
