@@ -7,7 +7,6 @@
     MODEL/metrics.json         val/test metrics with confidence intervals
     MODEL/engine/backbone.onnx the backbone's verified exported engine (uint8 pixels in, pooled features out)
     MODEL/engine/reference.safetensors   probe pixels and eager-torch outputs it was verified against
-    MODEL/engine/feature-map.onnx        the backbone up to its last spatial feature map (heat maps; optional)
     MODEL/report/              the HTML report (derived; not checked)
 
 Hashes catch accidents, not edits: a folder whose records were re-hashed after an edit (a temperature, the order
@@ -47,7 +46,6 @@ FORMAT_VERSION = 3  # 3: "tta" (predictions on the mean of the image's and its m
 OLDEST_FORMAT = 2  # read as a model without tta
 CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "model.safetensors", "metrics.json"
 ENGINE_FILE, REFERENCE_FILE = "engine/backbone.onnx", "engine/reference.safetensors"
-FEATURE_MAP_FILE = "engine/feature-map.onnx"  # absent from models of older tlearn versions and from VGG's
 INTERPOLATIONS = ("bicubic", "bilinear")
 PRECISIONS = ("fp32", "bf16", "int8")
 # the head's calibrated logits on the reference features, recomputed at load, must match the recorded ones to this
@@ -103,7 +101,6 @@ class Bundle:
     engine_files: tuple[Path, Path] | None = None  # (exported backbone ONNX, its reference) to ship with the model
     files: dict = field(default_factory=dict)  # SHA-256 of each file, as written in (and checked against) the config
     tta: bool = False  # predictions use the mean of the features of the image and of its mirror (2 forward passes)
-    feature_map_file: Path | None = None  # the exported backbone up to its last spatial map (heat maps)
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -123,8 +120,6 @@ class Bundle:
             model_file, reference_file = self.engine_files
             files[ENGINE_FILE] = lambda p: shutil.copyfile(model_file, p)
             files[REFERENCE_FILE] = lambda p: shutil.copyfile(reference_file, p)
-        if self.feature_map_file is not None:
-            files[FEATURE_MAP_FILE] = lambda p: shutil.copyfile(self.feature_map_file, p)
         digests = {}
         for name, write in files.items():
             path = folder / name
@@ -165,8 +160,7 @@ class Bundle:
                 extra=dict(config.get("extra") or {}),
                 engine=EngineRecord(**config["engine"]) if config.get("engine") else None,
                 engine_files=(directory / ENGINE_FILE, directory / REFERENCE_FILE) if config.get("engine") else None,
-                files=dict(config["files"]), tta=_flag(config.get("tta", False), "tta"),
-                feature_map_file=directory / FEATURE_MAP_FILE if FEATURE_MAP_FILE in config["files"] else None)
+                files=dict(config["files"]), tta=_flag(config.get("tta", False), "tta"))
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
