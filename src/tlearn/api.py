@@ -28,7 +28,7 @@ class ImageClassifier:
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", *, weights: str | Path | None = None, seed: int = 0,
-                 val_fraction: float = 0.15, test_fraction: float = 0.15, batch_size: int = 32,
+                 val_fraction: float = 0.0, test_fraction: float = 0.15, batch_size: int = 32,
                  workers: int | None = None, cache_dir: str | Path | None = None, progress: bool = True,
                  engine: str = "auto", precision: str | None = None, recipe: str = "head",
                  finetune: FinetuneSettings | None = None, run_dir: str | Path | None = None,

@@ -4,7 +4,10 @@
                                the SHA-256 of every other file of the model (checked on every load), and the probe:
                                the calibrated logits, by class name, of the engine reference's photos
     MODEL/model.safetensors    backbone + head tensors
-    MODEL/metrics.json         val/test metrics with confidence intervals
+    MODEL/metrics.json         val/test metrics with confidence intervals, and the cross-validated figures
+    MODEL/out_of_fold.csv      one row per training image: path (relative to the data), given label, fold,
+                               the label the head of the other folds gives, and its calibrated probability of each
+                               class (columns "prob:<class>"); what suspect labels and active learning build on
     MODEL/engine/backbone.onnx the backbone's verified exported engine (uint8 pixels in, pooled features out)
     MODEL/engine/reference.safetensors   probe pixels and eager-torch outputs it was verified against
     MODEL/report/              the HTML report (derived; not checked)
@@ -46,6 +49,7 @@ FORMAT_VERSION = 3  # 3: "tta" (predictions on the mean of the image's and its m
 OLDEST_FORMAT = 2  # read as a model without tta
 CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "model.safetensors", "metrics.json"
 ENGINE_FILE, REFERENCE_FILE = "engine/backbone.onnx", "engine/reference.safetensors"
+OUT_OF_FOLD_FILE = "out_of_fold.csv"
 INTERPOLATIONS = ("bicubic", "bilinear")
 PRECISIONS = ("fp32", "bf16", "int8")
 # the head's calibrated logits on the reference features, recomputed at load, must match the recorded ones to this
@@ -85,6 +89,49 @@ class EngineRecord:
 
 
 @dataclass
+class OutOfFold:
+    """Each training image scored by a head fitted without its fold (cross-validation): out_of_fold.csv."""
+
+    classes: list[str]
+    paths: list[str]  # relative to the dataset root, as in the recorded split
+    labels: np.ndarray  # (n,) int: the given label
+    folds: np.ndarray  # (n,) int
+    proba: np.ndarray  # (n, classes): calibrated
+
+    def to_csv(self) -> str:
+        import csv
+        import io
+
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["path", "label", "fold", "predicted", *(f"prob:{c}" for c in self.classes)])
+        for path, label, fold, proba in zip(self.paths, self.labels, self.folds, self.proba):
+            writer.writerow([path, self.classes[label], int(fold), self.classes[int(proba.argmax())],
+                             *(f"{p:.6g}" for p in proba)])
+        return out.getvalue()
+
+    @classmethod
+    def read(cls, path: str | Path, classes: list[str]) -> "OutOfFold":
+        """Read (and check) an out_of_fold.csv of a model with these classes; BundleError names what is wrong."""
+        import csv
+
+        index = {c: i for i, c in enumerate(classes)}
+        try:
+            with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+                rows = list(csv.reader(f))
+            header, body = rows[0], rows[1:]
+            if header != ["path", "label", "fold", "predicted", *(f"prob:{c}" for c in classes)]:
+                raise ValueError("its columns are not this model's classes")
+            proba = np.array([[float(v) for v in r[4:]] for r in body], np.float64).reshape(len(body), len(classes))
+            if not np.isfinite(proba).all():
+                raise ValueError("a probability is not a number")
+            return cls(list(classes), [r[0] for r in body], np.array([index[r[1]] for r in body], np.int64),
+                       np.array([int(r[2]) for r in body], np.int64), proba)
+        except (OSError, IndexError, KeyError, ValueError) as exc:
+            raise BundleError(f"{path} is not a readable out-of-fold table ({exc})") from None
+
+
+@dataclass
 class Bundle:
     """Everything needed to predict, and to trace how the model was made."""
 
@@ -101,6 +148,8 @@ class Bundle:
     engine_files: tuple[Path, Path] | None = None  # (exported backbone ONNX, its reference) to ship with the model
     files: dict = field(default_factory=dict)  # SHA-256 of each file, as written in (and checked against) the config
     tta: bool = False  # predictions use the mean of the features of the image and of its mirror (2 forward passes)
+    out_of_fold: OutOfFold | None = None  # the training images' cross-validated probabilities (written, not loaded)
+    directory: Path | None = None  # where it was loaded from
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -120,6 +169,9 @@ class Bundle:
             model_file, reference_file = self.engine_files
             files[ENGINE_FILE] = lambda p: shutil.copyfile(model_file, p)
             files[REFERENCE_FILE] = lambda p: shutil.copyfile(reference_file, p)
+        if self.out_of_fold is not None:
+            table = self.out_of_fold.to_csv()
+            files[OUT_OF_FOLD_FILE] = lambda p: p.write_text(table, encoding="utf-8", errors="surrogateescape")
         digests = {}
         for name, write in files.items():
             path = folder / name
@@ -160,7 +212,7 @@ class Bundle:
                 extra=dict(config.get("extra") or {}),
                 engine=EngineRecord(**config["engine"]) if config.get("engine") else None,
                 engine_files=(directory / ENGINE_FILE, directory / REFERENCE_FILE) if config.get("engine") else None,
-                files=dict(config["files"]), tta=_flag(config.get("tta", False), "tta"))
+                files=dict(config["files"]), tta=_flag(config.get("tta", False), "tta"), directory=directory)
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -174,6 +226,14 @@ class Bundle:
             if bundle.engine_files is not None:
                 bundle.check_probe(directory, config.get("probe"))
         return bundle
+
+    def read_out_of_fold(self) -> OutOfFold | None:
+        """The training images' out-of-fold probabilities of a loaded model (None for a model without them)."""
+        if self.out_of_fold is not None:
+            return self.out_of_fold
+        if self.directory is None or OUT_OF_FOLD_FILE not in self.files:
+            return None
+        return OutOfFold.read(self.directory / OUT_OF_FOLD_FILE, self.classes)
 
     def check_tensors(self, directory: Path) -> None:
         head_w, head_b = self.state.get("head.weight"), self.state.get("head.bias")

@@ -23,7 +23,12 @@ def print_summary(clf, out_dir: Path) -> None:
     built = f"; engine built once in {s.engine_build_seconds:.1f}s" if s.engine_build_seconds else ""
     table.add_row("features", f"{s.extracted} extracted in {s.extract_seconds:.1f}s{rate}, {s.from_cache} from "
                               f"cache{built}")
-    table.add_row("head", f"linear softmax, C={s.head_C:g} (chosen on val)")
+    table.add_row("head", head_text(s.cv or {}, s.head_C, bundle.training.get("head", {})))
+    if s.cv:
+        table.add_row("cross-validated", f"accuracy {s.cv['accuracy']:.4f}, balanced {s.cv['balanced_accuracy']:.4f}"
+                                         f" (out of fold, n={s.cv['n']}; it chose the model, so it is a little "
+                                         "optimistic)")
+        table.add_row("recall per class", recall_text(s.cv))
     views = bundle.training.get("views")
     if views and views["asked"] != "off":
         table.add_row("mirror", view_text(views))
@@ -44,7 +49,8 @@ def print_summary(clf, out_dir: Path) -> None:
     if calibration:
         ece = ", ".join(f"{split} {calibration['ece_before'][split]:.3f} -> {calibration['ece_after'][split]:.3f}"
                         for split in calibration["ece_after"])
-        table.add_row("calibration", f"temperature {calibration['temperature']:.3f} (fitted on val); ECE {ece}")
+        table.add_row("calibration", f"temperature {calibration['temperature']:.3f} (fitted on "
+                                     f"{calibration.get('fitted_on', 'val')}); ECE {ece}")
     table.add_row("time", f"{s.seconds:.1f}s")
     table.add_row("model", terminal_text(out_dir))
     out.print(table)
@@ -56,10 +62,27 @@ def print_summary(clf, out_dir: Path) -> None:
             err.print(f"  {terminal_text(path)}: {terminal_text(reason)}", highlight=False, soft_wrap=True)
 
 
+def head_text(cv: dict, C: float, head: dict) -> str:
+    """The head, what chose it and what the shipped one was fitted on."""
+    if not cv:
+        return f"linear softmax, C={C:g}"
+    weighting = ", class-balanced weights" if head.get("class_weight") == "balanced" else ""
+    return (f"linear softmax, C={C:g}{weighting}; chosen by {cv['folds']['k']}-fold cross-validation on train "
+            f"({cv['chosen_by'].removeprefix('cross-validated ')} {cv['score']:.4f}); refit on "
+            f"{head.get('refit', 'train')}" + (f" ({cv['note']})" if cv.get("note") else ""))
+
+
+def recall_text(cv: dict, most: int = 12) -> str:
+    """Out-of-fold recall of each class, lowest first (the classes a user should look at)."""
+    recalls = sorted((m["recall"], name) for name, m in cv.get("per_class", {}).items())
+    shown = ", ".join(f"{terminal_text(name)} {r:.2f}" for r, name in recalls[:most])
+    return shown + (f", ... ({len(recalls) - most} more in metrics.json)" if len(recalls) > most else "")
+
+
 def view_text(views: dict) -> str:
     """The views the head uses, how they were chosen, and what they cost at prediction."""
-    how = (f"chosen on an inner split of train ({views['images']} images): " + ", ".join(
-        f"{name} {score['accuracy']:.3f}" for name, score in views["scores"].items()) if views["asked"] == "auto"
+    how = (f"chosen by cross-validation on train ({views['images']} images, log loss): " + ", ".join(
+        f"{name} {score['log_loss']:.3f}" for name, score in views["scores"].items()) if views["asked"] == "auto"
         else "asked for")
     return (f"{views['chosen']} ({how}); predictions take {views['forwards_per_image']} forward pass"
             f"{'es' if views['forwards_per_image'] > 1 else ''} per image")
@@ -67,9 +90,9 @@ def view_text(views: dict) -> str:
 
 def backbone_choice_text(choice: dict) -> str:
     """Each backbone `--backbone auto` tried: its inner-split accuracy and what it cost."""
-    tried = "; ".join(f"{t['name']} {t['accuracy']:.3f} in {t['seconds']:.1f}s ({t['extracted']} extracted)"
-                      for t in choice["trials"])
-    return f"{choice['chosen']} kept, best on an inner split of train ({choice['images']} images): {tried}"
+    tried = "; ".join(f"{t['name']} log loss {t['log_loss']:.3f}, accuracy {t['accuracy']:.3f} in {t['seconds']:.1f}s"
+                      f" ({t['extracted']} extracted)" for t in choice["trials"])
+    return f"{choice['chosen']} kept, best by {choice['split']} ({choice['images']} images): {tried}"
 
 
 def print_leaks(leaks: dict) -> None:

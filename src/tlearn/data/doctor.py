@@ -88,7 +88,7 @@ class _File:
     phash: int | None = None
 
 
-def examine_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+def examine_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.0, test_fraction: float = 0.15,
                     progress: bool = True, workers: int = 4, cache_dir: str | Path | None = None) -> DoctorReport:
     """Decode every image and run all checks; structural problems become findings, not exceptions."""
     files, layout, findings = _collect(Path(root).expanduser(), seed, val_fraction, test_fraction, cache_dir)

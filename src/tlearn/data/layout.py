@@ -16,7 +16,7 @@ import numpy as np
 from tlearn.data.decode import is_image_path
 from tlearn.data.discovery import Scan, Skipped, sub_folders, walk_images
 from tlearn.data.fingerprints import Fingerprint, fingerprint_files
-from tlearn.data.splits import Leak, carve, find_leaks
+from tlearn.data.splits import Leak, carve, find_leaks, near_groups
 from tlearn.errors import DatasetError
 
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "validation", "valid"), "test": ("test", "testing")}
@@ -43,6 +43,13 @@ class Dataset:
     skipped: list[Skipped] = field(default_factory=list)  # images, links and folders that cannot be used, and why
     leaks: list[Leak] = field(default_factory=list)  # exact or near-duplicates in different splits
     hashes: dict[Path, str] = field(default_factory=dict)  # content hash of every sample
+    groups: dict[Path, int] = field(default_factory=dict)  # near-duplicate group of each train sample
+
+    def train_groups(self) -> np.ndarray:
+        """The near-duplicate group of each train sample, in order (a sample alone is a group of its own): folds
+        of cross-validation keep a group together."""
+        samples = self.split("train")
+        return np.array([self.groups.get(s.path, -1 - i) for i, s in enumerate(samples)], dtype=np.int64)
 
     def paths(self, split: str) -> list[Path]:
         return [s.path for s in self.split(split)]
@@ -68,7 +75,7 @@ class Dataset:
                           for name, samples in self.splits.items()}}
 
 
-def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15, *,
+def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.0, test_fraction: float = 0.15, *,
                  cache_dir: str | Path | None = None, workers: int = 2) -> Dataset:
     """Find the dataset under `root`, carving missing val/test splits (stratified, stable); raise DatasetError.
 
@@ -99,7 +106,9 @@ def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.15, te
               for split in SPLIT_FOLDERS if split in per_split}
     leaks = find_leaks({split: [s.path for s in samples] for split, samples in splits.items()}, prints)
     hashes = {s.path: prints[s.path].sha256 for samples in splits.values() for s in samples}
-    return Dataset(root, classes, splits, layout, scan.ignored, scan.skipped, leaks, hashes)
+    groups = {path: i for i, group in enumerate(g for c in classes for g in near_groups(per_split["train"].get(c, []),
+                                                                                      prints)) for path in group}
+    return Dataset(root, classes, splits, layout, scan.ignored, scan.skipped, leaks, hashes, groups)
 
 
 def _check_root(root: Path) -> None:
@@ -114,8 +123,8 @@ def _check_root(root: Path) -> None:
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 < value < 1.0:
-            raise DatasetError(f"{name} must be between 0 and 1 (exclusive), not {value}")
+        if not 0.0 <= value < 1.0:
+            raise DatasetError(f"{name} must be at least 0 and below 1, not {value}")
     if val_fraction + test_fraction >= 1.0:
         raise DatasetError(f"val_fraction + test_fraction must leave images to train on, not "
                            f"{val_fraction} + {test_fraction}")
@@ -196,11 +205,14 @@ def _carve_missing(per_split: dict[str, dict[str, list[Path]]], split_folders: d
     """The splits with val (and test, for one folder per class) carved out, and the layout in words."""
     rule = f"stratified, by content hash, near-duplicates together, seed {seed}"
     if not split_folders:
-        carved = carve(per_split[""], prints, {"test": test_fraction, "val": val_fraction}, seed, "the dataset")
-        return carved, (f"one folder per class; train/val/test carved {1 - val_fraction - test_fraction:.0%}/"
-                        f"{val_fraction:.0%}/{test_fraction:.0%} ({rule})")
+        fractions = {name: f for name, f in (("test", test_fraction), ("val", val_fraction)) if f > 0}
+        if not fractions:
+            return {"train": per_split[""]}, "one folder per class; all of it train (nothing carved to report on)"
+        carved = carve(per_split[""], prints, fractions, seed, "the dataset")
+        shares = "/".join(f"{f:.0%}" for f in (1 - val_fraction - test_fraction, *fractions.values()))
+        return carved, f"one folder per class; {'/'.join(('train', *fractions))} carved {shares} ({rule})"
     layout = "folders " + "/".join(f.name for f in split_folders.values())
-    if "val" in per_split:
+    if "val" in per_split or val_fraction == 0:
         return per_split, layout
     carved = carve(per_split["train"], prints, {"val": val_fraction}, seed, str(split_folders["train"]))
     return {**per_split, **carved}, f"{layout}; val carved from train ({val_fraction:.0%}, {rule})"

@@ -40,7 +40,7 @@ def carve(by_class: dict[str, list[Path]], prints: dict[Path, Fingerprint], frac
                              f"{len(carved)} are needed to carve a {' and a '.join(fractions)} split; add images or "
                              f"provide {' and '.join(f'a {name}/' for name in fractions)} folder")
         placed: dict[str, list[tuple[float, list[Path]]]] = {name: [] for name in carved}
-        for group in _groups(files, prints):
+        for group in near_groups(files, prints):
             draw = _uniform(seed, min(prints[p].sha256 for p in group))
             placed[_split_of(draw, fractions)].append((draw, group))
         _fill_empty_splits(placed, fractions)
@@ -57,7 +57,7 @@ def find_leaks(assigned: dict[str, list[Path]], prints: dict[Path, Fingerprint])
                   for i, j, bits in pairs if items[i][0] != items[j][0])
 
 
-def _groups(files: list[Path], prints: dict[Path, Fingerprint]) -> list[list[Path]]:
+def near_groups(files: list[Path], prints: dict[Path, Fingerprint]) -> list[list[Path]]:
     """Files joined when their perceptual hashes are near (exact copies share theirs), transitively."""
     parent = list(range(len(files)))
 

@@ -1,6 +1,7 @@
 """Probabilities that mean what they say: temperature scaling, expected calibration error, abstention curves.
 
-The temperature is fitted on the validation split only; the test split is only ever measured.
+The temperature is fitted on images no reported split holds (out-of-fold train); val and test are only
+measured.
 """
 from __future__ import annotations
 
@@ -66,17 +67,20 @@ def accuracy_coverage(proba: np.ndarray, labels: np.ndarray,
     return rows
 
 
-def calibrate(scored: dict[str, ScoredSplit]) -> dict:
-    """Fit the temperature on scored['val'] and measure ECE before/after on every split given.
+def calibrate(scored: dict[str, ScoredSplit], fitted: ScoredSplit) -> dict:
+    """Fit the temperature on `fitted` (logits of images the model did not learn from and no reported split: the
+    out-of-fold train images, or the fine-tune's inner split) and measure ECE before/after on it and on every split
+    of `scored` (which are only measured).
 
     The result is the bundle's "calibration" config section.
     """
-    val = scored["val"]
-    # With no mistake on val, the likelihood only grows as T -> 0: the data cannot say how sure to be, so
+    # With no mistake to learn from, the likelihood only grows as T -> 0: the data cannot say how sure to be, so
     # the model is left as it is rather than made (near) certain of everything.
-    errors = int((val.logits.argmax(1) != val.labels).sum())
-    temperature = fit_temperature(val.logits, val.labels) if errors else 1.0
-    return {"method": "temperature" if errors else "none (no mistakes on val to learn from)", "fitted_on": "val",
+    errors = int((fitted.logits.argmax(1) != fitted.labels).sum())
+    temperature = fit_temperature(fitted.logits, fitted.labels) if errors else 1.0
+    scored = {fitted.name: fitted, **scored}
+    return {"method": "temperature" if errors else f"none (no mistakes on {fitted.name} to learn from)",
+            "fitted_on": fitted.name,
             "temperature": temperature, "bins": ECE_BINS,
             "ece_before": {name: expected_calibration_error(s.proba(), s.labels) for name, s in scored.items()},
             "ece_after": {name: expected_calibration_error(s.proba(temperature), s.labels)

@@ -43,6 +43,8 @@ class TunedStage:
     labels: dict[str, np.ndarray]  # of the images that decoded, in order
     paths: dict[str, list[Path]]  # the images that decoded, in order
     choice: StageChoice
+    inner: tuple[np.ndarray, np.ndarray]  # the tuned model's logits on the inner split and their labels: its
+    # temperature is fitted there (no reported split chooses or fits anything)
 
 
 def fine_tune_stage(dataset: Dataset, spec: BackboneSpec, backbone, head: LinearHead, settings: FinetuneSettings,
@@ -89,7 +91,8 @@ def fine_tune_stage(dataset: Dataset, spec: BackboneSpec, backbone, head: Linear
         shutil.rmtree(folder, ignore_errors=True)
     result.notes.extend(inputs.notes)
     logits = {split: predict_logits(module, data, batch_size) for split, data in inputs.scored.items()}
-    tuned_scores = val_score(logits.pop("inner"), inputs.scored_labels["inner"])
+    inner_logits = logits.pop("inner")
+    tuned_scores = val_score(inner_logits, inputs.scored_labels["inner"])
     choice = StageChoice(
         "finetune" if tuned_scores > head_scores else "head",
         describe_inner_split(settings.inner_fraction, seed) + "; head refitted without it",
@@ -97,7 +100,8 @@ def fine_tune_stage(dataset: Dataset, spec: BackboneSpec, backbone, head: Linear
                            for stage, (a, nl) in zip(STAGES, (head_scores, tuned_scores))})
     result.model = plain_batch_norm(result.model)
     return TunedStage(result, logits, {s: inputs.scored_labels[s] for s in logits},
-                      {s: inputs.scored_paths[s] for s in logits}, choice)
+                      {s: inputs.scored_paths[s] for s in logits}, choice,
+                      (np.asarray(inner_logits, np.float64), inputs.scored_labels["inner"]))
 
 
 def _refit_head(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int) -> LinearHead:

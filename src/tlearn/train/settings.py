@@ -66,8 +66,9 @@ class TrainSettings:
     backbone: str = "efficientnet_lite0"
     weights: Path | None = None
     seed: int = 0
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    # choices are made by cross-validation on train: no val is carved unless asked for (one that only reports)
+    val_fraction: float = 0.0
+    test_fraction: float = 0.15  # carved only from a dataset without split folders
     batch_size: int = 32
     workers: int | None = None
     cache_dir: Path | None = None
@@ -90,8 +91,8 @@ class TrainSettings:
         else:
             get_spec(self.backbone)
         check_range("seed", self.seed, 0)
-        check_range("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
-        check_range("test_fraction", self.test_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        check_range("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
+        check_range("test_fraction", self.test_fraction, 0.0, 1.0, high_open=True)
         check_range("val_fraction + test_fraction", self.val_fraction + self.test_fraction, 0.0, 1.0,
                     high_open=True)
         check_range("batch_size", self.batch_size, 1, 4096)

@@ -10,6 +10,7 @@ import numpy as np
 
 from tlearn.data import Dataset
 from tlearn.evaluate import classification_metrics
+from tlearn.evaluate.metrics import ScoredSplit
 from tlearn.features import FeatureCache, extract_features
 from tlearn.features.backbone import FrozenBackbone
 from tlearn.train.head import HeadFit, LinearHead
@@ -46,7 +47,7 @@ def fine_tune_bundle(result: TrainResult, dataset: Dataset, backbone: FrozenBack
                                             calibration_paths=backbone.calibration_paths, seed=settings.seed,
                                             workers=settings.workers, progress=settings.progress,
                                             network=network.backbone)
-            _measure_as_predicted(result, dataset, tuned_backbone, settings)
+            _measure_as_predicted(result, dataset, tuned_backbone, settings, tuned.inner)
             attach_engine(bundle, tuned_backbone.exported())
         stages["finetune"] = {s: m for s, m in bundle.metrics.items() if s in ("val", "test")}
     else:
@@ -64,8 +65,9 @@ def fine_tune_bundle(result: TrainResult, dataset: Dataset, backbone: FrozenBack
 
 
 def _measure_as_predicted(result: TrainResult, dataset: Dataset, backbone: FrozenBackbone,
-                          settings: TrainSettings) -> None:
-    """Metrics and calibration of the tuned model from its exported engine on the pipeline's pixels."""
+                          settings: TrainSettings, inner: tuple[np.ndarray, np.ndarray]) -> None:
+    """Metrics of the tuned model from its exported engine on the pipeline's pixels; its temperature fitted on the
+    inner split that chose its epoch (the reported splits are only measured)."""
     bundle = result.bundle
     head = LinearHead(bundle.state["head.weight"], bundle.state["head.bias"])
     logits, labels, paths = {}, {}, {}
@@ -78,6 +80,8 @@ def _measure_as_predicted(result: TrainResult, dataset: Dataset, backbone: Froze
         labels[split] = dataset.labels(split)[features.kept]
         paths[split] = [dataset.paths(split)[i] for i in features.kept]
     bundle.metrics = {**{s: classification_metrics(labels[s], x.argmax(1), dataset.classes, settings.seed)
-                         for s, x in logits.items()}, "leaks": bundle.metrics["leaks"]}
+                         for s, x in logits.items()}, "leaks": bundle.metrics["leaks"], "cv": bundle.metrics["cv"]}
     result.scored = SplitFeatures({}, {}, labels, paths).scored(logits)
+    inner_logits, inner_labels = inner
+    result.fitted = ScoredSplit("inner split (fine-tune)", [], inner_labels, inner_logits)
     calibrate_bundle(result)

@@ -1,5 +1,6 @@
-"""The training recipe as named steps: find data -> check -> extract -> fit head -> calibrate -> maybe fine-tune ->
-package. `run_recipe` composes them; each is a short function a reader can follow on its own.
+"""The training recipe as named steps: find data -> check -> extract -> choose (cross-validation on train) -> refit
+the head on all of train -> calibrate (out of fold) -> maybe fine-tune -> package. `run_recipe` composes them; each
+is a short function a reader can follow on its own. Val and test, where present, only report.
 """
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ from tlearn.evaluate.metrics import ScoredSplit
 from tlearn.features import FeatureCache, feature_key
 from tlearn.features.backbone import FrozenBackbone, import_torch_early
 from tlearn.features.views import ViewFeatures, extract_views
-from tlearn.train.head import HeadFit, balanced_class_weight, fit_head
+from tlearn.train.choices import Candidate, ChoiceStore, HeadChoice, choose, make_folds, refit
+from tlearn.train.head import HeadFit
 from tlearn.train.settings import AUTO, TrainSettings
-from tlearn.train.views import ViewChoice, choose_views, needs_mirror
+from tlearn.train.views import RECIPES, ViewChoice, needs_mirror
 
 if TYPE_CHECKING:
     from tlearn.train.backbone_choice import BackboneChoice
 
-# "auto" fine-tunes when there is room above the head on val and enough images per class to learn from
+# "auto" fine-tunes when there is room above the head (cross-validated) and enough images per class to learn from
 AUTO_MIN_TRAIN_PER_CLASS, AUTO_HEAD_GOOD_ENOUGH = 20, 0.995
 
 
@@ -71,6 +73,7 @@ class TrainSummary:
     engine_build_seconds: float
     head_C: float
     recipe: str  # the stage kept: head or finetune
+    cv: dict | None = None  # how the head was chosen: folds, metric, score, class weighting, out-of-fold figures
     backbone_choice: dict | None = None  # --backbone auto: each backbone tried, its inner-split score and seconds
     seconds: float = 0.0
     finetune: dict | None = None
@@ -85,6 +88,7 @@ class TrainResult:
     bundle: Bundle
     summary: TrainSummary
     scored: dict[str, ScoredSplit] = field(default_factory=dict)  # per-image results of the kept model
+    fitted: ScoredSplit | None = None  # what the temperature is fitted on: out-of-fold train, or the tuned inner split
 
 
 def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) -> TrainResult:
@@ -99,10 +103,10 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
         found = found or find_data(data, settings)
         backbone = frozen_backbone(found, settings, cache)
         split = extract(found, backbone, cache, settings)
-        views = choose_the_views(found, backbone, cache, split, settings)
-        fit = fit_the_head(split, len(found.dataset.classes), settings, views)
-        result = assemble(found, backbone, split, fit, settings, views)
+        views, head_choice, fit = choose_the_head(found, backbone, cache, split, settings)
+        result = assemble(found, backbone, split, fit, settings, views, head_choice)
         calibrate_bundle(result)
+        keep_out_of_fold(result, found, split, head_choice)
         if wants_finetune(result, settings):
             from tlearn.train.stage2 import fine_tune_bundle
 
@@ -162,14 +166,31 @@ def extract(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, set
                          {s: f.views["mirror"] for s, f in features.items() if "mirror" in f.views})
 
 
-def choose_the_views(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, split: SplitFeatures,
-                     settings: TrainSettings) -> ViewChoice:
-    """The mirror setting (chosen on an inner split of train with auto); val's and test's mirrors extracted when
-    the model will predict with them."""
-    views = choose_views(settings.mirror, split.xs["train"], split.mirrors.get("train"), split.ys["train"],
-                         len(found.dataset.classes), settings.finetune.inner_fraction, settings.seed)
+def choose_the_head(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, split: SplitFeatures,
+                    settings: TrainSettings) -> tuple[ViewChoice, HeadChoice, HeadFit]:
+    """The views (with mirror auto), the head's strength and class weighting, by cross-validation on train (kept per
+    content: a re-train on the same features reads the choice); then the head refitted on all of train. val's and
+    test's mirrors are extracted when the model will predict with them."""
+    y, classes = split.ys["train"], found.dataset.classes
+    folds = make_folds(y, found.dataset.train_groups()[split.features["train"].kept], classes, settings.seed)
+    names = list(RECIPES) if settings.mirror == AUTO else [settings.mirror]
+    candidates = [Candidate(n, split.xs["train"], split.mirrors.get("train"), RECIPES[n].train_mirror,
+                            RECIPES[n].tta) for n in names]
+    store = ChoiceStore(cache.directory)
+    key = store.key(candidates, y, folds)
+    cached = store.get(key, folds, len(y), len(classes))
+    if cached is None:
+        choice, tried = choose(candidates, y, folds, len(classes))
+        scores = {t.candidate: {"log_loss": t.score, "accuracy": t.accuracy, "balanced_accuracy": t.balanced_accuracy,
+                                "C": t.C, "class_weight": t.class_weight} for t in tried}
+        store.put(key, choice, [scores])
+    else:
+        choice, (scores,) = cached
+    views = ViewChoice(choice.candidate, settings.mirror, folds.describe() if len(names) > 1 else "",
+                       len(y) if len(names) > 1 else 0, scores if len(names) > 1 else {}, choice.seconds)
     add_mirrors(split, found, backbone, cache, settings, views)
-    return views
+    head = refit(next(c for c in candidates if c.name == choice.candidate), y, choice, len(classes))
+    return views, choice, HeadFit(head, choice.C, choice.search)
 
 
 def add_mirrors(split: SplitFeatures, found: FoundData, backbone: FrozenBackbone, cache: FeatureCache,
@@ -205,16 +226,8 @@ def extract_on_ray(found: FoundData, backbone: FrozenBackbone, cache: FeatureCac
                          progress=settings.progress)
 
 
-def fit_the_head(split: SplitFeatures, n_classes: int, settings: TrainSettings, views: ViewChoice) -> HeadFit:
-    """Softmax regression on the frozen features of the chosen views, its strength chosen on val (class-balanced
-    loss)."""
-    x, y = views.recipe.train_rows(split.xs["train"], split.mirrors.get("train"), split.ys["train"])
-    return fit_head(x, y, split.eval_rows("val", views), split.ys["val"], n_classes,
-                    class_weight=balanced_class_weight(y, n_classes), progress=settings.progress)
-
-
 def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, fit: HeadFit,
-             settings: TrainSettings, views: ViewChoice) -> TrainResult:
+             settings: TrainSettings, views: ViewChoice, choice: HeadChoice) -> TrainResult:
     """The stage-1 bundle (backbone tensors + head), its metrics on val and test, and the summary."""
     dataset, spec = found.dataset, backbone.spec
     state = {**{f"backbone.{k}": v for k, v in backbone.state.items()},
@@ -226,6 +239,9 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
     bundle = Bundle(classes=dataset.classes, backbone=record, preprocessing=spec.preprocessing, state=state,
                     training={**settings.record(), "recipe": "head",
                               "head": {"type": "linear-softmax on L2-normalised features", "C": fit.C,
+                                       "class_weight": choice.class_weight,
+                                       "chosen_by": f"{choice.folds.describe()}: {choice.metric}",
+                                       "refit": f"all {len(split.ys['train'])} training images",
                                        "search": fit.search}, "views": views.to_dict()},
                     split=dataset.describe(), tta=views.recipe.tta,
                     extra={"skipped_files": [{"path": p, "reason": r} for p, r in failures],
@@ -234,6 +250,11 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
               if s in ("val", "test")}
     bundle.metrics = {s: classification_metrics(split.ys[s], x.argmax(1), dataset.classes, settings.seed)
                       for s, x in logits.items()}
+    cv = {**{k: v for k, v in choice.to_dict().items() if k != "search"},
+          **classification_metrics(split.ys["train"], choice.oof_logits.argmax(1), dataset.classes, settings.seed)}
+    if choice.folds.note:
+        cv["note"] = choice.folds.note
+    bundle.metrics["cv"] = cv
     # near-duplicates across splits make val/test optimistic: counted with the figures they inflate
     bundle.metrics["leaks"] = dataset.describe_leaks()
     extracted = sum(f.computed for f in split.features.values())
@@ -243,22 +264,36 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
         ignored_files=[str(p) for p in dataset.ignored], extracted=extracted,
         from_cache=sum(f.from_cache for f in split.features.values()),
         extract_seconds=sum(f.seconds for f in split.features.values()),
-        engine_build_seconds=backbone.build_seconds, head_C=fit.C, recipe="head")
-    return TrainResult(bundle, summary, split.scored(logits))
+        engine_build_seconds=backbone.build_seconds, head_C=fit.C, recipe="head", cv=cv)
+    fitted = ScoredSplit("out-of-fold train", split.paths["train"], split.ys["train"],
+                         choice.oof_logits.astype(np.float64))
+    return TrainResult(bundle, summary, split.scored(logits), fitted)
 
 
 def calibrate_bundle(result: TrainResult) -> None:
-    """Fit the temperature on val (the test split is only ever measured)."""
-    calibration = calibrate(result.scored)
+    """Fit the temperature on `result.fitted` (out-of-fold train; val and test are only ever measured)."""
+    calibration = calibrate(result.scored, result.fitted)
     result.bundle.temperature = calibration["temperature"]
     result.bundle.extra["calibration"] = calibration
+
+
+def keep_out_of_fold(result: TrainResult, found: FoundData, split: SplitFeatures, choice: HeadChoice) -> None:
+    """The training images' out-of-fold probabilities (calibrated) go into the model folder: out_of_fold.csv."""
+    from scipy.special import softmax
+
+    from tlearn.bundle import OutOfFold
+
+    root = found.dataset.root
+    result.bundle.out_of_fold = OutOfFold(
+        found.dataset.classes, [str(p.relative_to(root)) for p in split.paths["train"]], split.ys["train"],
+        choice.folds.fold, softmax(choice.oof_logits.astype(np.float64) / result.bundle.temperature, axis=1))
 
 
 def wants_finetune(result: TrainResult, settings: TrainSettings) -> bool:
     if settings.recipe != "auto":
         return settings.recipe == "finetune"
     per_class = result.summary.images["train"] / result.summary.classes
-    return per_class >= AUTO_MIN_TRAIN_PER_CLASS and result.bundle.metrics["val"]["accuracy"] < AUTO_HEAD_GOOD_ENOUGH
+    return per_class >= AUTO_MIN_TRAIN_PER_CLASS and result.bundle.metrics["cv"]["accuracy"] < AUTO_HEAD_GOOD_ENOUGH
 
 
 def attach_engine(bundle: Bundle, exported) -> None:
@@ -278,7 +313,7 @@ def adopt_weights(bundle: Bundle, state: dict[str, np.ndarray]) -> None:
 
 
 def _check_trainable(dataset: Dataset, ys: dict[str, np.ndarray]) -> None:
-    for split in ("train", "val"):
+    for split in (s for s in ("train", "val") if s in ys):
         present = set(ys[split].tolist())
         lost = [c for i, c in enumerate(dataset.classes) if i not in present]
         if lost:
