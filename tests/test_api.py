@@ -126,7 +126,7 @@ def test_retrain_with_a_corrupt_file_imports_no_torch_the_second_time(hymenopter
     ({"batch_size": 0}, "batch_size must be >= 1"),
     ({"batch_size": -1}, "batch_size must be >= 1"),
     ({"test_fraction": 1.0}, "test_fraction must be"),
-    ({"val_fraction": 0.0}, "val_fraction must be"),
+    ({"val_fraction": -0.1}, "val_fraction must be"),
     ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction \\+ test_fraction"),
     ({"engine": "tensorrt"}, "unknown engine"),
     ({"precision": "fp8"}, "unknown precision"),

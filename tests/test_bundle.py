@@ -16,7 +16,7 @@ from tlearn.bundle import Bundle, BundleError, file_sha256
 def test_round_trip_predicts_the_same(demo_model, demo_data, tmp_path):
     folder = demo_model.save(tmp_path / "model")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "engine", "metrics.json", "model.safetensors",
-                                                        "report"]
+                                                        "out_of_fold.csv", "report"]
     assert sorted(p.name for p in (folder / "engine").iterdir()) == ["backbone.onnx", "reference.safetensors"]
     again = tlearn.load(folder)
     files = sorted((demo_data / "test").rglob("*.png"))[:5]
@@ -34,12 +34,15 @@ def test_config_records_how_the_model_was_made(demo_model, tmp_path):
     assert set(config["split"]["files"]) == {"train", "val", "test"}
     assert {"tlearn", "numpy"} <= set(config["versions"])
     assert set(config["files"]) == {"model.safetensors", "metrics.json", "engine/backbone.onnx",
-                                    "engine/reference.safetensors"}
+                                    "engine/reference.safetensors", "out_of_fold.csv"}
     for name, digest in config["files"].items():
         assert file_sha256(tmp_path / "m" / name) == digest
     assert any(v["ok"] for v in config["engine"]["verdicts"].values())
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
-    assert set(metrics) == {"val", "test", "leaks"} and metrics["leaks"]["count"] == 0
+    assert set(metrics) == {"val", "test", "leaks", "cv"} and metrics["leaks"]["count"] == 0
+    assert metrics["cv"]["n"] == len(config["split"]["files"]["train"])  # out of fold on every training image
+    assert "-fold stratified cross-validation on train" in config["training"]["head"]["chosen_by"]
+    assert config["training"]["head"]["refit"] == f"all {metrics['cv']['n']} training images"
     for key in ("accuracy", "mean_class_accuracy", "n", "per_class", "confusion_matrix"):
         assert key in metrics["test"]
     assert oct(os.stat(tmp_path / "m" / "model.safetensors").st_mode & 0o777) == "0o644"

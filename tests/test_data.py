@@ -133,9 +133,12 @@ def test_val_is_carved_from_train_stratified_and_seeded(tmp_path):
     assert "carved" in ds.layout and "carved" in ds.describe()["layout"]
 
 
-def test_unsplit_folder_gets_train_val_test(tmp_path):
+def test_unsplit_folder_gets_train_test_and_val_when_asked(tmp_path):
     _class_tree(tmp_path, {"x": 20, "y": 20, "z": 7})
-    ds = find_dataset(tmp_path)
+    plain = find_dataset(tmp_path)  # choices are cross-validated on train: only a test split is carved to report
+    assert set(plain.splits) == {"train", "test"} and "train/test carved 85%/15%" in plain.layout
+    assert set(plain.labels("test").tolist()) == {0, 1, 2}
+    ds = find_dataset(tmp_path, val_fraction=0.15)
     sizes = {k: len(v) for k, v in ds.splits.items()}
     assert sum(sizes.values()) == 47 and sizes["train"] > sizes["val"] + sizes["test"]
     for split in ("val", "test"):
@@ -161,7 +164,7 @@ def test_files_without_image_extension_are_ignored_and_listed(tmp_path):
      "missing classes that train has: b"),
     (lambda root: (_class_tree(root / "train", {"a": 3, "b": 3}), _class_tree(root / "val", {"a": 2, "b": 1, "c": 1})),
      "classes that train does not: c"),
-    (lambda root: _class_tree(root / "train", {"a": 3, "b": 1}), "'b' has only 1 image"),
+    (lambda root: _class_tree(root, {"a": 3, "b": 1}), "'b' has only 1 image"),
     (lambda root: _class_tree(root / "val", {"a": 3, "b": 3}), "no train/ folder"),
 ])
 def test_unusable_layouts_say_what_to_fix(tmp_path, build, message):
@@ -363,13 +366,19 @@ def test_near_duplicates_land_in_one_carved_split(tmp_path):
         original = Image.open(root / "x" / f"{i}.jpg")
         original.resize((56, 42)).save(root / "x" / f"{i}-smaller.png")  # another encoding of the same picture
         shutil.copy(root / "x" / f"{i}.jpg", root / "x" / f"{i}-copy.jpg")  # the same bytes
-    ds = find_dataset(root, seed=0)
+    ds = find_dataset(root, seed=0, val_fraction=0.15)
     where = _split_of(ds)
     for i in range(0, 40, 2):
         assert where[root / "x" / f"{i}-smaller.png"] == where[root / "x" / f"{i}.jpg"] == \
             where[root / "x" / f"{i}-copy.jpg"]
     assert ds.leaks == []
-    assert len({where[root / "x" / f"{i}.jpg"] for i in range(0, 40, 2)}) == 3  # groups still spread out
+    assert len({where[root / "x" / f"{i}.jpg"] for i in range(0, 40, 2)}) >= 2  # groups still spread out
+    # the folds of cross-validation keep them together too: one group id for the three files in train
+    group = dict(zip(ds.paths("train"), ds.train_groups()))
+    kept = [i for i in range(0, 40, 2) if where[root / "x" / f"{i}.jpg"] == "train"]
+    assert kept and all(group[root / "x" / f"{i}.jpg"] == group[root / "x" / f"{i}-copy.jpg"] ==
+                        group[root / "x" / f"{i}-smaller.png"] for i in kept)
+    assert len(set(group.values())) == len(group) - 2 * len(kept)  # every other image is a group of its own
 
 
 def test_leaks_across_given_splits_are_listed(tmp_path):

@@ -104,16 +104,15 @@ def sampled_split(n: int, true_temperature: float, seed: int, name: str = "val")
 def test_fitted_temperature_recovers_the_true_one_and_lowers_held_out_ece():
     val, test = sampled_split(3000, 2.0, seed=0), sampled_split(3000, 2.0, seed=1, name="test")
     assert fit_temperature(val.logits, val.labels) == pytest.approx(2.0, rel=0.1)
-    section = calibrate({"val": val, "test": test})
-    assert section["fitted_on"] == "val"
+    section = calibrate({"test": test}, val)
+    assert section["fitted_on"] == "val" and set(section["ece_after"]) == {"val", "test"}
     assert section["ece_after"]["test"] < section["ece_before"]["test"] / 2
 
 
 def test_calibrate_does_not_look_at_test():
     val, test = sampled_split(500, 1.5, seed=2), sampled_split(500, 1.5, seed=3, name="test")
     shuffled = ScoredSplit("test", [], np.roll(test.labels, 1), test.logits)
-    assert calibrate({"val": val, "test": test})["temperature"] == calibrate({"val": val, "test": shuffled})[
-        "temperature"]
+    assert calibrate({"test": test}, val)["temperature"] == calibrate({"test": shuffled}, val)["temperature"]
 
 
 def test_ece_is_zero_when_confidence_equals_accuracy_and_bins_add_up():
@@ -138,7 +137,7 @@ def test_accuracy_coverage_trades_answers_for_accuracy():
 def test_no_sharpening_when_val_has_no_mistakes():
     split = sampled_split(200, 1.0, seed=5)
     perfect = ScoredSplit("val", [], split.logits.argmax(1), split.logits)
-    section = calibrate({"val": perfect})
+    section = calibrate({}, perfect)
     assert section["temperature"] == 1.0 and section["ece_after"] == section["ece_before"]
 
 

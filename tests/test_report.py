@@ -37,8 +37,9 @@ def chromium() -> str:
 
 def test_fit_records_calibration_and_data_checks(demo_model):
     calibration = demo_model.bundle_.extra["calibration"]
-    assert calibration["fitted_on"] == "val" and calibration["temperature"] > 0
-    assert set(calibration["ece_before"]) == {"val", "test"}
+    # the temperature is fitted on out-of-fold train probabilities: val and test only report
+    assert calibration["fitted_on"] == "out-of-fold train" and calibration["temperature"] > 0
+    assert set(calibration["ece_before"]) == {"out-of-fold train", "val", "test"}
     checks = demo_model.bundle_.extra["data_checks"]
     assert checks["errors"] == 0 and checks["files_checked"] == 84
     assert checks["root"] == demo_model.summary_.data

@@ -1,4 +1,4 @@
-"""The image's mirror for the head: its features cached per view, the choice made on an inner split of train, and
+"""The image's mirror for the head: its features cached per view, the choice made by cross-validation on train, and
 test-time augmentation followed the same way by every prediction path."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tlearn.engines.views import MeanOfViews, Mirrored, mirror
+from tlearn.train.choices import make_folds
 from tlearn.train.views import RECIPES, choose_views
 
 
@@ -26,11 +27,13 @@ def test_auto_keeps_the_cheapest_of_equals_and_records_every_score():
     y = np.arange(120) % 3
     x = (rng.normal(size=(120, 16)) + np.eye(3, 16)[y] * 3).astype(np.float32)
     # a mirror identical to the image: tta scores as off, both as train; the one forward pass is kept on the tie
-    choice = choose_views("auto", x, x.copy(), y, 3, 0.2, seed=0)
-    assert set(choice.scores) == set(RECIPES) and choice.images == 24
+    folds = make_folds(y, None, ["a", "b", "c"], seed=0)
+    choice, head, candidate = choose_views("auto", x, x.copy(), y, folds, 3)
+    assert set(choice.scores) == set(RECIPES) and choice.images == 120 and "5-fold" in choice.split
     assert choice.scores["tta"] == choice.scores["off"] and choice.scores["both"] == choice.scores["train"]
     assert choice.chosen in ("off", "train") and choice.to_dict()["forwards_per_image"] == 1
-    asked = choose_views("tta", x, x, y, 3, 0.2, seed=0)
+    assert candidate.name == head.candidate == choice.chosen and head.oof_logits.shape == (120, 3)
+    asked, _, _ = choose_views("tta", x, x, y, folds, 3)
     assert asked.chosen == "tta" and not asked.scores and asked.to_dict()["forwards_per_image"] == 2
 
 

@@ -54,6 +54,8 @@ def print_summary(clf, out_dir: Path) -> None:
     table.add_row("time", f"{s.seconds:.1f}s")
     table.add_row("model", terminal_text(out_dir))
     out.print(table)
+    if clf.metrics_.get("cv", {}).get("note"):
+        err.print(f"[yellow]note:[/] {terminal_text(clf.metrics_['cv']['note'])}", highlight=False, soft_wrap=True)
     print_data_warning(bundle.extra.get("data_checks", {}))
     print_leaks(clf.metrics_.get("leaks", {}))
     if s.skipped_files:
@@ -69,7 +71,7 @@ def head_text(cv: dict, C: float, head: dict) -> str:
     weighting = ", class-balanced weights" if head.get("class_weight") == "balanced" else ""
     return (f"linear softmax, C={C:g}{weighting}; chosen by {cv['folds']['k']}-fold cross-validation on train "
             f"({cv['chosen_by'].removeprefix('cross-validated ')} {cv['score']:.4f}); refit on "
-            f"{head.get('refit', 'train')}" + (f" ({cv['note']})" if cv.get("note") else ""))
+            f"{head.get('refit', 'train')}")
 
 
 def recall_text(cv: dict, most: int = 12) -> str:

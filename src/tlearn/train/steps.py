@@ -22,10 +22,10 @@ from tlearn.evaluate.metrics import ScoredSplit
 from tlearn.features import FeatureCache, feature_key
 from tlearn.features.backbone import FrozenBackbone, import_torch_early
 from tlearn.features.views import ViewFeatures, extract_views
-from tlearn.train.choices import Candidate, ChoiceStore, HeadChoice, choose, make_folds, refit
+from tlearn.train.choices import ChoiceStore, HeadChoice, make_folds, refit
 from tlearn.train.head import HeadFit
 from tlearn.train.settings import AUTO, TrainSettings
-from tlearn.train.views import RECIPES, ViewChoice, needs_mirror
+from tlearn.train.views import ViewChoice, choose_views, needs_mirror
 
 if TYPE_CHECKING:
     from tlearn.train.backbone_choice import BackboneChoice
@@ -173,23 +173,10 @@ def choose_the_head(found: FoundData, backbone: FrozenBackbone, cache: FeatureCa
     test's mirrors are extracted when the model will predict with them."""
     y, classes = split.ys["train"], found.dataset.classes
     folds = make_folds(y, found.dataset.train_groups()[split.features["train"].kept], classes, settings.seed)
-    names = list(RECIPES) if settings.mirror == AUTO else [settings.mirror]
-    candidates = [Candidate(n, split.xs["train"], split.mirrors.get("train"), RECIPES[n].train_mirror,
-                            RECIPES[n].tta) for n in names]
-    store = ChoiceStore(cache.directory)
-    key = store.key(candidates, y, folds)
-    cached = store.get(key, folds, len(y), len(classes))
-    if cached is None:
-        choice, tried = choose(candidates, y, folds, len(classes))
-        scores = {t.candidate: {"log_loss": t.score, "accuracy": t.accuracy, "balanced_accuracy": t.balanced_accuracy,
-                                "C": t.C, "class_weight": t.class_weight} for t in tried}
-        store.put(key, choice, [scores])
-    else:
-        choice, (scores,) = cached
-    views = ViewChoice(choice.candidate, settings.mirror, folds.describe() if len(names) > 1 else "",
-                       len(y) if len(names) > 1 else 0, scores if len(names) > 1 else {}, choice.seconds)
+    views, choice, candidate = choose_views(settings.mirror, split.xs["train"], split.mirrors.get("train"), y, folds,
+                                            len(classes), ChoiceStore(cache.directory))
     add_mirrors(split, found, backbone, cache, settings, views)
-    head = refit(next(c for c in candidates if c.name == choice.candidate), y, choice, len(classes))
+    head = refit(candidate, y, choice, len(classes))
     return views, choice, HeadFit(head, choice.C, choice.search)
 
 

@@ -5,17 +5,16 @@
     tta    rows of the image's features; predicts on the mean of the image's and its mirror's (two passes)
     both   both rows; predicts on the mean (two passes)
 
-`auto` fits a head for each on train without an inner split and keeps the best on that inner split (accuracy, then
-log loss; the cheaper one on a tie), so the reported val is untouched by the choice. numpy and scipy only.
+`auto` scores a head for each by cross-validation on train (tlearn.train.choices: out-of-fold log loss, then
+accuracy; the cheaper one on a tie), so the reported val is untouched by the choice. numpy and scipy only.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tlearn.train.inner import describe_inner_split, inner_head_score, inner_split
+from tlearn.train.choices import Candidate, ChoiceStore, Folds, HeadChoice, choose
 
 
 @dataclass(frozen=True)
@@ -51,9 +50,9 @@ class ViewChoice:
 
     chosen: str  # a key of RECIPES
     asked: str  # a key of RECIPES, or "auto"
-    split: str = ""  # the inner split the choice was scored on, in words ("" when asked for by name)
+    split: str = ""  # the folds the choice was scored on, in words ("" when asked for by name)
     images: int = 0
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # recipe -> inner accuracy and log loss
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # recipe -> out-of-fold log loss, accuracy
     seconds: float = 0.0  # spent choosing
 
     @property
@@ -65,20 +64,24 @@ class ViewChoice:
                 "forwards_per_image": 2 if self.recipe.tta else 1}
 
 
-def choose_views(asked: str, image: np.ndarray, mirrored: np.ndarray | None, y: np.ndarray, n_classes: int,
-                 fraction: float, seed: int) -> ViewChoice:
-    """The recipe asked for, or with "auto" the best on an inner split of train (train's image and mirror features
-    `image`, `mirrored`, labels `y`)."""
-    if asked != "auto":
-        return ViewChoice(asked, asked)
-    start = time.perf_counter()
-    inner = inner_split(y, fraction, seed)
-    scores = {}
-    for name, recipe in RECIPES.items():
-        x, labels = recipe.train_rows(image[~inner], mirrored[~inner], y[~inner])
-        scores[name] = inner_head_score(x, labels, recipe.eval_rows(image[inner], mirrored[inner]), y[inner],
-                                        n_classes)
-    chosen = max(RECIPES, key=lambda name: scores[name])  # the first (cheapest) of equals
-    return ViewChoice(chosen, asked, describe_inner_split(fraction, seed), int(inner.sum()),
-                      {n: {"accuracy": a, "log_loss": -nl} for n, (a, nl) in scores.items()},
-                      time.perf_counter() - start)
+def choose_views(asked: str, image: np.ndarray, mirrored: np.ndarray | None, y: np.ndarray, folds: Folds,
+                 n_classes: int, store: ChoiceStore | None = None) -> tuple[ViewChoice, HeadChoice, Candidate]:
+    """The recipe asked for, or with "auto" the best by cross-validation on train (train's image and mirror
+    features `image`, `mirrored`, labels `y`), with the head choice made for it on the same folds and the candidate
+    the head is refitted on. `store` keeps the choice per content: a re-train on the same features reads it."""
+    names = list(RECIPES) if asked == "auto" else [asked]
+    candidates = [Candidate(n, image, mirrored, RECIPES[n].train_mirror, RECIPES[n].tta) for n in names]
+    key = ChoiceStore.key(candidates, y, folds)
+    cached = store.get(key, folds, len(y), n_classes) if store is not None else None
+    if cached is None:
+        choice, tried = choose(candidates, y, folds, n_classes)
+        scores = {t.candidate: {"log_loss": t.score, "accuracy": t.accuracy, "balanced_accuracy": t.balanced_accuracy,
+                                "C": t.C, "class_weight": t.class_weight} for t in tried}
+        if store is not None:
+            store.put(key, choice, [scores])
+    else:
+        choice, (scores,) = cached
+    auto = len(names) > 1
+    views = ViewChoice(choice.candidate, asked, folds.describe() if auto else "", len(y) if auto else 0,
+                       scores if auto else {}, choice.seconds)
+    return views, choice, next(c for c in candidates if c.name == choice.candidate)
