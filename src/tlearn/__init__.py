@@ -4,8 +4,9 @@ The names below are loaded on first use (PEP 562): `tlearn --help` and `import t
 """
 __version__ = "0.2.0"
 __all__ = ["ImageClassifier", "NotFittedError", "Prediction", "Predictor", "TlearnError", "Unreadable", "load",
-           "__version__"]
-_HOME = {"ImageClassifier": "tlearn.api", "load": "tlearn.api", "NotFittedError": "tlearn.errors",
+           "suspect_labels", "__version__"]
+_HOME = {"ImageClassifier": "tlearn.api", "load": "tlearn.api", "suspect_labels": "tlearn.api",
+         "NotFittedError": "tlearn.errors",
          "TlearnError": "tlearn.errors", "Prediction": "tlearn.predict", "Predictor": "tlearn.predict",
          "Unreadable": "tlearn.predict"}
 

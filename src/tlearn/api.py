@@ -32,13 +32,13 @@ class ImageClassifier:
                  workers: int | None = None, cache_dir: str | Path | None = None, progress: bool = True,
                  engine: str = "auto", precision: str | None = None, recipe: str = "head",
                  finetune: FinetuneSettings | None = None, run_dir: str | Path | None = None,
-                 ray: str | None = None, mirror: str = "off"):
+                 ray: str | None = None, mirror: str = "off", relabel: str | Path | None = None):
         self.backbone, self.weights, self.seed = backbone, weights, seed
         self.val_fraction, self.test_fraction, self.batch_size, self.workers = (val_fraction, test_fraction,
                                                                                 batch_size, workers)
         self.cache_dir, self.progress, self.engine, self.precision = cache_dir, progress, engine, precision
         self.recipe, self.finetune, self.run_dir, self.ray = recipe, finetune, run_dir, ray
-        self.mirror = mirror
+        self.mirror, self.relabel = mirror, relabel
 
     def settings(self) -> TrainSettings:
         """The validated settings of a train (InvalidParameter names a bad one)."""
@@ -48,7 +48,8 @@ class ImageClassifier:
             workers=self.workers, cache_dir=Path(self.cache_dir) if self.cache_dir else None, progress=self.progress,
             engine=self.engine, precision=self.precision or "fp32", recipe=self.recipe,
             finetune=self.finetune or FinetuneSettings(batch_size=self.batch_size),
-            run_dir=Path(self.run_dir) if self.run_dir else None, ray=self.ray, mirror=self.mirror)
+            run_dir=Path(self.run_dir) if self.run_dir else None, ray=self.ray, mirror=self.mirror,
+            relabel=Path(self.relabel) if self.relabel else None)
 
     def fit(self, data: str | Path, resume: bool = False) -> "ImageClassifier":
         """Find the dataset, extract (or reuse cached) features, fit the head, calibrate, maybe fine-tune.
@@ -176,3 +177,12 @@ def load(directory: str | Path, **settings) -> ImageClassifier:
     clf.bundle_, clf.directory_ = bundle, Path(directory)
     return clf
 
+
+
+def suspect_labels(data: str | Path, model: str | Path | None = None, *, ranked_by: str = "self_confidence",
+                   cache_dir: str | Path | None = None, progress: bool = True):
+    """The training images of `data` whose given label the out-of-fold probabilities contradict, most suspect
+    first (a tlearn.evaluate.suspects.SuspectReport; see tlearn.train.label_check)."""
+    from tlearn.train.label_check import suspect_labels as rank
+
+    return rank(data, model, ranked_by=ranked_by, cache_dir=cache_dir, progress=progress)

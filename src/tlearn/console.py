@@ -145,6 +145,28 @@ def print_confusion(metrics: dict) -> None:
     out.print(table)
 
 
+def print_suspects(report, top: int, csv_out: Optional[Path]) -> None:
+    """Suspect labels as a table, most suspect first (tlearn.evaluate.suspects.SuspectReport)."""
+    safe = terminal_text
+    out.print(f"[bold]tlearn doctor --labels[/]: {len(report.suspects)} of {report.images} training images have a "
+              f"label the out-of-fold probabilities contradict ({100 * report.share:.1f}%; confident learning "
+              f"estimates {report.estimated_errors} wrong labels), ranked by "
+              f"{report.ranked_by.replace('_', '-')}; from {safe(report.source)}", highlight=False)
+    if report.suspects:
+        table = Table("rank", "path", "given", "suggested", "p(given)", "p(suggested)")
+        for s in report.suspects[:top]:
+            table.add_row(str(s.rank), safe(s.path), safe(s.given), safe(s.suggested), f"{s.self_confidence:.3f}",
+                          f"{s.suggested_probability:.3f}")
+        out.print(table)
+        if len(report.suspects) > top:
+            out.print(f"... {len(report.suspects) - top} more (--top N, --csv FILE or --json for all)",
+                      highlight=False)
+    if csv_out is not None:
+        out.print(f"written: {safe(csv_out)}", highlight=False)
+    out.print("to fix one: move the file to its class folder (`tlearn relabel DATA FILE` does it with a journal and "
+              "--undo), or list it in a relabel CSV (path,label) for `tlearn train --relabel FILE`", highlight=False)
+
+
 def print_doctor(report, moved: list[dict], quarantine: Optional[Path]) -> None:
     safe = terminal_text
     out.print(f"[bold]tlearn doctor[/]: {safe(report.root)} ({safe(report.layout or 'layout not usable')}), "

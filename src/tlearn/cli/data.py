@@ -1,6 +1,7 @@
 """Commands on data and backbones: doctor, backbones, fetch-weights, and the built-in demo."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +13,7 @@ from tlearn.cli.model import evaluate
 from tlearn.cli.predict import predict
 from tlearn.cli.train import train
 from tlearn.console import out, print_doctor
+from tlearn.outputs import terminal_text
 
 
 @app.command()
@@ -21,16 +23,33 @@ def doctor(
     quarantine: Annotated[Optional[Path], typer.Option(help="MOVE flagged files into this folder (outside DATA), "
                                                             "with reasons.csv; nothing is deleted.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the carved splits (as in `tlearn train`).")] = 0,
+    labels: Annotated[bool, typer.Option("--labels", help="Instead of the file checks: rank the training images "
+                                                          "whose given label the out-of-fold probabilities "
+                                                          "contradict (confident learning).")] = False,
+    model: Annotated[Optional[Path], typer.Option(help="--labels: the model trained on DATA whose out_of_fold.csv "
+                                                       "to rank (default: ./<DATA name>-model when it matches; "
+                                                       "otherwise a head is cross-validated now).")] = None,
+    rank_by: Annotated[str, typer.Option(help="--labels: self_confidence or margin.")] = "self_confidence",
+    top: Annotated[int, typer.Option(help="--labels: rows to print in the table (all go to --csv and --json).",
+                                     min=1)] = 30,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="--labels: write every suspect to this CSV "
+                                                                  "(rank,path,given,suggested,...).")] = None,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
     """Check a dataset: unreadable/odd files, duplicates, leakage between splits, conflicting labels, balance.
 
-    Exit code 1 when a problem would corrupt an evaluation (leakage, conflicting labels, unusable layout)."""
+    Exit code 1 when a problem would corrupt an evaluation (leakage, conflicting labels, unusable layout).
+    With --labels: the training images whose labels look wrong, most suspect first (exit 0)."""
     from tlearn.data.doctor import examine_dataset
     from tlearn.data.doctor import quarantine as move_flagged
     from tlearn.outputs import json_text
 
+    if labels:
+        check_labels(data, model, rank_by, top, csv_out, as_json, cache_dir, quiet)
+        return
+    if model is not None or csv_out is not None:
+        fail(ValueError("--model and --csv go with --labels"))
     try:
         report = examine_dataset(data, seed=seed, progress=not (quiet or as_json), cache_dir=cache_dir)
         moved = move_flagged(report, quarantine) if quarantine else []
@@ -42,6 +61,63 @@ def doctor(
         print_doctor(report, moved, quarantine)
     if report.errors:
         raise typer.Exit(1)
+
+
+def check_labels(data: Path, model: Optional[Path], rank_by: str, top: int, csv_out: Optional[Path],
+                 as_json: bool, cache_dir: Optional[Path], quiet: bool) -> None:
+    from tlearn.console import print_suspects
+    from tlearn.errors import InvalidParameter, check_choice
+    from tlearn.evaluate.suspects import RANKINGS
+    from tlearn.outputs import atomic_text_file, json_text
+    from tlearn.train.label_check import suspect_labels
+
+    try:
+        check_choice("rank_by", rank_by, RANKINGS)
+        if csv_out is not None and csv_out.exists() and not csv_out.read_bytes().startswith(b"rank,path,given,"):
+            raise InvalidParameter(f"{csv_out} exists and is not a suspect-label table that tlearn wrote: "
+                                   "give a new file")
+        report = suspect_labels(data, model, ranked_by=rank_by, cache_dir=cache_dir,
+                                progress=not (quiet or as_json))
+        if csv_out is not None:
+            with atomic_text_file(csv_out) as handle:
+                handle.write(report.to_csv())
+    except USER_ERRORS as exc:
+        fail(exc)
+    if as_json:
+        print(json_text(report.to_dict()))
+    else:
+        print_suspects(report, top, csv_out)
+
+
+@app.command()
+def relabel(
+    data: Annotated[Path, typer.Argument(help="Dataset folder whose files to move.")],
+    file: Annotated[Optional[Path], typer.Argument(help="CSV path,label (paths relative to DATA): each file moves "
+                                                        "into its new class folder.")] = None,
+    undo: Annotated[bool, typer.Option("--undo", help="Put back the files the last relabel moved.")] = False,
+) -> None:
+    """Move images between class folders as a relabel CSV says, with a journal (DATA/.tlearn/) and --undo.
+
+    Every row is checked before a file moves; nothing is deleted or overwritten (a taken name gets a new one)."""
+    from tlearn.data import find_dataset
+    from tlearn.data.relabel import relabel_folders, undo_last
+
+    try:
+        if undo == (file is not None):
+            raise ValueError("give a relabel FILE, or --undo (not both)")
+        if undo:
+            moved = undo_last(data)
+            out.print(f"put back {len(moved)} file(s)", highlight=False)
+        else:
+            classes = find_dataset(data, relabel=file).classes
+            moved = relabel_folders(data, file, classes)
+            out.print(f"moved {len(moved)} file(s); journal: {data / '.tlearn' / 'relabel-journal.json'} "
+                      "(undo with --undo)", highlight=False)
+        for source, target in moved:
+            out.print(f"  {terminal_text(os.path.relpath(source, data))} -> "
+                      f"{terminal_text(os.path.relpath(target, data))}", highlight=False)
+    except (ValueError, *USER_ERRORS) as exc:
+        fail(exc)
 
 
 @app.command()

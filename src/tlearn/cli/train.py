@@ -77,7 +77,10 @@ def train(
     mirror: Annotated[str, typer.Option(metavar="off|train|tta|both|auto", help="The head and the image's mirror: "
                                         "train: its features as extra training rows; tta: predict on the mean of "
                                         "the image's and its mirror's features (2 forward passes per image); both; "
-                                        "auto: the best of the four on an inner split of train.")] = "off",
+                                        "auto: the best of the four by cross-validation on train.")] = "off",
+    relabel: Annotated[Optional[Path], typer.Option(help="A CSV path,label (paths relative to DATA) whose labels "
+                                                         "replace the folders' for this train; no file is moved "
+                                                         "(see `tlearn doctor DATA --labels`).")] = None,
 ) -> None:
     """Train a classifier on DATA and write a model folder (fine-tuning checkpoints and logs in OUT/run)."""
     import tlearn
@@ -95,7 +98,8 @@ def train(
                                      cache_dir=cache_dir, progress=not quiet, engine=engine.value,
                                      precision=precision and precision.value,
                                      recipe="finetune" if fine_tune else recipe.value, finetune=settings,
-                                     run_dir=out_dir / "run", ray=ray, mirror=mirror).fit(data, resume=resume)
+                                     run_dir=out_dir / "run", ray=ray, mirror=mirror,
+                                     relabel=relabel).fit(data, resume=resume)
         clf.save(out_dir)
     except USER_ERRORS as exc:
         fail(exc)

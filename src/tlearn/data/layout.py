@@ -76,11 +76,13 @@ class Dataset:
 
 
 def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.0, test_fraction: float = 0.15, *,
-                 cache_dir: str | Path | None = None, workers: int = 2) -> Dataset:
+                 cache_dir: str | Path | None = None, workers: int = 2,
+                 relabel: str | Path | None = None) -> Dataset:
     """Find the dataset under `root`, carving missing val/test splits (stratified, stable); raise DatasetError.
 
     Every image is fingerprinted (content and perceptual hash, cached in `cache_dir`): undecodable files are
     skipped, near-duplicates are kept in one carved split, and those across given splits are listed as leaks.
+    `relabel`: a relabel CSV (path,label; tlearn.data.relabel) whose labels replace the folders', no file moved.
     """
     root = Path(root).expanduser()
     _check_root(root)
@@ -95,6 +97,8 @@ def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.0, tes
                          if f not in split_folders.values()]
     else:
         per_split = {"": _scan_classes(folders, root, scan)}
+    if relabel is not None:
+        _apply_relabels(per_split, root, relabel)
     prints = fingerprint_files(scan.images, Path(cache_dir) if cache_dir else None, workers)
     per_split = {split: _usable(by_class, prints, scan) for split, by_class in per_split.items()}
     train_key = "train" if split_folders else ""
@@ -109,6 +113,35 @@ def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.0, tes
     groups = {path: i for i, group in enumerate(g for c in classes for g in near_groups(per_split["train"].get(c, []),
                                                                                       prints)) for path in group}
     return Dataset(root, classes, splits, layout, scan.ignored, scan.skipped, leaks, hashes, groups)
+
+
+def _apply_relabels(per_split: dict[str, dict[str, list[Path]]], root: Path, file: str | Path) -> None:
+    """Each image a relabel file names moves, in the lists only, to the class it names (checked first, by line)."""
+    from tlearn.data.relabel import check_labels, read_relabel_file
+
+    relabels = read_relabel_file(file, root)
+    classes = sorted(per_split["train" if "train" in per_split else ""])
+    check_labels(relabels, classes, file)
+    wanted = {r.path: r for r in relabels}  # absolute, links kept: as the scan lists the files
+    placed = set()
+    for by_class in per_split.values():
+        for name in list(by_class):
+            kept = []
+            for path in by_class[name]:
+                r = wanted.get(Path(os.path.abspath(path)))
+                if r is not None:
+                    placed.add(r.path)
+                if r is None or r.label == name:
+                    kept.append(path)
+                else:
+                    by_class.setdefault(r.label, []).append(path)
+            by_class[name] = kept
+        for name in by_class:
+            by_class[name].sort()
+    unused = [r for p, r in wanted.items() if p not in placed]
+    if unused:
+        raise DatasetError(f"{file} line {unused[0].line}: {unused[0].path} is not an image of the dataset (not in "
+                           "a class folder, or not an image tlearn reads)")
 
 
 def _check_root(root: Path) -> None:

@@ -80,6 +80,7 @@ class TrainSettings:
     run_dir: Path | None = None  # fine-tuning checkpoints and logs
     ray: str | None = None  # extract features on Ray: local|auto|ADDRESS (tlearn.distributed; the ray extra)
     mirror: str = "off"  # the mirror's features: off|train|tta|both|auto (tlearn.train.views)
+    relabel: Path | None = None  # a relabel CSV (path,label) whose labels replace the folders' (tlearn.data.relabel)
 
     def __post_init__(self):
         from tlearn.backbones import get_spec
@@ -108,4 +109,5 @@ class TrainSettings:
         """The settings that describe how a model was made (saved in its config)."""
         return {"backbone": self.backbone, "seed": self.seed, "val_fraction": self.val_fraction,
                 "test_fraction": self.test_fraction, "batch_size": self.batch_size, "engine": self.engine,
-                "precision": self.precision, "recipe_asked": self.recipe, "mirror_asked": self.mirror}
+                "precision": self.precision, "recipe_asked": self.recipe, "mirror_asked": self.mirror,
+                **({"relabel": str(self.relabel)} if self.relabel is not None else {})}

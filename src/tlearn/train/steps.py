@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tlearn.backbones import get_spec, locate_weights, state_sha256
-from tlearn.bundle import BackboneRecord, Bundle, EngineRecord
+from tlearn.bundle import BackboneRecord, Bundle, EngineRecord, OutOfFold
 from tlearn.data import Dataset, find_dataset
 from tlearn.data.doctor import DoctorReport, quick_check
 from tlearn.errors import DatasetError
@@ -124,7 +124,7 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
 def find_data(data: str | Path, settings: TrainSettings) -> FoundData:
     """The dataset and its splits, each file's content hash (read once), and the checks that need no decoding."""
     dataset = find_dataset(data, settings.seed, settings.val_fraction, settings.test_fraction,
-                           cache_dir=settings.cache_dir)
+                           cache_dir=settings.cache_dir, relabel=settings.relabel)
     return FoundData(dataset, dataset.hashes, quick_check(dataset, dataset.hashes))
 
 
@@ -268,8 +268,6 @@ def keep_out_of_fold(result: TrainResult, found: FoundData, split: SplitFeatures
     """The training images' out-of-fold probabilities (calibrated) go into the model folder: out_of_fold.csv."""
     from scipy.special import softmax
 
-    from tlearn.bundle import OutOfFold
-
     root = found.dataset.root
     result.bundle.out_of_fold = OutOfFold(
         found.dataset.classes, [str(p.relative_to(root)) for p in split.paths["train"]], split.ys["train"],
@@ -306,3 +304,28 @@ def _check_trainable(dataset: Dataset, ys: dict[str, np.ndarray]) -> None:
         if lost:
             raise DatasetError(f"no readable image left for class(es) {', '.join(lost)} in the {split} split "
                                "(every file failed to decode; see the skipped files)")
+
+
+def cross_validate(data: str | Path, settings: TrainSettings) -> tuple[Dataset, OutOfFold]:
+    """The out-of-fold probabilities of every training image of `data`, as a train would record them, without
+    building a model: train's features (from the cache where present), the folds, the views and head chosen by
+    them, the temperature fitted on the result. What `tlearn doctor --labels` ranks when no model matches."""
+    from scipy.special import softmax
+
+    from tlearn.evaluate.calibration import fit_temperature
+
+    with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
+        found = find_data(data, settings)
+        backbone = frozen_backbone(found, settings, cache)
+        features = _split_views(found, backbone, cache, settings, "train", needs_mirror(settings.mirror))
+    dataset = found.dataset
+    y = dataset.labels("train")[features.kept]
+    _check_trainable(dataset, {"train": y})
+    paths = [dataset.paths("train")[i] for i in features.kept]
+    folds = make_folds(y, dataset.train_groups()[features.kept], dataset.classes, settings.seed)
+    _, choice, _ = choose_views(settings.mirror, features.views["image"], features.views.get("mirror"), y, folds,
+                                len(dataset.classes), ChoiceStore(cache.directory))
+    logits = choice.oof_logits.astype(np.float64)
+    temperature = fit_temperature(logits, y)
+    return dataset, OutOfFold(dataset.classes, [str(p.relative_to(dataset.root)) for p in paths], y, folds.fold,
+                              softmax(logits / temperature, axis=1))
