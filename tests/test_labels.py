@@ -148,3 +148,35 @@ def test_a_bad_relabel_file_is_refused_by_line_and_moves_nothing(noisy, tmp_path
         assert done.exit_code == 2 and message in _flat(done.output), done.output
         assert "Traceback" not in done.output
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == listing and not (tmp_path / "m").exists()
+
+
+def test_rank_orders_unlabelled_images_and_keeps_near_copies_apart(demo_model_dir, demo_data, tmp_path):
+    import csv
+    import io
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for f in sorted((demo_data / "test").rglob("*.png")):
+        (pool / f"{f.parent.name}-{f.name}").write_bytes(f.read_bytes())
+    alone = runner.invoke(app, ["predict", str(demo_model_dir), str(pool), "--rank", "--diverse", "0"])
+    assert alone.exit_code == 0, alone.output
+    rows = list(csv.DictReader(io.StringIO(alone.stdout)))
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in pool.iterdir())  # each image once
+    unsure = [float(r["uncertainty"]) for r in rows]
+    assert unsure == sorted(unsure, reverse=True)  # uncertainty alone: most uncertain first
+    most = Path(rows[0]["path"])
+    for n in range(4):  # four byte copies of the most uncertain image
+        (pool / f"copy{n}-{most.name}").write_bytes(most.read_bytes())
+    (pool / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "ranking.csv"
+    done = runner.invoke(app, ["predict", str(demo_model_dir), str(pool), "--rank", "--output", str(out)])
+    assert done.exit_code == 1 and "broken.png" in done.output  # unreadable: listed, the rest ranked
+    ranked = list(csv.DictReader(out.open()))
+    copies = {str(most)} | {str(pool / f"copy{n}-{most.name}") for n in range(4)}
+    first = [r["path"] for r in ranked[:5]]
+    assert len(copies & set(first)) <= 1  # diversity: at most one of the five copies among the first five
+    assert float(ranked[1]["novelty"]) > 0.0
+    plain = runner.invoke(app, ["predict", str(demo_model_dir), str(pool), "--rank", "--diverse", "0"])
+    assert {r["path"] for r in list(csv.DictReader(io.StringIO(plain.stdout)))[:5]} == copies  # without: all
+    again = runner.invoke(app, ["predict", str(demo_model_dir), str(pool), "--rank", "--output", str(out)])
+    assert again.exit_code == 1  # its own previous ranking is replaced without --force

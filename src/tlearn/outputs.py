@@ -115,10 +115,15 @@ def is_previous_result(path: Path) -> bool:
         return False
     try:
         with open(path, "rb") as existing:
-            head = existing.read(len(start))
+            head = existing.read(max(len(start), len(RANK_CSV_START)))
     except OSError:
         return False
-    return head in (b"", start)
+    if head == b"" or head.startswith(start):
+        return True
+    return path.suffix.lower() == ".csv" and head.startswith(RANK_CSV_START)  # predict --rank's table
+
+
+RANK_CSV_START = b"rank,path,label,score"
 
 
 def _result_start(suffix: str) -> bytes | None:

@@ -228,6 +228,22 @@ class Predictor:
                                 for i, p in zip(batch.indices, proba))
                 yield from (rows[i] for i in sorted(rows))
 
+    def score_files(self, files: Sequence[Path]) -> tuple[list[int], np.ndarray, np.ndarray, list[Unreadable]]:
+        """For ranking what to label: the indices of the files that decode, their features (as the head sees them)
+        and calibrated probabilities, and the files that do not decode."""
+        from tlearn.engines import run_batches
+
+        kept, features, unreadable = [], [], []
+        with self._lock:
+            for batch, x in run_batches(self._forward, self.pixel_batches(files)):
+                unreadable += [Unreadable(os.fsdecode(files[i]), r) for i, r in batch.errors]
+                if batch.indices:
+                    kept += list(batch.indices)
+                    features.append(np.asarray(x, np.float32))
+        x = np.concatenate(features) if features else np.zeros((0, 1), np.float32)
+        proba = softmax(self._head.logits(x)) if kept else np.zeros((0, len(self.classes)))
+        return kept, x, proba, unreadable
+
     def pixel_batches(self, files: Sequence[Path]) -> Iterator[PixelBatch]:
         """uint8 batches of `files` through the one pixel pipeline (tlearn.engines.stream_pixels)."""
         from tlearn.engines import stream_pixels

@@ -49,12 +49,21 @@ def predict(
                                                           "holds (after a crash or kill).")] = False,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Parquet output: a column with every "
                                                                         "class's probability.")] = False,
+    rank: Annotated[bool, typer.Option("--rank", help="Order the images by how much labelling them should help "
+                                                      "(uncertainty + diversity), most useful first: "
+                                                      "rank,path,label,score,uncertainty,novelty.")] = False,
+    uncertainty: Annotated[str, typer.Option(help="--rank: margin or entropy.")] = "margin",
+    diverse: Annotated[int, typer.Option(help="--rank: how many first picks also weigh diversity (0: uncertainty "
+                                              "alone).", min=0)] = 1000,
 ) -> None:
     """Predict labels for images, one row per image (progress and unreadable files on stderr). With --output
     OUT.parquet: a folder of Parquet parts with a manifest, unreadable files as rows (see docs/scale-out.md).
 
     Exit code 0: every image predicted; 1: some files could not be read (the others are written); 2: nothing
     to predict, or a usage error."""
+    if rank:
+        _rank(model, paths, output, force, uncertainty, diverse, engine, precision, batch_size)
+        return
     if ray is not None or resume or probabilities or (output is not None and output.suffix == ".parquet"):
         _predict_parquet(model, paths, output, ray, resume, top_k, min_confidence, probabilities, engine,
                          precision, batch_size)
@@ -106,6 +115,64 @@ def _write_predictions(rows, fmt: Format, output: Optional[Path], k: int, with_t
         task = bar.add_task("predicting", total=progress or None)
         return write_predictions(rows, sink, fmt.value, k, with_top_label, unreadable,
                                  advance=lambda: bar.advance(task))
+
+
+def _rank(model: Path, paths: list[str], output: Optional[Path], force: bool, measure: str, diverse: int, engine,
+          precision, batch_size: int) -> None:
+    """`--rank`: every readable image once, in the order to label them (tlearn.evaluate.acquisition)."""
+    import tlearn
+    from tlearn.data.discovery import find_images
+    from tlearn.errors import check_choice
+    from tlearn.evaluate.acquisition import MEASURES, rank_for_labelling
+    from tlearn.outputs import atomic_text_file, check_output_path, csv_cell, csv_writer, stdout_text
+    from tlearn.predict import Unreadable
+
+    try:
+        check_choice("uncertainty", measure, MEASURES)
+        if output is not None:
+            if output.suffix.lower() not in (".csv", ".parquet"):
+                raise TlearnError("--rank writes CSV (--output FILE.csv) or Parquet (--output FILE.parquet)")
+            check_output_path(output, force)
+        files, problems = find_images(paths)
+        if not files:
+            raise TlearnError("nothing to rank: no image files in the paths given")
+        predictor = tlearn.load(model, progress=False, engine=engine.value, precision=precision and precision.value,
+                                batch_size=batch_size).predictor()
+        kept, features, proba, unreadable = predictor.score_files(files)
+        unreadable = [Unreadable(os.fsdecode(p.path), p.reason) for p in problems] + unreadable
+        if not kept:
+            raise TlearnError("nothing to rank: no image could be read")
+        ranked = rank_for_labelling(features, proba, measure=measure, diverse=diverse)
+        rows = [(r + 1, os.fsdecode(files[kept[i]]), predictor.classes[int(proba[i].argmax())],
+                 float(proba[i].max()), float(ranked.uncertainty[i]), float(ranked.novelty[i]))
+                for r, i in enumerate(ranked.order)]
+        columns = ("rank", "path", "label", "score", "uncertainty", "novelty")
+        if output is not None and output.suffix.lower() == ".parquet":
+            from tlearn.errors import require
+
+            require("pyarrow", "parquet", "Parquet output")
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.table({c: [row[n] for row in rows] for n, c in enumerate(columns)})
+            tmp = output.with_name(output.name + ".tmp")
+            pq.write_table(table, tmp)
+            os.replace(tmp, output)
+        else:
+            with (atomic_text_file(output, "--output") if output else stdout_text()) as sink:
+                writer = csv_writer(sink)
+                writer.writerow(columns)
+                for r, path, label, *numbers in rows:
+                    writer.writerow([r, csv_cell(path), csv_cell(label), *(f"{v:.6g}" for v in numbers)])
+    except USER_ERRORS as exc:
+        fail(exc)
+    for u in unreadable:
+        err.print(f"unreadable: {terminal_text(u.source)}: {terminal_text(u.reason)}", highlight=False,
+                  soft_wrap=True)
+    if output:
+        err.print(f"ranked {len(rows)} image(s) into {terminal_text(output)}", highlight=False, soft_wrap=True)
+    if unreadable:
+        raise typer.Exit(1)
 
 
 def _predict_parquet(model: Path, paths: list[str], output: Optional[Path], ray: Optional[str], resume: bool,
