@@ -17,7 +17,8 @@ def test_round_trip_predicts_the_same(demo_model, demo_data, tmp_path):
     folder = demo_model.save(tmp_path / "model")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "engine", "metrics.json", "model.safetensors",
                                                         "out_of_fold.csv", "report"]
-    assert sorted(p.name for p in (folder / "engine").iterdir()) == ["backbone.onnx", "reference.safetensors"]
+    assert sorted(p.name for p in (folder / "engine").iterdir()) == ["backbone.onnx", "feature-map.onnx",
+                                                                   "reference.safetensors"]
     again = tlearn.load(folder)
     files = sorted((demo_data / "test").rglob("*.png"))[:5]
     a, b = demo_model.predict_proba(files), again.predict_proba(files)
@@ -34,7 +35,7 @@ def test_config_records_how_the_model_was_made(demo_model, tmp_path):
     assert set(config["split"]["files"]) == {"train", "val", "test"}
     assert {"tlearn", "numpy"} <= set(config["versions"])
     assert set(config["files"]) == {"model.safetensors", "metrics.json", "engine/backbone.onnx",
-                                    "engine/reference.safetensors", "out_of_fold.csv"}
+                                    "engine/reference.safetensors", "out_of_fold.csv", "engine/feature-map.onnx"}
     for name, digest in config["files"].items():
         assert file_sha256(tmp_path / "m" / name) == digest
     assert any(v["ok"] for v in config["engine"]["verdicts"].values())

@@ -155,3 +155,36 @@ def test_pipeline_keeps_order_reports_failures_and_bounds_work_in_flight(tmp_pat
     rest = list(stream)
     assert [i for b in [first, *rest] for i in b.indices] == [i for i in range(30) if i % 3 != 1]
     assert [i for b in [first, *rest] for i, _ in b.errors] == list(range(1, 30, 3))
+
+
+OPENVINO_RELEASE_ORDER = """
+import os, signal, sys
+from pathlib import Path
+import onnx
+from onnx import TensorProto, helper
+from tlearn.engines.runtimes import OpenVinoEngine
+
+graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+model = Path(sys.argv[1]) / "relu.onnx"
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+first, second = OpenVinoEngine(model), OpenVinoEngine(model)
+del first  # released in the order they were made, as a Predictor's two engines are
+del second
+signal.signal(signal.SIGUSR1, lambda *_: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)
+"""
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="OpenVINO is not installed")
+def test_openvino_engines_released_in_any_order_leave_signal_handling_intact(tmp_path):
+    """Each OpenVINO Core's CPU plugin swaps the thread's signal stack for its own and unmaps it when released: two
+    engines on two Cores, released first-made-first, left the thread on unmapped pages, and the next signal Python
+    handled (a DataLoader's SIGCHLD) was a SIGSEGV. Every engine shares the process's one Core."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", OPENVINO_RELEASE_ORDER, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "handled\n", (done.returncode, done.stderr[-2000:])

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,15 +29,24 @@ def test_base_install_predicts_and_evaluates_without_torch(base_venv, demo_model
     env = {**os.environ, "TLEARN_CACHE": str(tmp_path / "cache")}
     files = sorted((demo_data / "test").rglob("*.png"))[:4]
     script = ("import importlib.util, json, sys, tlearn\n"
-              f"rows = tlearn.Predictor.load({str(model)!r}).predict({[str(f) for f in files]!r})\n"
+              f"predictor = tlearn.Predictor.load({str(model)!r})\n"
+              f"rows = predictor.predict({[str(f) for f in files]!r})\n"
+              f"heat = [predictor.explain(f) for f in {[str(f) for f in files]!r}]\n"
               "missing = [m for m in ('torch', 'timm', 'lightning', 'sklearn')"
               " if importlib.util.find_spec(m) is None]\n"
-              "print(json.dumps([[r.label for r in rows], missing, 'torch' in sys.modules]))\n")
+              "print(json.dumps([[r.label for r in rows], [e.label for e in heat], [list(e.heat.shape) for e in heat],"
+              " missing, 'torch' in sys.modules]))\n")
     done = subprocess.run([str(python), "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    labels, missing, imported = json.loads(done.stdout.strip().splitlines()[-1])
-    assert labels == [r.label for r in demo_model.predict(files)]
+    labels, explained, shapes, missing, imported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert labels == explained == [r.label for r in demo_model.predict(files)]  # heat maps too, without torch
+    assert shapes == [[Image.open(f).height, Image.open(f).width] for f in files]
     assert missing == ["torch", "timm", "lightning", "sklearn"] and not imported
+
+    overlays = subprocess.run([str(tlearn), "explain", str(model), *map(str, files), "--out", str(tmp_path / "heat")],
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert overlays.returncode == 0, overlays.stderr
+    assert sorted(p.name for p in (tmp_path / "heat").iterdir()) == sorted(f"{f.stem}.heat.png" for f in files)
 
     evaluated = subprocess.run([str(tlearn), "evaluate", str(model), str(demo_data), "--json"], capture_output=True,
                                text=True, env=env, timeout=300)

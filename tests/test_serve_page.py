@@ -28,6 +28,8 @@ RESULTS_JS = """JSON.stringify(Array.from(document.querySelectorAll('.result')).
   bars: Array.from(r.querySelectorAll('.bar')).map(b => b.getBoundingClientRect().width),
   thumbnail: r.querySelector('img').naturalWidth})))"""
 CARD_JS = "document.getElementById('card').textContent"
+HEAT_JS = """JSON.stringify(Array.from(document.querySelectorAll('.result img')).map(i => ({
+  src: i.src.slice(0, 20), width: i.naturalWidth, title: i.title})))"""
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,11 @@ def test_page_classifies_two_picked_photos(model_dir, demo_data, tmp_path):
                     call("DOM.setFileInputFiles", nodeId=picker, files=[str(photos[0]), str(big)])
                     results = wait_for(call, RESULTS_JS, lambda rows: rows and len(rows) == 2 and all(
                         r["labels"] for r in rows))
+                    call("Runtime.evaluate", expression="document.getElementById('heat').click()")
+                    heat = wait_for(call, HEAT_JS, lambda imgs: imgs and all(
+                        i["src"].startswith("data:image/png") and i["width"] > 0 for i in imgs))
+                    call("Runtime.evaluate", expression="document.getElementById('heat').click()")
+                    wait_for(call, HEAT_JS, lambda imgs: imgs and all(i["src"].startswith("blob:") for i in imgs))
                     shot = call("Page.captureScreenshot", format="png")
             finally:
                 browser.terminate()
@@ -90,6 +97,7 @@ def test_page_classifies_two_picked_photos(model_dir, demo_data, tmp_path):
         assert row["verdict"].split(" ")[0] in (*classes, "uncertain")
         assert row["thumbnail"] > 0
     assert {r["verdict"] for r in results} == {"brick", "grass"}
+    assert sorted(i["title"].split(" (")[0] for i in heat) == ["heat map of brick", "heat map of grass"]
     shrunk = {r["name"] for r in results if "sent as" in r["name"]}
     assert shrunk == {"big-grass.jpg (2400×1800, sent as 1024×768)"}, "the browser did not shrink the big photo"
     image = np.asarray(Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB"))

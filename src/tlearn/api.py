@@ -134,6 +134,7 @@ class ImageClassifier:
     def report(self, directory: str | Path, data: str | Path | None = None) -> Path:
         """Write DIRECTORY/report.html and the PNGs it shows; returns the HTML path."""
         from tlearn.evaluate.report import ReportInputs, write_report  # matplotlib: only loaded when needed
+        from tlearn.explain import heat_map_overlay
 
         bundle = self._bundle()
         return write_report(directory, ReportInputs(
@@ -141,7 +142,7 @@ class ImageClassifier:
             calibration=bundle.extra.get("calibration", {}), history=bundle.extra.get("history", []),
             data_checks=bundle.extra.get("data_checks", {}),
             facts={"backbone": bundle.backbone.name, "recipe": bundle.training.get("recipe", "?"),
-                   "layout": bundle.split.get("layout", "?")}))
+                   "layout": bundle.split.get("layout", "?")}, heat_map=heat_map_overlay(self.predictor())))
 
     def save(self, directory: str | Path, report: bool = True) -> Path:
         """Write the model folder whole (weights, config, metrics, the verified engine, the report), replacing a

@@ -10,6 +10,7 @@
                                class (columns "prob:<class>"); what suspect labels and active learning build on
     MODEL/engine/backbone.onnx the backbone's verified exported engine (uint8 pixels in, pooled features out)
     MODEL/engine/reference.safetensors   probe pixels and eager-torch outputs it was verified against
+    MODEL/engine/feature-map.onnx        the backbone up to its last spatial feature map (heat maps; optional)
     MODEL/report/              the HTML report (derived; not checked)
 
 Hashes catch accidents, not edits: a folder whose records were re-hashed after an edit (a temperature, the order
@@ -50,6 +51,7 @@ OLDEST_FORMAT = 2  # read as a model without tta
 CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "model.safetensors", "metrics.json"
 ENGINE_FILE, REFERENCE_FILE = "engine/backbone.onnx", "engine/reference.safetensors"
 OUT_OF_FOLD_FILE = "out_of_fold.csv"
+FEATURE_MAP_FILE = "engine/feature-map.onnx"  # absent from models of older tlearn versions and from VGG's
 INTERPOLATIONS = ("bicubic", "bilinear")
 PRECISIONS = ("fp32", "bf16", "int8")
 # the head's calibrated logits on the reference features, recomputed at load, must match the recorded ones to this
@@ -150,6 +152,7 @@ class Bundle:
     tta: bool = False  # predictions use the mean of the features of the image and of its mirror (2 forward passes)
     out_of_fold: OutOfFold | None = None  # the training images' cross-validated probabilities (written, not loaded)
     directory: Path | None = None  # where it was loaded from
+    feature_map_file: Path | None = None  # the exported backbone up to its last spatial map (heat maps)
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -172,6 +175,8 @@ class Bundle:
         if self.out_of_fold is not None:
             table = self.out_of_fold.to_csv()
             files[OUT_OF_FOLD_FILE] = lambda p: p.write_text(table, encoding="utf-8", errors="surrogateescape")
+        if self.feature_map_file is not None:
+            files[FEATURE_MAP_FILE] = lambda p: shutil.copyfile(self.feature_map_file, p)
         digests = {}
         for name, write in files.items():
             path = folder / name
@@ -212,7 +217,8 @@ class Bundle:
                 extra=dict(config.get("extra") or {}),
                 engine=EngineRecord(**config["engine"]) if config.get("engine") else None,
                 engine_files=(directory / ENGINE_FILE, directory / REFERENCE_FILE) if config.get("engine") else None,
-                files=dict(config["files"]), tta=_flag(config.get("tta", False), "tta"), directory=directory)
+                files=dict(config["files"]), tta=_flag(config.get("tta", False), "tta"), directory=directory,
+                feature_map_file=directory / FEATURE_MAP_FILE if FEATURE_MAP_FILE in config["files"] else None)
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -93,6 +93,7 @@ class Predictor:
         self.workers = default_workers() if workers is None else check_range("workers", workers, 1)
         self._head = bundle.head(calibrated=True)
         self._lock = threading.Lock()  # one engine session: its requests are not shared between threads
+        self._feature_map = None  # the feature-map engine (heat maps), opened on first use
         self._draft = bundle.preprocessing.draft_size()
         self.card = ModelCard(
             name=name, classes=list(bundle.classes), backbone=bundle.backbone.name,
@@ -192,6 +193,27 @@ class Predictor:
         top = tuple((self.classes[c], float(probabilities[c])) for c in best)
         uncertain = min_confidence is not None and top[0][1] < min_confidence
         return Prediction(source, top, uncertain, tuple(float(p) for p in probabilities))
+
+    def feature_maps(self, pixels: np.ndarray) -> np.ndarray:
+        """The backbone's last spatial feature maps (n, C, h, w) of uint8 pixels (n, 3, H, W), before pooling:
+        the model folder's feature-map engine, opened (and verified) on first use."""
+        pixels = self._check_pixels(pixels)
+        with self._lock:
+            if self._feature_map is None:
+                from tlearn.explain import open_feature_map
+
+                self._feature_map = open_feature_map(self.bundle, getattr(self.engine, "name", "auto"),
+                                                     getattr(self.engine, "precision", "fp32"))
+            return self._feature_map(pixels)
+
+    def explain(self, image: ImageInput, class_: str | None = None, *, max_pixels: int | None = None):
+        """A class activation map of `image` (tlearn.explain.Explanation) for `class_`, a class name (default: the
+        top-1 class): its heat at the image's size, and the probability of the class it explains. No torch; about
+        one forward pass, as a prediction. DecodeError for an image that does not decode, InvalidParameter for a
+        class the model does not have."""
+        from tlearn.explain import explain_image
+
+        return explain_image(self, image, class_, max_pixels=max_pixels)
 
     # ---- whole jobs --------------------------------------------------------------------------------------------
     def predict(self, images: Sequence[ImageInput], top_k: int = 1,

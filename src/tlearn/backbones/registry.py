@@ -72,16 +72,19 @@ class Preprocessing:
         box edges as it would inside a full resize) at ~60% of the cost, with no torch in the decoding threads."""
         from PIL import Image
 
-        width, height = image.size
+        size = self.input_size
+        filters = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+        out = image.resize((size, size), filters[self.interpolation], box=self.crop_box(*image.size))
+        return np.asarray(out).transpose(2, 0, 1)
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The box (left, top, right, bottom) of a width x height image that `to_pixels` keeps, in its pixels."""
         short, size = self.resize_size(), self.input_size
         # as torchvision's Resize(int): the shorter side becomes `short`, the longer is scaled and truncated
         resized = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
         left, top = (int(round((r - size) / 2.0)) for r in resized)  # as torchvision's CenterCrop
         sx, sy = width / resized[0], height / resized[1]
-        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-        filters = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-        out = image.resize((size, size), filters[self.interpolation], box=box)
-        return np.asarray(out).transpose(2, 0, 1)
+        return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (n, 3, H, W) -> float32, the same arithmetic as eval_transform's ToTensor + Normalize."""

@@ -16,8 +16,8 @@ from tlearn.console import err
 __all__ = ["app", "main"]
 
 # `tlearn --help` lists the commands in the order a newcomer uses them, not in the order of the modules' imports
-ORDER = ("train", "predict", "evaluate", "report", "export", "serve", "doctor", "relabel", "backbones", "fetch-weights",
-         "demo")
+ORDER = ("train", "predict", "explain", "evaluate", "report", "export", "serve", "doctor", "relabel", "backbones",
+         "fetch-weights", "demo")
 app.registered_commands.sort(key=lambda command: ORDER.index(command.name or command.callback.__name__))
 
 

@@ -195,3 +195,35 @@ def _predict_parquet(model: Path, paths: list[str], output: Optional[Path], ray:
               f"{manifest['cores']} cores); {manifest['rows']} row(s) in all", highlight=False)
     if manifest["errors_this_run"]:
         raise typer.Exit(1)  # as for CSV/JSON: some files could not be read (their rows say why)
+
+
+@app.command()
+def explain(
+    model: ModelFolder,
+    paths: Annotated[list[str], typer.Argument(help="Image files or folders (searched recursively).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the overlays (<name>.heat.png each); "
+                                                              "only heat maps tlearn wrote are ever replaced.")],
+    class_: Annotated[Optional[str], typer.Option("--class", help="Class to explain (default: each image's "
+                                                                  "top-1 class).")] = None,
+    engine: Engine = EngineName.auto,
+) -> None:
+    """Write a heat map of each image (a class activation map in jet colours over the photo, PNG): where the
+    model found the evidence for its class. No torch needed. Exit 2 (nothing written) for a class the model does
+    not have, an image that does not decode, or a file in the way."""
+    import tlearn
+    from tlearn.data.discovery import find_images
+    from tlearn.explain import write_overlays
+
+    try:
+        files, problems = find_images(paths)
+        if problems:
+            raise TlearnError(f"{problems[0].path}: {problems[0].reason}")
+        if not files:
+            raise TlearnError("nothing to explain: no image files in the paths given")
+        written = write_overlays(tlearn.load(model, progress=False, engine=engine.value).predictor(), files,
+                                 out_dir, class_)
+    except USER_ERRORS as exc:
+        fail(exc)
+    for target, explanation in written:
+        err.print(f"{terminal_text(explanation.source)}: {terminal_text(explanation.label)} "
+                  f"({explanation.probability:.1%}) -> {terminal_text(target)}", highlight=False, soft_wrap=True)

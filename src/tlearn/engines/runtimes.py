@@ -27,6 +27,29 @@ def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+_openvino_core = None
+_openvino_core_lock = threading.Lock()
+
+
+def openvino_core():
+    """The process's one OpenVINO Core, which every OpenVinoEngine compiles with.
+
+    One, never released before the process exits, because each Core loads its own CPU plugin, and that plugin
+    (intel_cpu's SigAltStackSetup) mmaps a signal stack and installs it as the calling thread's sigaltstack, then at
+    its release munmaps it, putting the previous one back only if its own is still the thread's. Two plugins
+    released in the order they were made (engine A, engine B; A goes, then B) leave the thread's signal stack on A's
+    unmapped pages; the next signal whose handler runs on the signal stack (every handler Python installs, as torch
+    DataLoader's SIGCHLD, and faulthandler's) then kills the process with SIGSEGV, faulthandler unable to say a word.
+    That is how a Predictor with its feature-map engine beside its backbone engine crashed a later DataLoader."""
+    global _openvino_core
+    with _openvino_core_lock:
+        if _openvino_core is None:
+            import openvino as ov
+
+            _openvino_core = ov.Core()
+        return _openvino_core
+
+
 class OnnxEngine:
     """onnxruntime, CPU, all graph optimisations; int8 runs the statically quantised (QDQ) model."""
 
@@ -72,7 +95,7 @@ class OpenVinoEngine:
                   "INFERENCE_NUM_THREADS": threads or default_threads(), "PERFORMANCE_HINT": "THROUGHPUT"}
         if cache_dir is not None:
             config["CACHE_DIR"] = str(cache_dir)
-        self.compiled = ov.Core().compile_model(str(model_file), "CPU", config)
+        self.compiled = openvino_core().compile_model(str(model_file), "CPU", config)
         jobs = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self.queue, self.precision = ov.AsyncInferQueue(self.compiled, jobs), precision
         self.queue.set_callback(_keep_output)

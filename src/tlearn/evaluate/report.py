@@ -8,7 +8,7 @@ import html
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -18,9 +18,12 @@ from tlearn.evaluate.calibration import accuracy_coverage, expected_calibration_
 from tlearn.files import disk_refusals
 
 if TYPE_CHECKING:  # metrics imports scikit-learn and scipy.stats: only write_report needs it, and imports it there
+    from PIL import Image
+
     from tlearn.evaluate.metrics import ScoredSplit
 
 GALLERY_SIZE = 12
+UNSURE_SIZE = 6  # least confident images shown with their heat maps
 THUMBNAIL_PX = 200
 
 
@@ -33,6 +36,8 @@ class ReportInputs:
     history: list[dict] = field(default_factory=list)  # per-epoch rows, when the recipe has epochs
     data_checks: dict = field(default_factory=dict)  # DoctorReport.to_dict() of the training data
     facts: dict = field(default_factory=dict)  # short "name: value" lines for the header
+    # the overlay of an image's heat map for its top-1 class (tlearn.explain), when the model has one
+    heat_map: Callable[[Path, int], Image.Image] | None = None
 
 
 def write_report(directory: str | Path, inputs: ReportInputs) -> Path:
@@ -73,7 +78,7 @@ def _write(directory: Path, inputs: ReportInputs, painter: painters.Painter) -> 
     painter.draw("per_class_bars", m["per_class"], directory / "per_class.png")
     sections.append(_figure("per_class.png", f"Per-class precision, recall and F1 ({split})", ""))
     sections.append(_calibration_section(directory, scored, temperature, inputs.calibration, painter))
-    sections.append(_gallery(directory, scored, temperature, inputs.classes))
+    sections.append(_gallery(directory, scored, temperature, inputs.classes, inputs.heat_map))
     painter.finish()
     page = _PAGE.format(title=html.escape(f"tlearn report: {inputs.facts.get('backbone', 'model')}"),
                         body="\n".join(sections))
@@ -152,28 +157,60 @@ def _calibration_section(directory: Path, scored: ScoredSplit, temperature: floa
                       "fewer answers, more of them right."))
 
 
-def _gallery(directory: Path, scored: ScoredSplit, temperature: float, classes: list[str]) -> str:
+def _gallery(directory: Path, scored: ScoredSplit, temperature: float, classes: list[str],
+             heat_map: Callable[[Path, int], Image.Image] | None) -> str:
     proba = scored.proba(temperature)
     predicted, confidence = proba.argmax(1), proba.max(1)
     wrong = np.flatnonzero(predicted != scored.labels)
     worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:GALLERY_SIZE]
+    unsure = np.argsort(confidence, kind="stable")[:UNSURE_SIZE]
+    cards = _cards(directory, scored, classes, predicted, confidence, worst, "mistake", heat_map)
+    body = "".join(cards) or "<p>No mistakes on this split.</p>"
+    heat_note = ("" if heat_map is None else " Each with its heat map: where the model found the evidence for "
+                 "the class it predicted (a class activation map, red the strongest; the part of the photo "
+                 "outside the centre crop the model sees is left uncoloured).")
+    section = (f"<h2>Most confident mistakes ({scored.name})</h2><p>{len(wrong)} of {len(scored.labels)} images "
+               f"are misclassified; the {len(cards)} with the highest (calibrated) confidence.{heat_note}</p>"
+               f"<div class='gallery'>{body}</div>")
+    if heat_map is not None:
+        cards = _cards(directory, scored, classes, predicted, confidence, unsure, "unsure", heat_map)
+        section += (f"<h2>Least confident images ({scored.name}), with heat maps</h2><p>The {len(cards)} images "
+                    f"whose top (calibrated) probability is lowest.</p><div class='gallery'>{''.join(cards)}</div>")
+    return section
+
+
+def _cards(directory: Path, scored: ScoredSplit, classes: list[str], predicted: np.ndarray, confidence: np.ndarray,
+           chosen: np.ndarray, kind: str, heat_map: Callable[[Path, int], Image.Image] | None) -> list[str]:
+    """A thumbnail card per chosen image (with its heat map's overlay beside it, when there is one)."""
     cards = []
-    for rank, i in enumerate(worst):
+    for rank, i in enumerate(chosen):
         try:
             image = load_image(scored.paths[i], draft_size=(THUMBNAIL_PX, THUMBNAIL_PX))
         except DecodeError:
             continue
         image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-        name = f"gallery/mistake_{rank:02d}.jpg"
+        name = f"gallery/{kind}_{rank:02d}.jpg"
         image.save(directory / name, quality=85)
-        cards.append(f"<figure class='card'><img src='{name}' alt='mistake {rank + 1}'><figcaption>"
+        pictures = f"<img src='{name}' alt='{kind} {rank + 1}'>"
+        heat = _heat(heat_map, Path(scored.paths[i]))
+        if heat is not None:
+            heat.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            heat.save(directory / f"gallery/{kind}_{rank:02d}_heat.jpg", quality=85)
+            pictures += f"<img src='gallery/{kind}_{rank:02d}_heat.jpg' alt='heat map of {kind} {rank + 1}'>"
+        cards.append(f"<figure class='card'>{pictures}<figcaption>"
                      f"true <b>{html.escape(classes[scored.labels[i]])}</b><br>predicted "
                      f"<b>{html.escape(classes[predicted[i]])}</b> ({confidence[i]:.0%})<br>"
                      f"<small>{html.escape(Path(scored.paths[i]).name)}</small></figcaption></figure>")
-    body = "".join(cards) or "<p>No mistakes on this split.</p>"
-    return (f"<h2>Most confident mistakes ({scored.name})</h2><p>{len(wrong)} of {len(scored.labels)} images are "
-            f"misclassified; the {len(cards)} with the highest (calibrated) confidence:</p>"
-            f"<div class='gallery'>{body}</div>")
+    return cards
+
+
+def _heat(heat_map: Callable[[Path, int], Image.Image] | None, path: Path) -> Image.Image | None:
+    from tlearn.errors import TlearnError
+
+    try:
+        return None if heat_map is None else heat_map(path, THUMBNAIL_PX)
+    except TlearnError:  # an image the explainer refuses (too large, say) keeps its card, without a heat map
+        return None
 
 
 def _figure(name: str, title: str, caption: str) -> str:
@@ -195,6 +232,7 @@ figure img {{ max-width: 100%; }}
 .gallery {{ display: flex; flex-wrap: wrap; gap: 0.8em; }}
 .card {{ margin: 0; width: 210px; border: 1px solid #ddd; padding: 4px; }}
 .card img {{ display: block; margin: auto; }}
+.card img + img {{ margin-top: 4px; }}
 </style></head>
 <body>
 {body}

@@ -44,6 +44,7 @@ class ExportedEngine:
     reference_file: Path
     verdicts: dict
     precision: str
+    feature_map_file: Path | None = None  # the backbone up to its last spatial map (heat maps), when it has one
 
 
 def import_torch_early(cache: FeatureCache) -> threading.Thread | None:
@@ -144,7 +145,17 @@ class FrozenBackbone:
             folder = self.cache.engines / self.engine_key  # a temporary folder if the cache's disk refused them
             verdicts = recorded_verdicts(folder)
         model_file = folder / name
-        return ExportedEngine(model_file, folder / REFERENCE_FILE, verdicts, self.precision)
+        return ExportedEngine(model_file, folder / REFERENCE_FILE, verdicts, self.precision, self._feature_map(folder))
+
+    def _feature_map(self, folder: Path) -> Path | None:
+        """The feature-map engine of these weights (tlearn.engines.feature_map), exported beside the backbone's
+        once (this builds the network when a cache from an older tlearn has none)."""
+        from tlearn.engines.feature_map import export_feature_map, exported_feature_map
+
+        exported = exported_feature_map(folder)
+        if exported is not None:
+            return exported or None
+        return export_feature_map(self.network(), self.spec.preprocessing, folder)
 
     def _calibration(self) -> Iterator[np.ndarray]:
         """uint8 batches of a seeded sample of up to 128 training images: int8 activation ranges are fitted on them."""

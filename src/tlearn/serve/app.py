@@ -13,7 +13,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from tlearn.serve import kserve, torchserve, v1
+from tlearn.serve import explain, kserve, torchserve, v1
 from tlearn.serve.limits import Rejection, ServeSettings, check_token
 from tlearn.serve.service import InferenceService
 
@@ -47,6 +47,7 @@ def create_app(predictor, settings: ServeSettings) -> FastAPI:
     app.include_router(kserve.public_router(service))
     app.include_router(torchserve.public_router(service))
     app.include_router(v1.router(service), dependencies=secured)
+    app.include_router(explain.router(service), dependencies=secured)
     app.include_router(kserve.router(service), dependencies=secured)
     app.include_router(torchserve.router(service), dependencies=secured)
 

@@ -285,6 +285,7 @@ def attach_engine(bundle: Bundle, exported) -> None:
     """The verified exported backbone goes into the model folder: loading and predicting need no torch."""
     bundle.engine = EngineRecord(exported.precision, exported.verdicts)
     bundle.engine_files = (exported.model_file, exported.reference_file)
+    bundle.feature_map_file = exported.feature_map_file
 
 
 def adopt_weights(bundle: Bundle, state: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,274 @@
+"""Class activation maps, torch-free: where in an image the evidence for a class lies.
+
+The head is linear on the L2-normalised mean of the backbone's last spatial feature map F (C, h, w):
+logit_c = w_c . mean_ij F_ij / ||mean F|| + b_c = sum_ij w_c . F_ij / (h w ||mean F||) + b_c. Each place's term is
+its share of the class's logit (CAM, Zhou et al. 2016, exact here); the feature-map engine gives F, numpy the rest.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from tlearn.bundle import Bundle
+from tlearn.engines.views import mirror
+from tlearn.errors import BundleError, InvalidParameter
+
+if TYPE_CHECKING:
+    from tlearn.predict import ImageInput, Predictor
+
+COLOUR_MAP = "jet"  # what matplotlib users know from CAM figures
+OVERLAY_ALPHA = 0.45  # the heat's weight over the photo
+PNG_TAG = "tlearn-explain"  # in every overlay written: a later run may replace its own files, never a user's
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Where the evidence for one class lies in one image."""
+
+    source: str  # the file's path, or "<image N>"
+    label: str  # the class explained
+    probability: float  # its calibrated probability
+    top_label: str  # the model's top-1 class (the class explained unless another was named)
+    grid: np.ndarray  # (h, w) float32: each place's share of the class's calibrated logit (they sum to logit - bias)
+    size: tuple[int, int]  # (width, height) of the image
+    box: tuple[int, int, int, int]  # (left, top, right, bottom): the centre crop the model saw, in image pixels
+
+    @property
+    def heat(self) -> np.ndarray:
+        """(height, width) float32 in [0, 1] at the image's size: the grid upsampled (bilinear) over the crop,
+        scaled from its lowest to its highest place; 0 outside the crop, which the model did not see."""
+        left, top, right, bottom = self.box
+        heat = np.zeros(self.size[::-1], np.float32)
+        heat[top:bottom, left:right] = scaled(upsample(self.grid, (right - left, bottom - top)))
+        return heat
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "label": self.label, "probability": self.probability,
+                "top_label": self.top_label, "size": list(self.size), "box": list(self.box),
+                "grid": np.round(self.grid.astype(np.float64), 6).tolist()}
+
+
+def open_feature_map(bundle: Bundle, engine: str, precision: str):
+    """The bundle's verified feature-map engine. A model folder without one (written by an older tlearn) gets one
+    exported now into the cache folder when the train extra is installed; otherwise BundleError says what to do."""
+    from tlearn.engines import state_key
+    from tlearn.engines.feature_map import export_feature_map
+    from tlearn.engines.feature_map import open_feature_map as open_file
+    from tlearn.errors import MissingExtra, require
+    from tlearn.features.cache import default_cache_dir
+    from tlearn.predict import compile_cache
+
+    model_file = bundle.feature_map_file
+    if model_file is None:
+        try:
+            require("torch", "train", "a heat map of a model folder without a feature-map engine")
+        except MissingExtra:
+            raise BundleError("this model folder has no feature-map engine for heat maps (written by an older "
+                              "tlearn, or a backbone without a spatial map before its pooling, as VGG16): train it "
+                              "again with this tlearn (seconds on cached features), or install the train extra "
+                              "(pip install 'tlearn[train]') to export one on the fly") from None
+        folder = default_cache_dir() / "engines" / state_key(bundle.backbone_state(), bundle.preprocessing)
+        folder.mkdir(parents=True, exist_ok=True)
+        reference = folder / "reference.safetensors"
+        if not reference.exists():
+            import shutil
+
+            shutil.copyfile(bundle.engine_files[1], reference)
+        model_file = export_feature_map(bundle.build_model().backbone, bundle.preprocessing, folder)
+        if model_file is None:
+            raise BundleError(f"{bundle.backbone.name} has no spatial feature map before its pooling (fully "
+                              "connected layers follow its last convolution): no class activation map")
+    return open_file(model_file, bundle.engine_files[1], engine, precision, compile_cache())
+
+
+def class_index(classes: list[str], class_: str | None, probabilities: np.ndarray) -> int:
+    """The index of `class_` (by name), or of the top-1 class; InvalidParameter for a class the model lacks."""
+    if class_ is None:
+        return int(np.argmax(probabilities))
+    if class_ not in classes:
+        raise InvalidParameter(f"the model has no class {class_!r}; its classes are: {', '.join(classes)}")
+    return classes.index(class_)
+
+
+def explain_pixels(predictor: Predictor, pixels: np.ndarray, class_: str | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(grid (h, w), calibrated probabilities, class index) of uint8 pixels (1, 3, H, W): one forward pass of the
+    feature-map engine (two with the model's test-time augmentation, as its predictions)."""
+    maps = predictor.feature_maps(pixels)
+    if predictor.bundle.tta:  # the mirror's map, flipped back into place: the mean of the two views' features
+        maps = (maps + predictor.feature_maps(mirror(pixels))[..., ::-1]) / 2
+    from tlearn.engines.feature_map import pooled
+    from tlearn.predict import softmax
+
+    features = pooled(maps)
+    head = predictor.bundle.head(calibrated=True)
+    if predictor.engine.precision == "int8":  # the map runs at fp32: the class and probability are predict's own
+        probabilities = predictor.probabilities(pixels)[0]
+    else:
+        probabilities = softmax(head.logits(features))[0]
+    index = class_index(predictor.classes, class_, probabilities)
+    norm = max(float(np.linalg.norm(features[0])), 1e-12)
+    places = maps.shape[2] * maps.shape[3]
+    grid = np.einsum("chw,c->hw", maps[0].astype(np.float32), head.weight[index]) / (places * norm)
+    return grid.astype(np.float32), probabilities, index
+
+
+def explain_image(predictor: Predictor, image: ImageInput, class_: str | None = None,
+                  source: str = "<image 0>", max_pixels: int | None = None) -> Explanation:
+    """The Explanation of one image (see Predictor.explain); DecodeError for an image that does not decode."""
+    if class_ is not None:
+        class_index(predictor.classes, class_, np.zeros(len(predictor.classes)))  # before any work
+    if isinstance(image, (str, os.PathLike)):
+        source = os.fsdecode(image)
+    pixels = predictor.to_pixels(image, max_pixels=max_pixels)[None]
+    grid, probabilities, index = explain_pixels(predictor, pixels, class_)
+    size = image_size(image)
+    box = tuple(int(round(v)) for v in predictor.preprocessing.crop_box(*size))
+    return Explanation(source, predictor.classes[index], float(probabilities[index]),
+                       predictor.classes[int(np.argmax(probabilities))], grid, size, box)
+
+
+def image_size(image: ImageInput) -> tuple[int, int]:
+    """(width, height) of an image as it is shown (EXIF orientation applied), from its header alone."""
+    if isinstance(image, np.ndarray):
+        return int(image.shape[1]), int(image.shape[0])
+    if isinstance(image, Image.Image):
+        return image.size
+    opened = Image.open(io.BytesIO(bytes(image)) if isinstance(image, (bytes, bytearray, memoryview)) else image)
+    with opened:
+        turned = opened.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap width and height
+        return (opened.height, opened.width) if turned else opened.size
+
+
+def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`grid` (h, w) resized bilinearly to `size` (width, height)."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(grid, np.float32), "F").resize(
+        size, Image.Resampling.BILINEAR), np.float32)
+
+
+def scaled(values: np.ndarray) -> np.ndarray:
+    """`values` scaled to [0, 1] from their lowest to their highest (all 0 when they are all equal)."""
+    low, high = float(values.min()), float(values.max())
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def overlay(picture: Image.Image, heat: np.ndarray, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """`heat` (height, width) in [0, 1] in matplotlib's jet colours, blended over the RGB `picture` (inside `box`
+    only, when given: the part of the image the model saw)."""
+    from matplotlib import colormaps
+
+    if heat.shape != picture.size[::-1]:
+        heat = upsample(heat, picture.size)
+    colours = colormaps[COLOUR_MAP](np.clip(heat, 0, 1))[..., :3] * 255
+    photo = np.asarray(picture.convert("RGB"), np.float32)
+    alpha = np.full(heat.shape + (1,), OVERLAY_ALPHA, np.float32)
+    if box is not None:
+        left, top, right, bottom = box
+        inside = np.zeros_like(alpha)
+        inside[top:bottom, left:right] = 1
+        alpha *= inside
+    return Image.fromarray(((1 - alpha) * photo + alpha * colours).astype(np.uint8), "RGB")
+
+
+def overlay_png(picture: Image.Image, explanation: Explanation) -> bytes:
+    """The overlay of `explanation` on `picture` as PNG bytes, tagged as tlearn's (see is_overlay)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PNG_TAG, f"{explanation.label} p={explanation.probability:.4f} source={explanation.source}")
+    buffer = io.BytesIO()
+    overlay(picture, explanation.heat, explanation.box).save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def shown_picture(image: ImageInput) -> Image.Image:
+    """The image as shown (EXIF-rotated RGB, full size) for an overlay."""
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image, "RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    source = io.BytesIO(bytes(image)) if isinstance(image, (bytes, bytearray, memoryview)) else image
+    with Image.open(source) as opened:
+        return ImageOps.exif_transpose(opened).convert("RGB")
+
+
+def is_overlay(path: Path) -> bool:
+    """Whether `path` is an overlay tlearn wrote (its PNG carries tlearn's tag): only those may be replaced."""
+    try:
+        with Image.open(path) as opened:
+            return opened.format == "PNG" and PNG_TAG in getattr(opened, "text", {})
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def overlay_targets(files: list[Path], out_dir: Path) -> list[Path]:
+    """Where the overlay of each file goes: out_dir/<name>.heat.png, numbered when two inputs share a name."""
+    targets, taken = [], set()
+    for file in files:
+        stem, n = Path(file).stem, 1
+        while (name := f"{stem}{'' if n == 1 else f'-{n}'}.heat.png") in taken:
+            n += 1
+        taken.add(name)
+        targets.append(Path(out_dir) / name)
+    return targets
+
+
+def write_overlays(predictor: Predictor, files: list[Path], out_dir: Path, class_: str | None = None
+                   ) -> list[tuple[Path, Explanation]]:
+    """The overlay of each file's heat map written into `out_dir`, with its Explanation. Every image is explained
+    before anything is written: a class the model lacks, an image that does not decode, or a file in the way that
+    is not an overlay tlearn wrote raises a TlearnError with no file touched."""
+    from tlearn.errors import TlearnError
+    from tlearn.files import write_atomically
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TlearnError(f"{out_dir} is a file; give a folder for the heat maps (--out)")
+    targets = overlay_targets(files, out_dir)
+    for target in targets:
+        if target.exists() and not is_overlay(target):
+            raise TlearnError(f"{target} exists and is not a heat map tlearn wrote; refusing to replace it: "
+                              "choose another --out, or move it")
+    done = []
+    for file, target in zip(files, targets):
+        explanation = predictor.explain(file, class_)
+        done.append((target, explanation, overlay_png(shown_picture(file), explanation)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for target, _, png in done:
+        write_atomically(target, lambda tmp, data=png: Path(tmp).write_bytes(data))
+    return [(target, explanation) for target, explanation, _ in done]
+
+
+def heat_map_overlay(predictor: Predictor):
+    """A function: (an image's path, the longest side wanted) -> the overlay of its top-1 heat map, drawn at that
+    size (the report's thumbnails); None when the model cannot explain (no feature-map engine: VGG, or an older
+    model folder without the train extra)."""
+    from tlearn.errors import TlearnError
+
+    if predictor.bundle.feature_map_file is None:
+        return None
+    try:
+        predictor.feature_maps(np.zeros((1, 3, predictor.input_size, predictor.input_size), np.uint8))
+    except TlearnError:
+        return None
+
+    def overlay_of(path: Path, side: int) -> Image.Image:
+        from dataclasses import replace
+
+        from tlearn.data.decode import load_image
+
+        explanation = predictor.explain(path)
+        picture = load_image(path, draft_size=(side, side))
+        picture.thumbnail((side, side))
+        scale = (picture.width / explanation.size[0], picture.height / explanation.size[1])
+        box = tuple(int(round(v * scale[i % 2])) for i, v in enumerate(explanation.box))
+        small = replace(explanation, size=picture.size, box=box)
+        return overlay(picture, small.heat, small.box)
+
+    return overlay_of
