@@ -81,7 +81,12 @@ def test_a_model_of_the_same_files_is_read_and_a_changed_dataset_is_looked_at_ag
     import tlearn
 
     root, flipped = noisy
-    model = tlearn.ImageClassifier(cache_dir=cache_dir, progress=False).fit(root).save(tmp_path / "m", report=False)
+    model = tlearn.ImageClassifier(cache_dir=cache_dir, progress=False).fit(root).save(tmp_path / "m")
+    page = (model / "report" / "report.html").read_text()
+    assert "Labels to check (train)" in page  # the report shows the suspects, with thumbnails
+    shown = page.split("Labels to check (train)")[1]
+    assert all(f"<small>{p}</small>" in shown for p, _ in flipped)
+    assert (model / "report" / "gallery" / "suspect_01.jpg").is_file()
     report = tlearn.suspect_labels(root, model, cache_dir=cache_dir, progress=False)
     assert report.source == f"out-of-fold probabilities of {model}"
     assert flipped <= {(s.path, s.suggested) for s in report.suspects[: 2 * len(flipped)]}

@@ -134,15 +134,21 @@ class ImageClassifier:
     def report(self, directory: str | Path, data: str | Path | None = None) -> Path:
         """Write DIRECTORY/report.html and the PNGs it shows; returns the HTML path."""
         from tlearn.evaluate.report import ReportInputs, write_report  # matplotlib: only loaded when needed
+        from tlearn.evaluate.suspects import find_suspects
         from tlearn.explain import heat_map_overlay
 
         bundle = self._bundle()
+        oof = bundle.read_out_of_fold()
+        root = data or bundle.extra.get("data_checks", {}).get("root")
+        suspects = (find_suspects(oof.classes, oof.paths, oof.labels, oof.proba, source="this model's out_of_fold.csv")
+                    if oof is not None else None)
         return write_report(directory, ReportInputs(
             classes=bundle.classes, scored=self.scored_splits(data), seed=self.seed,
             calibration=bundle.extra.get("calibration", {}), history=bundle.extra.get("history", []),
             data_checks=bundle.extra.get("data_checks", {}),
             facts={"backbone": bundle.backbone.name, "recipe": bundle.training.get("recipe", "?"),
-                   "layout": bundle.split.get("layout", "?")}, heat_map=heat_map_overlay(self.predictor())))
+                   "layout": bundle.split.get("layout", "?")}, heat_map=heat_map_overlay(self.predictor()),
+            suspects=suspects, data_root=Path(root) if root and Path(root).is_dir() else None))
 
     def save(self, directory: str | Path, report: bool = True) -> Path:
         """Write the model folder whole (weights, config, metrics, the verified engine, the report), replacing a

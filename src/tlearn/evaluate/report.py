@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # metrics imports scikit-learn and scipy.stats: only write_re
     from PIL import Image
 
     from tlearn.evaluate.metrics import ScoredSplit
+    from tlearn.evaluate.suspects import SuspectReport
 
 GALLERY_SIZE = 12
 UNSURE_SIZE = 6  # least confident images shown with their heat maps
@@ -38,6 +39,10 @@ class ReportInputs:
     facts: dict = field(default_factory=dict)  # short "name: value" lines for the header
     # the overlay of an image's heat map for its top-1 class (tlearn.explain), when the model has one
     heat_map: Callable[[Path, int], Image.Image] | None = None
+    # training images whose label the out-of-fold probabilities contradict (tlearn.evaluate.suspects), and the
+    # dataset folder their paths are relative to
+    suspects: SuspectReport | None = None
+    data_root: Path | None = None
 
 
 def write_report(directory: str | Path, inputs: ReportInputs) -> Path:
@@ -79,6 +84,8 @@ def _write(directory: Path, inputs: ReportInputs, painter: painters.Painter) -> 
     sections.append(_figure("per_class.png", f"Per-class precision, recall and F1 ({split})", ""))
     sections.append(_calibration_section(directory, scored, temperature, inputs.calibration, painter))
     sections.append(_gallery(directory, scored, temperature, inputs.classes, inputs.heat_map))
+    if inputs.suspects is not None and inputs.data_root is not None:
+        sections.append(_suspect_section(directory, inputs.suspects, inputs.data_root))
     painter.finish()
     page = _PAGE.format(title=html.escape(f"tlearn report: {inputs.facts.get('backbone', 'model')}"),
                         body="\n".join(sections))
@@ -202,6 +209,30 @@ def _cards(directory: Path, scored: ScoredSplit, classes: list[str], predicted: 
                      f"<b>{html.escape(classes[predicted[i]])}</b> ({confidence[i]:.0%})<br>"
                      f"<small>{html.escape(Path(scored.paths[i]).name)}</small></figcaption></figure>")
     return cards
+
+
+def _suspect_section(directory: Path, report: SuspectReport, root: Path) -> str:
+    """Thumbnails of the most suspect training labels, with the label the model suggests."""
+    cards = []
+    for s in report.suspects[:GALLERY_SIZE]:
+        try:
+            image = load_image(root / s.path, draft_size=(THUMBNAIL_PX, THUMBNAIL_PX))
+        except DecodeError:  # moved or changed since the train: the table still lists it
+            continue
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        name = f"gallery/suspect_{s.rank:02d}.jpg"
+        image.convert("RGB").save(directory / name, quality=85)
+        cards.append(f"<figure class='card'><img src='{name}' alt='suspect label {s.rank}'><figcaption>"
+                     f"labelled <b>{html.escape(s.given)}</b> ({s.self_confidence:.0%})<br>looks like "
+                     f"<b>{html.escape(s.suggested)}</b> ({s.suggested_probability:.0%})<br>"
+                     f"<small>{html.escape(s.path)}</small></figcaption></figure>")
+    body = "".join(cards) or "<p>No training label is contradicted by the out-of-fold probabilities.</p>"
+    return (f"<h2>Labels to check (train)</h2><p>{len(report.suspects)} of {report.images} training images have a "
+            "label that a head which never saw them contradicts (confident learning on the out-of-fold "
+            f"probabilities; about {report.estimated_errors} wrong labels estimated). The "
+            f"{len(cards)} most suspect, lowest probability of their given label first; all of them: "
+            "<code>tlearn doctor DATA --labels</code>.</p>"
+            f"<div class='gallery'>{body}</div>")
 
 
 def _heat(heat_map: Callable[[Path, int], Image.Image] | None, path: Path) -> Image.Image | None:
