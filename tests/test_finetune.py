@@ -115,6 +115,23 @@ def test_trunk_activations_are_computed_once_then_read_from_the_cache(lite0, dem
     assert trunk_key(SPEC.architecture, cut, PREP, ViewSpec(4), "float16") != cache.directory.name
 
 
+def test_an_exported_trunk_runs_only_where_it_gives_torchs_activations(lite0, demo_data, tmp_path):
+    FinetuneModule(lite0, 3, FinetuneSettings(), resolve_unfreeze("top", SPEC.unfreeze_hint))
+    cut = cut_backbone(lite0.backbone, resolve_unfreeze("top", SPEC.unfreeze_hint), 224)
+    paths = sorted((demo_data / "val").rglob("*.png"))[:4]
+    views = ViewSpec(2)
+    cache = TrunkCache(trunk_key(SPEC.architecture, cut, PREP, views, "float32"), tmp_path)
+    # one image per forward: the first batch chooses the engine, the next three run on the one chosen
+    out = trunk_outputs(cut, PREP, paths, views, cache, "float32", batch_size=2, progress=False)
+    assert out.engine.startswith(("OpenVINO fp32", "eager torch (faster here")), out.engine
+    with torch.inference_mode():
+        for i, path in enumerate(paths):
+            pixels = torch.from_numpy(view_pixels(load_image(path, PREP.draft_size()), PREP, views,
+                                                  content_hash(path)))
+            exact = cut.trunk(PREP.normalise(pixels))
+            assert torch.allclose(out.activations[i], exact, atol=1e-3, rtol=0)
+
+
 def test_class_weights_switch_on_above_the_ratio_only():
     assert class_weights(np.array([0] * 9 + [1] * 3), 2, ratio_threshold=3.0) is None
     weights = class_weights(np.array([0] * 10 + [1] * 2), 2, ratio_threshold=3.0)

@@ -92,6 +92,9 @@ def _cached(module: FinetuneModule, spec: BackboneSpec, cut: TrunkCut, splits: d
                 "inner": _features(cut.top, scored["inner"].activations[:, 0], batch_size)}
     computed = train.computed + sum(out.computed for out in scored.values())
     notes.append(f"trunk activations: {computed} image(s) computed now, the others from the cache")
+    engines = sorted({out.engine for out in (train, *scored.values()) if out.engine})
+    if engines:
+        notes.append(f"trunk forward: {'; '.join(engines)}")
     return StageInputs(stage, cut, sets, scored_labels,
                        {s: [splits[s][0][i] for i in out.kept] for s, out in scored.items()},
                        features, {"train": train_labels, "inner": scored_labels["inner"]}, notes)
