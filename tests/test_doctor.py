@@ -208,3 +208,20 @@ def test_oxford17flowers_carved_splits_do_not_leak_or_move(tmp_path):
     split_of = lambda ds: {p: s for s in ds.splits for p in ds.paths(s)}  # noqa: E731
     moved = {p for p, s in split_of(before).items() if split_of(after)[p] != s}
     assert moved == set() and sum(len(v) for v in after.splits.values()) == 1370
+
+
+def test_a_class_with_too_few_training_images_is_warned_about(tmp_path):
+    import os
+
+    mini = Path(__file__).parent / "data" / "pbc8-mini"
+    for cls, n in (("basophil", 6), ("platelet", 3)):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for f in sorted((mini / cls).iterdir())[:n]:
+            os.symlink(f, tmp_path / "data" / cls / f.name)
+    done = runner.invoke(app, ["doctor", str(tmp_path / "data"), "--json"])
+    report = json.loads(done.stdout)
+    few = {f["message"] for f in report["findings"] if f["kind"] == "few_images"}
+    train = report["counts"]["train"]
+    assert len(few) == 2 and all(f["severity"] == "warning" for f in report["findings"] if f["kind"] == "few_images")
+    assert (f"class 'platelet' has only {train['platelet']} training image" in " ".join(few))
+    assert done.exit_code == 0  # a warning, not an error that corrupts an evaluation

@@ -25,6 +25,7 @@ from tlearn.data.decode import DecodeError, content_hashes, decode_bytes, read_r
 from tlearn.data.discovery import walk_images
 from tlearn.data.fingerprints import NEAR_DUPLICATE_BITS, fingerprint_files, near_pairs
 from tlearn.data.layout import SPLIT_OF, Dataset, DatasetError, find_dataset
+from tlearn.data.splits import K_FOLDS
 from tlearn.files import disk_refusals
 from tlearn.outputs import csv_cell, csv_writer
 
@@ -296,6 +297,7 @@ def _report(root: Path, layout: str | None, files: list[_File], findings: list[F
     for f in files:
         counts[f.split][f.label] += 1
     classes = sorted({f.label for f in files})
+    findings = findings + _few_images_findings(counts.get("train", {}), classes)
     for finding in findings:
         finding.paths = [_relative(p, root) for p in finding.paths]
         finding.move = [_relative(p, root) for p in finding.move]
@@ -303,6 +305,24 @@ def _report(root: Path, layout: str | None, files: list[_File], findings: list[F
     findings.sort(key=lambda f: (order[f.severity], f.kind, f.paths))
     return DoctorReport(str(root), layout, classes, {s: dict(sorted(c.items())) for s, c in counts.items()},
                         findings, len(files), decoded)
+
+
+FEW_TRAINING_IMAGES = 10  # per class: fewer and the class's accuracy (and the choices made by CV) are unreliable
+
+
+def _few_images_findings(train: dict[str, int], classes: list[str]) -> list[Finding]:
+    """A warning per class with too few training images to learn from or to cross-validate with 5 folds."""
+    findings = []
+    for name in classes:
+        n = train.get(name, 0)
+        if n >= FEW_TRAINING_IMAGES:
+            continue
+        folds = ("; a train refuses it (one image cannot be held out of its own fold)" if n == 1 else
+                 f"; cross-validation uses {n} folds instead of {K_FOLDS}" if n < K_FOLDS else "")
+        findings.append(Finding("few_images", WARNING, f"class {name!r} has only {n} training image"
+                                f"{'s' if n != 1 else ''}: its accuracy will be unreliable (aim for "
+                                f"{2 * FEW_TRAINING_IMAGES} or more){folds}", [], []))
+    return findings
 
 
 def _relative(path: str, root: Path) -> str:

@@ -14,6 +14,8 @@ from pathlib import Path
 from tlearn.data.fingerprints import Fingerprint, near_pairs
 from tlearn.errors import DatasetError
 
+K_FOLDS = 5  # cross-validation folds of train for every choice (tlearn.train.choices); fewer when a class is small
+
 
 @dataclass(frozen=True, order=True)
 class Leak:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tlearn.data.splits import K_FOLDS
 from tlearn.errors import DatasetError
 from tlearn.train.head import HeadPath, LinearHead, balanced_class_weight, fit_path
 
-K_FOLDS = 5
 # inverse regularisation strengths, half a decade apart, strongest first: on oxford17flowers the best sits at
 # 100-1000, on hymenoptera at 10-100, far outside a grid that stops at 100 for some data
 C_GRID = tuple(float(10 ** (e / 2)) for e in range(-2, 9))  # 0.1 .. 10,000
