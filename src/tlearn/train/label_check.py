@@ -33,7 +33,7 @@ def suspect_labels(data: str | Path, model: str | Path | None = None, *, ranked_
             if oof is None:
                 why_not = f"{candidate} has no out_of_fold.csv (trained before tlearn kept one)"
             else:
-                why_not = _mismatch(oof, data, bundle)
+                why_not = _mismatch(oof, data, bundle, cache_dir)
                 if not why_not:
                     return find_suspects(oof.classes, oof.paths, oof.labels, oof.proba, ranked_by,
                                          f"out-of-fold probabilities of {candidate}")
@@ -51,11 +51,11 @@ def suspect_labels(data: str | Path, model: str | Path | None = None, *, ranked_
                          fitted + (f"; {why_not}" if why_not else ""))
 
 
-def _mismatch(oof: OutOfFold, data: str | Path, bundle: Bundle) -> str:
+def _mismatch(oof: OutOfFold, data: str | Path, bundle: Bundle, cache_dir: str | Path | None) -> str:
     """Why the model's out-of-fold rows are not those of `data`'s training images now ("" when they are)."""
     training = bundle.training
     dataset = find_dataset(data, int(training.get("seed", 0)), float(training.get("val_fraction", 0.0)),
-                           float(training.get("test_fraction", 0.15)), cache_dir=None)
+                           float(training.get("test_fraction", 0.15)), cache_dir=cache_dir)
     if dataset.classes != oof.classes:
         return "the model's classes are not the dataset's"
     now = {(str(s.path.relative_to(dataset.root)), s.label) for s in dataset.splits["train"]}
