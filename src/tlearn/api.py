@@ -56,7 +56,7 @@ class ImageClassifier:
 
         `resume` continues an interrupted fine-tune from the last checkpoint in `run_dir`."""
         from tlearn.errors import require
-        from tlearn.train.steps import run_recipe
+        from tlearn.train.fit import run_recipe
 
         require("timm", "train", "training")
         settings = self.settings()

@@ -14,6 +14,7 @@ from tlearn.errors import WeightsUnavailable
 from tlearn.features import FeatureCache
 from tlearn.train.choices import Candidate, choose_head, make_folds
 from tlearn.train.settings import AUTO_BACKBONES, TrainSettings
+from tlearn.train.steps import FoundData, extract, feature_key_for, frozen_backbone
 
 
 @dataclass
@@ -36,7 +37,7 @@ class BackboneChoice:
         return asdict(self)
 
 
-def choose_backbone(found, settings: TrainSettings) -> BackboneChoice:
+def choose_backbone(found: FoundData, settings: TrainSettings) -> BackboneChoice:
     """The backbone of AUTO_BACKBONES whose head does best by cross-validation on train (log loss, then accuracy;
     the first, smallest, of equals). Backbones whose weights are not on this machine are left out."""
     names = [name for name in AUTO_BACKBONES if weights_available(name)]
@@ -51,10 +52,8 @@ def choose_backbone(found, settings: TrainSettings) -> BackboneChoice:
     return BackboneChoice(best.name, split, images, trials)
 
 
-def _try(found, settings: TrainSettings) -> tuple[BackboneTrial, int, str]:
+def _try(found: FoundData, settings: TrainSettings) -> tuple[BackboneTrial, int, str]:
     """One backbone's head scored by cross-validation, the images scored and the folds in words."""
-    from tlearn.train.steps import extract, feature_key_for, frozen_backbone
-
     start = time.perf_counter()
     with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
         split = extract(found, frozen_backbone(found, settings, cache), cache, settings)

@@ -1,13 +1,12 @@
-"""The training recipe as named steps: find data -> check -> extract -> choose (cross-validation on train) -> refit
-the head on all of train -> calibrate (out of fold) -> maybe fine-tune -> package. `run_recipe` composes them; each
-is a short function a reader can follow on its own. Val and test, where present, only report.
+"""The training recipe's named steps: find data -> check -> extract -> choose (cross-validation on train) -> refit
+the head on all of train -> calibrate (out of fold) -> package. tlearn.train.fit composes them (with the backbone
+choice before and the fine-tune after); each is a short function a reader can follow on its own, and none of them
+calls back into the recipe. Val and test, where present, only report.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,15 +19,12 @@ from tlearn.evaluate import classification_metrics
 from tlearn.evaluate.calibration import calibrate
 from tlearn.evaluate.metrics import ScoredSplit
 from tlearn.features import FeatureCache, feature_key
-from tlearn.features.backbone import FrozenBackbone, import_torch_early
+from tlearn.features.backbone import FrozenBackbone
 from tlearn.features.views import ViewFeatures, extract_views
 from tlearn.train.choices import ChoiceStore, HeadChoice, make_folds, refit
 from tlearn.train.head import HeadFit
-from tlearn.train.settings import AUTO, TrainSettings
+from tlearn.train.settings import TrainSettings
 from tlearn.train.views import ViewChoice, choose_views, needs_mirror
-
-if TYPE_CHECKING:
-    from tlearn.train.backbone_choice import BackboneChoice
 
 # "auto" fine-tunes when there is room above the head (cross-validated) and enough images per class to learn from
 AUTO_MIN_TRAIN_PER_CLASS, AUTO_HEAD_GOOD_ENOUGH = 20, 0.995
@@ -91,51 +87,11 @@ class TrainResult:
     fitted: ScoredSplit | None = None  # what the temperature is fitted on: out-of-fold train, or the tuned inner split
 
 
-def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) -> TrainResult:
-    """Train a classifier on `data`: the whole recipe, step by step."""
-    start = time.perf_counter()
-    found, choice = None, None
-    if settings.backbone == AUTO:  # every backbone is tried on the data before one backbone's cache is opened
-        found = find_data(data, settings)
-        settings, choice = resolve_backbone(found, settings)
-    with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
-        importing = import_torch_early(cache)
-        found = found or find_data(data, settings)
-        backbone = frozen_backbone(found, settings, cache)
-        split = extract(found, backbone, cache, settings)
-        views, head_choice, fit = choose_the_head(found, backbone, cache, split, settings)
-        result = assemble(found, backbone, split, fit, settings, views, head_choice)
-        calibrate_bundle(result)
-        keep_out_of_fold(result, found, split, head_choice)
-        if wants_finetune(result, settings):
-            from tlearn.train.stage2 import fine_tune_bundle
-
-            fine_tune_bundle(result, found.dataset, backbone, fit, split, settings, resume)
-        else:
-            attach_engine(result.bundle, backbone.exported())
-        if importing is not None:
-            importing.join()  # done long ago unless every feature was cached (then torch was never needed)
-    if choice is not None:
-        result.bundle.training["backbone_choice"] = result.summary.backbone_choice = choice.to_dict()
-    result.summary.seconds = time.perf_counter() - start
-    return result
-
-
 def find_data(data: str | Path, settings: TrainSettings) -> FoundData:
     """The dataset and its splits, each file's content hash (read once), and the checks that need no decoding."""
     dataset = find_dataset(data, settings.seed, settings.val_fraction, settings.test_fraction,
                            cache_dir=settings.cache_dir, relabel=settings.relabel)
     return FoundData(dataset, dataset.hashes, quick_check(dataset, dataset.hashes))
-
-
-def resolve_backbone(found: FoundData, settings: TrainSettings) -> tuple[TrainSettings, BackboneChoice | None]:
-    """The settings with `--backbone auto` resolved to the backbone it keeps, and the record of that choice."""
-    if settings.backbone != AUTO:
-        return settings, None
-    from tlearn.train.backbone_choice import choose_backbone
-
-    choice = choose_backbone(found, settings)
-    return replace(settings, backbone=choice.chosen), choice
 
 
 def feature_key_for(settings: TrainSettings) -> str:

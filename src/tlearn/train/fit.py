@@ -1,0 +1,67 @@
+"""The training recipe, composed: (backbone choice) -> the named steps of tlearn.train.steps -> (fine-tune) ->
+the bundle. The one place that knows the order; every piece it calls is one-way below it:
+
+    fit -> backbone_choice -> steps -> choices -> head
+    fit -> stage2 -> steps, recipe (the fine-tune stage)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tlearn.features import FeatureCache
+from tlearn.features.backbone import import_torch_early
+from tlearn.train.backbone_choice import BackboneChoice, choose_backbone
+from tlearn.train.settings import AUTO, TrainSettings
+from tlearn.train.stage2 import fine_tune_bundle
+from tlearn.train.steps import (
+    FoundData,
+    TrainResult,
+    assemble,
+    attach_engine,
+    calibrate_bundle,
+    choose_the_head,
+    extract,
+    feature_key_for,
+    find_data,
+    frozen_backbone,
+    keep_out_of_fold,
+    wants_finetune,
+)
+
+
+def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) -> TrainResult:
+    """Train a classifier on `data`: the whole recipe, step by step."""
+    start = time.perf_counter()
+    found, choice = None, None
+    if settings.backbone == AUTO:  # every backbone is tried on the data before one backbone's cache is opened
+        found = find_data(data, settings)
+        settings, choice = resolve_backbone(found, settings)
+    with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
+        importing = import_torch_early(cache)
+        found = found or find_data(data, settings)
+        backbone = frozen_backbone(found, settings, cache)
+        split = extract(found, backbone, cache, settings)
+        views, head_choice, fit = choose_the_head(found, backbone, cache, split, settings)
+        result = assemble(found, backbone, split, fit, settings, views, head_choice)
+        calibrate_bundle(result)
+        keep_out_of_fold(result, found, split, head_choice)
+        if wants_finetune(result, settings):
+            fine_tune_bundle(result, found.dataset, backbone, fit, split, settings, resume)
+        else:
+            attach_engine(result.bundle, backbone.exported())
+        if importing is not None:
+            importing.join()  # done long ago unless every feature was cached (then torch was never needed)
+    if choice is not None:
+        result.bundle.training["backbone_choice"] = result.summary.backbone_choice = choice.to_dict()
+    result.summary.seconds = time.perf_counter() - start
+    return result
+
+
+def resolve_backbone(found: FoundData, settings: TrainSettings) -> tuple[TrainSettings, BackboneChoice | None]:
+    """The settings with `--backbone auto` resolved to the backbone it keeps, and the record of that choice."""
+    if settings.backbone != AUTO:
+        return settings, None
+    choice = choose_backbone(found, settings)
+    return replace(settings, backbone=choice.chosen), choice
