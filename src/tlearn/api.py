@@ -136,8 +136,10 @@ class ImageClassifier:
         from tlearn.evaluate.report import ReportInputs, write_report  # matplotlib: only loaded when needed
         from tlearn.evaluate.suspects import find_suspects
         from tlearn.explain import heat_map_overlay
+        from tlearn.features.cache import default_cache_dir
 
         bundle = self._bundle()
+        heat_cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         oof = bundle.read_out_of_fold()
         root = data or bundle.extra.get("data_checks", {}).get("root")
         suspects = (find_suspects(oof.classes, oof.paths, oof.labels, oof.proba, source="this model's out_of_fold.csv")
@@ -147,7 +149,7 @@ class ImageClassifier:
             calibration=bundle.extra.get("calibration", {}), history=bundle.extra.get("history", []),
             data_checks=bundle.extra.get("data_checks", {}),
             facts={"backbone": bundle.backbone.name, "recipe": bundle.training.get("recipe", "?"),
-                   "layout": bundle.split.get("layout", "?")}, heat_map=heat_map_overlay(self.predictor()),
+                   "layout": bundle.split.get("layout", "?")}, heat_map=heat_map_overlay(self.predictor(), heat_cache),
             suspects=suspects, data_root=Path(root) if root and Path(root).is_dir() else None))
 
     def save(self, directory: str | Path, report: bool = True) -> Path:

@@ -100,6 +100,14 @@ def explain_pixels(predictor: Predictor, pixels: np.ndarray, class_: str | None 
                    ) -> tuple[np.ndarray, np.ndarray, int]:
     """(grid (h, w), calibrated probabilities, class index) of uint8 pixels (1, 3, H, W): one forward pass of the
     feature-map engine (two with the model's test-time augmentation, as its predictions)."""
+    grids, probabilities, indices = explain_batch(predictor, pixels, class_)
+    return grids[0], probabilities[0], int(indices[0])
+
+
+def explain_batch(predictor: Predictor, pixels: np.ndarray, class_: str | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Grids (n, h, w), calibrated probabilities (n, classes) and explained class indices (n,) of uint8 pixels
+    (n, 3, H, W), in one batched pass of the feature-map engine."""
     maps = predictor.feature_maps(pixels)
     if predictor.bundle.tta:  # the mirror's map, flipped back into place: the mean of the two views' features
         maps = (maps + predictor.feature_maps(mirror(pixels))[..., ::-1]) / 2
@@ -109,14 +117,14 @@ def explain_pixels(predictor: Predictor, pixels: np.ndarray, class_: str | None 
     features = pooled(maps)
     head = predictor.bundle.head(calibrated=True)
     if predictor.engine.precision == "int8":  # the map runs at fp32: the class and probability are predict's own
-        probabilities = predictor.probabilities(pixels)[0]
+        probabilities = predictor.probabilities(pixels)
     else:
-        probabilities = softmax(head.logits(features))[0]
-    index = class_index(predictor.classes, class_, probabilities)
-    norm = max(float(np.linalg.norm(features[0])), 1e-12)
+        probabilities = softmax(head.logits(features))
+    indices = np.array([class_index(predictor.classes, class_, p) for p in probabilities], np.int64)
+    norms = np.maximum(np.linalg.norm(features, axis=1), 1e-12)
     places = maps.shape[2] * maps.shape[3]
-    grid = np.einsum("chw,c->hw", maps[0].astype(np.float32), head.weight[index]) / (places * norm)
-    return grid.astype(np.float32), probabilities, index
+    grids = np.einsum("nchw,nc->nhw", maps.astype(np.float32), head.weight[indices]) / (places * norms[:, None, None])
+    return grids.astype(np.float32), probabilities, indices
 
 
 def explain_image(predictor: Predictor, image: ImageInput, class_: str | None = None,
@@ -245,30 +253,95 @@ def write_overlays(predictor: Predictor, files: list[Path], out_dir: Path, class
     return [(target, explanation) for target, explanation, _ in done]
 
 
-def heat_map_overlay(predictor: Predictor):
+def heat_map_overlay(predictor: Predictor, cache_dir: Path | None = None):
     """A function: (an image's path, the longest side wanted) -> the overlay of its top-1 heat map, drawn at that
     size (the report's thumbnails); None when the model cannot explain (no feature-map engine: VGG, or an older
-    model folder without the train extra)."""
-    from tlearn.errors import TlearnError
-
+    model folder without the train extra). Overlays are kept in `cache_dir`/heatmaps by model and image content:
+    a re-train that makes the same model draws none again."""
     if predictor.bundle.feature_map_file is None:
         return None
-    try:
-        predictor.feature_maps(np.zeros((1, 3, predictor.input_size, predictor.input_size), np.uint8))
-    except TlearnError:
-        return None
+    return ReportHeatMaps(predictor, cache_dir)
 
-    def overlay_of(path: Path, side: int) -> Image.Image:
+
+class ReportHeatMaps:
+    """(an image's path, the longest side wanted) -> the overlay of its top-1 heat map at that size; `prefetch`
+    explains a list of images in batches first (one engine call per batch instead of one per image). The engine is
+    opened on first need; one that cannot be opened or verified ends the heat maps (TlearnError each call)."""
+
+    def __init__(self, predictor: Predictor, cache_dir: Path | None = None):
+        import hashlib
+
+        self.predictor, self.explained, self.broken = predictor, {}, None
+        bundle = predictor.bundle
+        digest = hashlib.sha256(f"tlearn-heat:1:{bundle.backbone.feature_key}:{bundle.temperature}:"
+                                f"{bundle.tta}:{COLOUR_MAP}:{OVERLAY_ALPHA}".encode())
+        digest.update(np.ascontiguousarray(bundle.state["head.weight"], np.float32).tobytes())
+        digest.update(np.ascontiguousarray(bundle.state["head.bias"], np.float32).tobytes())
+        self.model_key = digest.hexdigest()[:24]
+        self.folder = Path(cache_dir) / "heatmaps" if cache_dir is not None else None
+
+    def _cached(self, path: Path, side: int) -> Path | None:
+        from tlearn.data.decode import content_hash
+
+        if self.folder is None:
+            return None
+        content = content_hash(path)
+        return None if content is None else self.folder / f"{self.model_key}-{content[:32]}-{side}.png"
+
+    def prefetch(self, paths: list[Path], side: int) -> None:
+        from tlearn.data.decode import DecodeError
+        from tlearn.errors import TlearnError
+
+        todo = [Path(p) for p in paths if Path(p) not in self.explained
+                and not ((cached := self._cached(Path(p), side)) is not None and cached.is_file())]
+        for start in range(0, len(todo), self.predictor.batch_size):
+            chunk, pixels = [], []
+            for path in todo[start:start + self.predictor.batch_size]:
+                try:
+                    pixels.append(self.predictor.to_pixels(path))
+                    chunk.append(path)
+                except DecodeError:
+                    continue
+            if not chunk or self.broken:
+                continue
+            try:
+                grids, probabilities, indices = explain_batch(self.predictor, np.stack(pixels))
+            except TlearnError as exc:
+                self.broken = exc
+                return
+            for path, grid, p, i in zip(chunk, grids, probabilities, indices):
+                size = image_size(path)
+                box = tuple(int(round(v)) for v in self.predictor.preprocessing.crop_box(*size))
+                classes = self.predictor.classes
+                self.explained[path] = Explanation(os.fsdecode(path), classes[i], float(p[i]),
+                                                   classes[int(np.argmax(p))], grid, size, box)
+
+    def __call__(self, path: Path, side: int) -> Image.Image:
         from dataclasses import replace
 
         from tlearn.data.decode import load_image
+        from tlearn.files import write_atomically
 
-        explanation = predictor.explain(path)
+        cached = self._cached(Path(path), side)
+        if cached is not None and cached.is_file():
+            try:
+                with Image.open(cached) as kept:
+                    return kept.convert("RGB")
+            except (OSError, ValueError, SyntaxError):  # damaged: drawn again below
+                pass
+        if self.broken is not None:
+            raise self.broken
+        explanation = self.explained.get(Path(path)) or self.predictor.explain(path)
         picture = load_image(path, draft_size=(side, side))
         picture.thumbnail((side, side))
         scale = (picture.width / explanation.size[0], picture.height / explanation.size[1])
         box = tuple(int(round(v * scale[i % 2])) for i, v in enumerate(explanation.box))
         small = replace(explanation, size=picture.size, box=box)
-        return overlay(picture, small.heat, small.box)
-
-    return overlay_of
+        drawn = overlay(picture, small.heat, small.box)
+        if cached is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(cached, lambda tmp: drawn.save(tmp, "PNG"))
+            except OSError:  # derived data: drawn again next time
+                pass
+        return drawn

@@ -171,6 +171,8 @@ def _gallery(directory: Path, scored: ScoredSplit, temperature: float, classes: 
     wrong = np.flatnonzero(predicted != scored.labels)
     worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:GALLERY_SIZE]
     unsure = np.argsort(confidence, kind="stable")[:UNSURE_SIZE]
+    if hasattr(heat_map, "prefetch"):  # every heat map the gallery shows, in batched engine calls
+        heat_map.prefetch([Path(scored.paths[i]) for i in (*worst, *unsure)], THUMBNAIL_PX)
     cards = _cards(directory, scored, classes, predicted, confidence, worst, "mistake", heat_map)
     body = "".join(cards) or "<p>No mistakes on this split.</p>"
     heat_note = ("" if heat_map is None else " Each with its heat map: where the model found the evidence for "

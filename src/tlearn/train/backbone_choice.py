@@ -59,7 +59,8 @@ def _try(found: FoundData, settings: TrainSettings) -> tuple[BackboneTrial, int,
         split = extract(found, frozen_backbone(found, settings, cache), cache, settings)
     x, y = split.xs["train"], split.ys["train"]
     classes = found.dataset.classes
-    folds = make_folds(y, found.dataset.train_groups()[split.features["train"].kept], classes, settings.seed)
+    folds = make_folds(y, found.dataset.train_groups()[split.features["train"].kept], classes, settings.seed,
+                       store=cache.directory)
     choice = choose_head(Candidate(settings.backbone, x), y, folds, len(classes))
     extracted = sum(f.computed for f in split.features.values())
     return BackboneTrial(settings.backbone, choice.accuracy, choice.score, time.perf_counter() - start, extracted), \

@@ -51,11 +51,12 @@ class Folds:
 
 
 def make_folds(labels: np.ndarray, groups: np.ndarray | None, classes: list[str], seed: int,
-               k: int = K_FOLDS) -> Folds:
+               k: int = K_FOLDS, store: Path | None = None) -> Folds:
     """Stratified k folds of train (group-aware: rows of one group share a fold). Fewer folds when the smallest
-    class has fewer than k images (a note says so); a class with a single image is refused by name."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    class has fewer than k images (a note says so); a class with a single image is refused by name.
 
+    `store`: a cache folder where the folds are kept by their inputs (labels, groups, seed, k, scikit-learn's
+    version), so that a re-train on the same data reads them without importing scikit-learn (~1.3 s)."""
     labels = np.asarray(labels, np.int64)
     counts = np.bincount(labels, minlength=len(classes))
     present = counts[counts > 0]
@@ -73,14 +74,54 @@ def make_folds(labels: np.ndarray, groups: np.ndarray | None, classes: list[str]
         note = (f"{smallest}-fold cross-validation instead of {k}: class {', '.join(repr(c) for c in small)} has "
                 f"{smallest} training images")
         k = smallest
-    groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
+    groups = np.arange(len(labels)) if groups is None else np.asarray(groups, np.int64)
     _, group_sizes = np.unique(groups, return_counts=True)
     grouped = int(group_sizes[group_sizes > 1].sum())
-    fold = np.full(len(labels), -1, np.int64)
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    for i, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-        fold[held] = i
+    path = _fold_file(store, labels, groups, seed, k)
+    fold = _read_folds(path, labels, k) if path is not None else None
+    if fold is None:
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        fold = np.full(len(labels), -1, np.int64)
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        for i, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            fold[held] = i
+        if path is not None:
+            _write_folds(path, fold)
     return Folds(fold, k, seed, grouped, note)
+
+
+def _fold_file(store: Path | None, labels: np.ndarray, groups: np.ndarray, seed: int, k: int) -> Path | None:
+    if store is None:
+        return None
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(f"tlearn-folds:1:{version('scikit-learn')}:{seed}:{k}".encode())
+    digest.update(labels.tobytes())
+    digest.update(groups.tobytes())
+    return Path(store) / "folds" / f"{digest.hexdigest()[:32]}.json"
+
+
+def _read_folds(path: Path, labels: np.ndarray, k: int) -> np.ndarray | None:
+    """The kept folds, if the file is whole and fits (every row a fold in 0..k-1, every fold used)."""
+    try:
+        fold = np.asarray(json.loads(path.read_text()), np.int64)
+    except (OSError, ValueError, TypeError):
+        return None
+    if fold.shape != labels.shape or fold.min(initial=0) < 0 or set(fold.tolist()) != set(range(k)):
+        return None
+    return fold
+
+
+def _write_folds(path: Path, fold: np.ndarray) -> None:
+    from tlearn.files import write_atomically
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps(fold.tolist())
+        write_atomically(path, lambda tmp: Path(tmp).write_text(payload))
+    except OSError:  # derived data: recomputed next time
+        pass
 
 
 @dataclass
@@ -207,9 +248,24 @@ def choose(candidates: list[Candidate], labels: np.ndarray, folds: Folds, n_clas
     return best, tried
 
 
-def refit(candidate: Candidate, labels: np.ndarray, choice: HeadChoice, n_classes: int) -> LinearHead:
+def refit(candidate: Candidate, labels: np.ndarray, choice: HeadChoice, n_classes: int,
+          store: ChoiceStore | None = None) -> LinearHead:
     """The head that ships: fitted on all of train at the chosen strength and weighting (along the same path of
-    strengths the folds walked, so it starts where they did)."""
+    strengths the folds walked, so it starts where they did). `store` keeps it by content: a re-train on the same
+    features and labels reads it instead of walking the path again."""
+    key = None
+    if store is not None and store.directory is not None:
+        key = f"{ChoiceStore.key([candidate], labels, choice.folds)}-refit-{choice.C:g}-{choice.class_weight}"
+        kept = store.get_head(key, n_classes, candidate.image.shape[1])
+        if kept is not None:
+            return kept
+    head = _refit(candidate, labels, choice, n_classes)
+    if key is not None:
+        store.put_head(key, head)
+    return head
+
+
+def _refit(candidate: Candidate, labels: np.ndarray, choice: HeadChoice, n_classes: int) -> LinearHead:
     x, y = candidate.train_rows(np.arange(len(labels)), np.asarray(labels, np.int64))
     weight = balanced_class_weight(y, n_classes) if choice.class_weight == "balanced" else None
     head = None
@@ -266,6 +322,31 @@ class ChoiceStore:
             return choice, list(data["candidates"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def get_head(self, key: str, n_classes: int, n_features: int) -> LinearHead | None:
+        """A refitted head kept under `key` (an .npz of two float32 arrays, read without pickle), if it fits."""
+        try:
+            with np.load(self.directory / f"{key}.npz", allow_pickle=False) as data:
+                weight, bias = np.asarray(data["weight"], np.float32), np.asarray(data["bias"], np.float32)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if weight.shape != (n_classes, n_features) or bias.shape != (n_classes,) or not (
+                np.isfinite(weight).all() and np.isfinite(bias).all()):
+            return None
+        return LinearHead(weight, bias)
+
+    def put_head(self, key: str, head: LinearHead) -> None:
+        from tlearn.files import write_atomically
+
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as handle:  # a file object: np.savez would add ".npz" to a name
+                np.savez(handle, weight=head.weight, bias=head.bias)
+
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.directory / f"{key}.npz", save)
+        except OSError:  # derived data: refitted next time
+            pass
 
     def put(self, key: str, choice: HeadChoice, candidates: list[dict]) -> None:
         if self.directory is None:

@@ -128,11 +128,13 @@ def choose_the_head(found: FoundData, backbone: FrozenBackbone, cache: FeatureCa
     content: a re-train on the same features reads the choice); then the head refitted on all of train. val's and
     test's mirrors are extracted when the model will predict with them."""
     y, classes = split.ys["train"], found.dataset.classes
-    folds = make_folds(y, found.dataset.train_groups()[split.features["train"].kept], classes, settings.seed)
+    folds = make_folds(y, found.dataset.train_groups()[split.features["train"].kept], classes, settings.seed,
+                       store=cache.directory)
+    store = ChoiceStore(cache.directory)
     views, choice, candidate = choose_views(settings.mirror, split.xs["train"], split.mirrors.get("train"), y, folds,
-                                            len(classes), ChoiceStore(cache.directory))
+                                            len(classes), store)
     add_mirrors(split, found, backbone, cache, settings, views)
-    head = refit(candidate, y, choice, len(classes))
+    head = refit(candidate, y, choice, len(classes), store)
     return views, choice, HeadFit(head, choice.C, choice.search)
 
 
@@ -222,12 +224,12 @@ def calibrate_bundle(result: TrainResult) -> None:
 
 def keep_out_of_fold(result: TrainResult, found: FoundData, split: SplitFeatures, choice: HeadChoice) -> None:
     """The training images' out-of-fold probabilities (calibrated) go into the model folder: out_of_fold.csv."""
-    from scipy.special import softmax
+    from tlearn.predict import softmax  # numpy: scipy.special costs a re-train 0.2 s to import
 
     root = found.dataset.root
     result.bundle.out_of_fold = OutOfFold(
         found.dataset.classes, [str(p.relative_to(root)) for p in split.paths["train"]], split.ys["train"],
-        choice.folds.fold, softmax(choice.oof_logits.astype(np.float64) / result.bundle.temperature, axis=1))
+        choice.folds.fold, softmax(choice.oof_logits.astype(np.float64) / result.bundle.temperature))
 
 
 def wants_finetune(result: TrainResult, settings: TrainSettings) -> bool:
@@ -267,9 +269,8 @@ def cross_validate(data: str | Path, settings: TrainSettings) -> tuple[Dataset, 
     """The out-of-fold probabilities of every training image of `data`, as a train would record them, without
     building a model: train's features (from the cache where present), the folds, the views and head chosen by
     them, the temperature fitted on the result. What `tlearn doctor --labels` ranks when no model matches."""
-    from scipy.special import softmax
-
     from tlearn.evaluate.calibration import fit_temperature
+    from tlearn.predict import softmax
 
     with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
         found = find_data(data, settings)
@@ -279,10 +280,11 @@ def cross_validate(data: str | Path, settings: TrainSettings) -> tuple[Dataset, 
     y = dataset.labels("train")[features.kept]
     _check_trainable(dataset, {"train": y})
     paths = [dataset.paths("train")[i] for i in features.kept]
-    folds = make_folds(y, dataset.train_groups()[features.kept], dataset.classes, settings.seed)
+    folds = make_folds(y, dataset.train_groups()[features.kept], dataset.classes, settings.seed,
+                       store=cache.directory)
     _, choice, _ = choose_views(settings.mirror, features.views["image"], features.views.get("mirror"), y, folds,
                                 len(dataset.classes), ChoiceStore(cache.directory))
     logits = choice.oof_logits.astype(np.float64)
     temperature = fit_temperature(logits, y)
     return dataset, OutOfFold(dataset.classes, [str(p.relative_to(dataset.root)) for p in paths], y, folds.fold,
-                              softmax(logits / temperature, axis=1))
+                              softmax(logits / temperature))
