@@ -37,14 +37,15 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    """One train, one val and one test image of each of two demo classes (real photo crops)."""
+    """Two train images (cross-validation needs two per class), one val and one test image of each of two demo
+    classes (real photo crops)."""
     demo = make_demo_dataset(tmp_path_factory.mktemp("demo"))
     root = tmp_path_factory.mktemp("tiny")
     for split in ("train", "val", "test"):
         for cls in ("brick", "grass"):
             (root / split / cls).mkdir(parents=True)
-            src = sorted((demo / split / cls).iterdir())[0]
-            shutil.copy(src, root / split / cls / src.name)
+            for src in sorted((demo / split / cls).iterdir())[:2 if split == "train" else 1]:
+                shutil.copy(src, root / split / cls / src.name)
     return root
 
 
@@ -128,7 +129,7 @@ def test_train_predict_reload_with_weights_files(name, tiny_data, scratch, monke
     assert result.exit_code == 0, result.output
     size = INPUT_SIZE[name]
     assert shapes and all(s[1:] == (3, size, size) for s in shapes)
-    assert sum(s[0] for s in shapes) >= 6  # the 6 images, then the engine shipped in the model folder is exported
+    assert sum(s[0] for s in shapes) >= 8  # the 8 images, then the engine shipped in the model folder is exported
     config = json.loads((model_dir / "config.json").read_text())
     assert config["preprocessing"]["input_size"] == size
     assert config["backbone"]["architecture"] == get_spec(name).architecture

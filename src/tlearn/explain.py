@@ -320,6 +320,7 @@ class ReportHeatMaps:
         from dataclasses import replace
 
         from tlearn.data.decode import load_image
+        from tlearn.errors import TlearnError
         from tlearn.files import write_atomically
 
         cached = self._cached(Path(path), side)
@@ -342,6 +343,6 @@ class ReportHeatMaps:
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 write_atomically(cached, lambda tmp: drawn.save(tmp, "PNG"))
-            except OSError:  # derived data: drawn again next time
+            except (OSError, TlearnError):  # derived data (a full disk, say): drawn again next time
                 pass
         return drawn

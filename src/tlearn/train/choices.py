@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tlearn.data.splits import K_FOLDS
-from tlearn.errors import DatasetError
+from tlearn.errors import DatasetError, OutputError
 from tlearn.train.head import HeadPath, LinearHead, balanced_class_weight, fit_path
 
 # inverse regularisation strengths, half a decade apart, strongest first: on oxford17flowers the best sits at
@@ -120,7 +120,7 @@ def _write_folds(path: Path, fold: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps(fold.tolist())
         write_atomically(path, lambda tmp: Path(tmp).write_text(payload))
-    except OSError:  # derived data: recomputed next time
+    except (OSError, OutputError):  # derived data: recomputed next time
         pass
 
 
@@ -345,7 +345,7 @@ class ChoiceStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             write_atomically(self.directory / f"{key}.npz", save)
-        except OSError:  # derived data: refitted next time
+        except (OSError, OutputError):  # derived data: refitted next time
             pass
 
     def put(self, key: str, choice: HeadChoice, candidates: list[dict]) -> None:
@@ -362,5 +362,5 @@ class ChoiceStore:
             self.directory.mkdir(parents=True, exist_ok=True)
             payload = json.dumps(data)
             write_atomically(self.directory / f"{key}.json", lambda tmp: Path(tmp).write_text(payload))
-        except OSError:  # derived data: a disk that refuses it costs the next re-train a few seconds, no more
+        except (OSError, OutputError):  # derived data: a refusing disk costs the next re-train seconds, no more
             pass

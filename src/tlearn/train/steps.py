@@ -187,6 +187,7 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
                                        "class_weight": choice.class_weight,
                                        "chosen_by": f"{choice.folds.describe()}: {choice.metric}",
                                        "refit": f"all {len(split.ys['train'])} training images",
+                                       "choice_seconds": round(choice.seconds, 3),
                                        "search": fit.search}, "views": views.to_dict()},
                     split=dataset.describe(), tta=views.recipe.tta,
                     extra={"skipped_files": [{"path": p, "reason": r} for p, r in failures],
@@ -195,7 +196,7 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
               if s in ("val", "test")}
     bundle.metrics = {s: classification_metrics(split.ys[s], x.argmax(1), dataset.classes, settings.seed)
                       for s, x in logits.items()}
-    cv = {**{k: v for k, v in choice.to_dict().items() if k != "search"},
+    cv = {**{k: v for k, v in choice.to_dict().items() if k not in ("search", "seconds")},  # timings: training
           **classification_metrics(split.ys["train"], choice.oof_logits.argmax(1), dataset.classes, settings.seed)}
     if choice.folds.note:
         cv["note"] = choice.folds.note
