@@ -27,7 +27,7 @@ pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-LIMITS = ("--max-body-mb", "1", "--max-files", "8")
+LIMITS = ("--max-body-mb", "1", "--max-images", "8")
 
 
 class Studio:
@@ -66,9 +66,9 @@ class Studio:
         return self.process.wait(timeout=60)
 
 
-def png(width: int = 64, height: int = 64, mode: str = "L") -> bytes:
+def png(width: int = 64, height: int = 64, mode: str = "L", kind: str = "PNG") -> bytes:
     out = io.BytesIO()
-    Image.new(mode, (width, height), 128).save(out, "PNG")
+    Image.new(mode, (width, height), 128).save(out, kind)
     return out.getvalue()
 
 
@@ -240,9 +240,10 @@ def test_uploads_are_limited_and_decoded_before_anything_is_saved(studio, photos
     Image.open(photos["brick"][0]).convert("RGB").save(jpeg, "JPEG")
     good = photos["brick"][0].read_bytes()
     cases = [(files(os.urandom(1_500_000)), 413, "max-body-mb"),     # over --max-body-mb 1
-             (files(*[png()] * 9), 413, "max-files"),                 # over --max-files 8
+             (files(*[png()] * 9), 413, "max-images"),                # over --max-images 8
              (files(b"not an image at all"), 415, "image-format"),
              (files(b"<svg xmlns='http://www.w3.org/2000/svg'/>"), 415, "image-format"),
+             (files(png(kind="PPM")), 415, "image-format"),               # an image tlearn's datasets do not read
              (files(bomb), 413, "max-pixels"),
              (files(jpeg.getvalue()[:600]), 422, "decodable-image"),  # truncated
              (files(png(8, 8)), 422, "decodable-image"),              # too small to mean anything

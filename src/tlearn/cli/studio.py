@@ -22,7 +22,7 @@ def studio(
     no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the URL, do not open a browser.")] = False,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body, an upload of photos (413 above).")
                            ] = 50.0,
-    max_files: Annotated[int, typer.Option(help="Most photos per upload request (413 above).")] = 200,
+    max_images: Annotated[int, typer.Option(help="Most photos per upload request (413 above).")] = 200,
     max_pixels: Annotated[int, typer.Option(help="Most pixels per photo, checked before decoding (413 above).")
                           ] = 40_000_000,
     timeout_s: Annotated[float, typer.Option(help="Most seconds for a request's body to arrive (408 above).")
@@ -33,7 +33,7 @@ def studio(
 
     try:
         settings = StudioSettings(workspace, host=host, port=port, token=token, max_body_mb=max_body_mb,
-                                  max_files=max_files, max_pixels=max_pixels, timeout_s=timeout_s)
+                                  max_images=max_images, max_pixels=max_pixels, timeout_s=timeout_s)
         run(settings, open_browser=not no_browser,
             say=lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False))
     except USER_ERRORS as exc:

@@ -14,19 +14,17 @@ import threading
 from importlib.resources import files
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from tlearn.errors import OutputError, TlearnError
-from tlearn.serve.inputs import encoded_images
+from tlearn.serve.app import add_errors
+from tlearn.serve.decoding import identify
+from tlearn.serve.inputs import check_image_count, encoded_images, multipart_files
 from tlearn.serve.limits import Rejection, read_body
 from tlearn.studio.guard import StudioGuard, StudioSettings
 from tlearn.studio.jobs import TrainJobs, TrainOptions
-from tlearn.studio.workspace import Upload, Workspace, image_extension
+from tlearn.studio.workspace import Upload, Workspace
 
 log = logging.getLogger("uvicorn.error")  # configured by uvicorn: our lines go where its own go
 
@@ -95,7 +93,7 @@ def _projects_router(workspace: Workspace, jobs: TrainJobs, settings: StudioSett
     @api.get("/projects", summary="Every project with its classes, image counts and last train.")
     def projects() -> dict:
         return {"workspace": str(workspace.root), "projects": [project_json(p) for p in workspace.projects()],
-                "limits": {"max_body_bytes": settings.max_body_bytes, "max_files": settings.max_files}}
+                "limits": {"max_body_bytes": settings.max_body_bytes, "max_images": settings.max_images}}
 
     @api.post("/projects", status_code=201, summary="Create an empty project (a folder in the workspace).")
     def create_project(body: Named) -> dict:
@@ -185,7 +183,7 @@ def _predict_router(models: "ModelCache", settings: StudioSettings) -> APIRouter
         predictor = await asyncio.to_thread(models.get, project)
         body = await read_body(request, settings)
         image = (await encoded_images(request.headers, body, 1))[0]
-        await asyncio.to_thread(image_extension, Upload("image", image), 0, settings.max_pixels)
+        identify(image, 0, settings.max_pixels)  # the header alone: the Predictor then decodes it
         row = (await asyncio.to_thread(predictor.predict, [image], TOP_K))[0]
         if not hasattr(row, "top"):
             raise Rejection(422, "decodable-image", f"image 0: {row.reason}", index=0)
@@ -223,61 +221,24 @@ class ModelCache:
 
 
 async def _uploads(request: Request, settings: StudioSettings) -> list[Upload]:
-    """The files of a multipart upload: 413 over --max-body-mb or --max-files, 400 for none or a bad body."""
+    """The files of a multipart upload: 413 over --max-body-mb or --max-images, 400 for none or a bad body."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "multipart/form-data":
         raise Rejection(415, "content-type", f"upload photos as multipart/form-data files, not "
                                              f"{content_type or '(no content type)'!r}")
     body = await read_body(request, settings)
-
-    async def stream():
-        yield body
-
-    parser = MultiPartParser(request.headers, stream(), max_files=settings.max_files + 1, max_fields=100)
-    try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        if "Too many files" in str(exc):
-            raise Rejection(413, "max-files", f"more than {settings.max_files} files in one upload "
-                                              "(--max-files)") from None
-        raise Rejection(400, "multipart", f"malformed multipart body ({exc})") from None
-    try:
-        uploads = [Upload(item.filename or "photo", await item.read()) for _, item in form.multi_items()
-                   if isinstance(item, UploadFile)]
-    finally:
-        await form.close()
-    if not uploads:
-        raise Rejection(400, "images", "the upload holds no file")
-    if len(uploads) > settings.max_files:
-        raise Rejection(413, "max-files", f"{len(uploads)} files in one upload, over the limit of "
-                                          f"{settings.max_files} (--max-files)")
+    uploads = [Upload(name or "photo", content)
+               for name, content in await multipart_files(request.headers, body, settings.max_images)]
+    check_image_count(len(uploads), settings.max_images)
     return uploads
 
 
 def _add_errors(app: FastAPI) -> None:
-    """Every refusal is JSON naming its check; an unexpected error is a bare 500 (the traceback goes to the log)."""
-
-    @app.exception_handler(Rejection)
-    async def rejected(request: Request, exc: Rejection) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return await rejected(request, Rejection(400, "parameters", message))
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return await rejected(request, Rejection(exc.status_code, "route", str(exc.detail), headers=exc.headers))
+    """tlearn serve's JSON refusals, and a user's error (a setting out of range) as a 400 naming it."""
+    add_errors(app)
 
     @app.exception_handler(TlearnError)
     async def user_error(request: Request, exc: TlearnError) -> JSONResponse:
         status = 507 if isinstance(exc, OutputError) else 400
-        return await rejected(request, Rejection(status, type(exc).__name__, str(exc)))
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal server error (see the studio's log)", "limit": "internal",
-                             "status": 500}, status_code=500)
-
+        refused = Rejection(status, type(exc).__name__, str(exc))
+        return JSONResponse(refused.body(), status_code=refused.status)

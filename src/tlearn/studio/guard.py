@@ -34,13 +34,13 @@ class StudioSettings:
     port: int = 0                        # 0: any free port (the one bound is filled in before the app is built)
     token: str | None = None
     max_body_mb: float = 50.0            # one request's body (an upload of photos)
-    max_files: int = 200                 # images per upload request
+    max_images: int = 200                # photos per upload request
     max_pixels: int = 40_000_000         # decoded pixels per image, checked from the header (bomb guard)
     timeout_s: float = 60.0              # for a request body to arrive
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name in ("max_body_mb", "max_files", "max_pixels", "timeout_s"):
+            if f.name in ("max_body_mb", "max_images", "max_pixels", "timeout_s"):
                 check_range(f"--{f.name.replace('_', '-')}", getattr(self, f.name), 0, low_open=True)
         check_range("--port", self.port, 0, 65535)
         if self.token is not None and not self.token.strip():

@@ -8,19 +8,17 @@ leaves no file of its own behind.
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from PIL import Image, UnidentifiedImageError
-
 from tlearn.data.decode import DecodeError, decode_bytes
 from tlearn.data.discovery import walk_images
 from tlearn.errors import InvalidParameter
 from tlearn.files import temporary_beside
+from tlearn.serve.decoding import identify
 from tlearn.serve.limits import Rejection
 
 STUDIO_DIR = ".studio"  # the studio's own files (job states, logs, models); never a project
@@ -138,29 +136,17 @@ def check_name(name: str, what: str) -> str:
 
 def image_extension(upload: Upload, index: int, max_pixels: int) -> str:
     """The extension `upload` is saved with, once it is identified from its header and decoded whole: 415 for
-    what is not an image tlearn reads, 413 for more pixels than `max_pixels` (checked before decoding), 422 for
-    a corrupt or truncated image."""
-    shown = f"file {index} ({upload.filename!r:.60})"
-    try:
-        with Image.open(io.BytesIO(upload.content)) as img:
-            width, height, kind = img.width, img.height, img.format
-    except UnidentifiedImageError:
-        raise Rejection(415, "image-format", f"{shown}: not an image (JPEG, PNG, WebP, BMP, GIF or TIFF)",
-                        index=index) from None
-    except Image.DecompressionBombError as exc:
-        raise Rejection(413, "max-pixels", f"{shown}: {exc}", index=index) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise Rejection(422, "decodable-image", f"{shown}: corrupt image header ({exc})", index=index) from None
+    what is not an image tlearn's datasets read, 413 for more pixels than `max_pixels` (checked before decoding),
+    422 for a corrupt or truncated image."""
+    kind = identify(upload.content, index, max_pixels)
     if kind not in SAVED_FORMATS:
-        raise Rejection(415, "image-format", f"{shown}: a {kind} image, which tlearn's datasets do not read: "
-                                             "convert it to JPEG or PNG", index=index)
-    if width * height > max_pixels:
-        raise Rejection(413, "max-pixels", f"{shown}: {width}x{height} = {width * height:,} pixels, over the "
-                                           f"limit of {max_pixels:,} (--max-pixels)", index=index)
+        raise Rejection(415, "image-format", f"image {index} ({upload.filename!r:.60}): a {kind} image, which "
+                                             "tlearn's datasets do not read: convert it to JPEG or PNG", index=index)
     try:
         decode_bytes(upload.content, upload.filename, max_pixels=max_pixels)
     except DecodeError as exc:
-        raise Rejection(422, "decodable-image", f"{shown}: {exc.reason}", index=index) from None
+        raise Rejection(422, "decodable-image", f"image {index} ({upload.filename!r:.60}): {exc.reason}",
+                        index=index) from None
     return SAVED_FORMATS[kind]
 
 
