@@ -265,6 +265,10 @@ def test_uploads_are_limited_and_decoded_before_anything_is_saved(studio, photos
 
 def test_two_train_requests_at_once_start_one_job(studio, photos):
     make_project(studio.api, "twice", photos)
+    for options in ({"epochs": 0}, {"epochs": "10; rm -rf /"}, {"backbone": "--weights=/etc/passwd"},
+                    {"recipe": "pickle"}, {"bogus": 1}, [1, 2]):
+        refused(studio.api.post("/api/projects/twice/train", json=options), 400)
+    refused(studio.api.get("/api/projects/twice/train"), 404, "job")  # none of them started a train
     with ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda _: studio.api.post("/api/projects/twice/train"), range(2)))
     assert sorted(a.status_code for a in answers) == [202, 409], [a.text for a in answers]

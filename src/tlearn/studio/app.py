@@ -12,8 +12,9 @@ import logging
 import os
 import threading
 from importlib.resources import files
+from typing import Annotated, Optional
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Body, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,13 +42,6 @@ PAGE_HEADERS = {
 class Named(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(max_length=200)
-
-
-class TrainRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    recipe: str = "head"
-    backbone: str = "efficientnet_lite0"
-    epochs: int = 10
 
 
 def create_app(settings: StudioSettings) -> FastAPI:
@@ -125,9 +119,8 @@ def _train_router(workspace: Workspace, jobs: TrainJobs) -> APIRouter:
     api = APIRouter(prefix="/api/projects/{project}/train", tags=["train"])
 
     @api.post("", status_code=202, summary="Start `tlearn train` on the project (409 while one runs).")
-    def start(project: str, body: TrainRequest | None = None) -> dict:
-        options = TrainOptions(**(body or TrainRequest()).model_dump())
-        return jobs.start(project, options).to_dict()
+    def start(project: str, body: Annotated[Optional[dict], Body()] = None) -> dict:
+        return jobs.start(project, TrainOptions.from_json(body or {})).to_dict()
 
     @api.get("", summary="The project's running or last train.")
     def state(project: str) -> dict:

@@ -45,6 +45,14 @@ class TrainOptions:
             raise InvalidParameter(f"epochs must be a whole number, not {self.epochs!r:.40}")
         check_range("epochs", self.epochs, 1, 200)
 
+    @classmethod
+    def from_json(cls, body: dict) -> "TrainOptions":
+        unknown = sorted(set(body) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise InvalidParameter(f"unknown train option(s) {', '.join(map(repr, unknown))}: the options are "
+                                   f"{', '.join(cls.__dataclass_fields__)}")
+        return cls(**body)
+
     def arguments(self) -> list[str]:
         return ["--recipe", self.recipe, "--backbone", self.backbone, "--epochs", str(self.epochs)]
 
