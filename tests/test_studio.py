@@ -51,7 +51,7 @@ class Studio:
         self.port, self.token = parts.port, parse_qs(parts.query)["token"][0]
         self.base = f"http://127.0.0.1:{self.port}"
         self.api = httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {self.token}"}, timeout=60)
-        while self.api.get("/api/projects").status_code != 200:  # the socket listens before uvicorn serves
+        while self.api.get("/").status_code != 200:  # the socket listens before uvicorn serves
             assert time.monotonic() < deadline, self.output()
             time.sleep(0.1)
 
@@ -226,6 +226,25 @@ def test_a_symlink_out_of_the_workspace_is_refused(studio, tmp_path):
     refused(studio.api.post("/api/projects/escape/train"), 403, "workspace")
     refused(studio.api.post("/api/projects", json={"name": "dangling"}), 403, "workspace")
     assert tree(outside) == ["cls"] and not (tmp_path / "nowhere").exists()
+
+
+def test_the_studio_writes_nothing_through_a_link_out_of_its_own_folder(tmp_path, photos):
+    outside, workspace = tmp_path / "outside", tmp_path / "workspace"
+    (outside / "jobs").mkdir(parents=True)
+    (workspace / "p" / "a").mkdir(parents=True)
+    (workspace / "q" / "a").mkdir(parents=True)
+    (workspace / ".studio").symlink_to(outside, target_is_directory=True)
+    studio = Studio(workspace)
+    try:
+        refused(studio.api.get("/api/projects"), 403, "workspace")  # said, for the person to mend
+        refused(studio.api.post("/api/projects/p/train"), 403, "workspace")
+        (workspace / ".studio").unlink()
+        (workspace / ".studio" / "jobs").mkdir(parents=True)
+        (workspace / ".studio" / "jobs" / "q.log").symlink_to(outside / "victim.log")
+        refused(studio.api.post("/api/projects/q/train"), 403, "workspace")
+        assert tree(outside) == ["jobs"]
+    finally:
+        assert studio.stop() == 0, studio.output()
 
 
 # ---------------------------------------------------------------- uploads

@@ -7,6 +7,7 @@ The model folder itself is written by `tlearn train`, which writes it whole or n
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -85,13 +86,16 @@ class TrainJobs:
 
     def __init__(self, workspace: Workspace):
         self.workspace = workspace
-        self.folder = workspace.studio_dir / "jobs"
         self._lock = threading.Lock()  # guards the three dicts below and each state file
         self._last: dict[str, TrainJob] = {}
         self._running: dict[str, subprocess.Popen] = {}
         self._watchers: dict[str, threading.Thread] = {}
         self._cancelled: set[str] = set()
         self._stopping = False
+
+    @property
+    def folder(self) -> Path:
+        return self.workspace.inside(self.workspace.studio_dir / "jobs", ".studio/jobs")
 
     def state_file(self, project: str) -> Path:
         return self.folder / f"{check_name(project, 'project')}.json"
@@ -126,9 +130,19 @@ class TrainJobs:
             model.parent.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "-m", "tlearn.cli", "train", str(data), "--out", str(model),
                        *options.arguments()]
-            with open(self.log_file(project), "wb") as log:
+            # O_NOFOLLOW: a link planted at the log's place is refused, never followed out of the workspace
+            try:
+                log = os.open(self.log_file(project), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise Rejection(403, "workspace", f".studio/jobs/{project}.log is a symbolic link: the studio "
+                                                  "writes no file through one") from None
+            try:
                 process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                            cwd=self.workspace.root, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            finally:
+                os.close(log)
             job = TrainJob(project, "running", time.time(), asdict(options), pid=process.pid)
             self._running[project], self._last[project] = process, job
             self._cancelled.discard(project)

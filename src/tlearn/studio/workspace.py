@@ -56,7 +56,8 @@ class Workspace:
 
     @property
     def studio_dir(self) -> Path:
-        return self.root / STUDIO_DIR
+        """The studio's own folder, checked like any other: a `.studio` linked elsewhere is refused (403)."""
+        return self.inside(self.root / STUDIO_DIR, STUDIO_DIR)
 
     # ---- paths ---------------------------------------------------------------------------------------------
     def inside(self, path: Path, shown: str) -> Path:
@@ -83,7 +84,8 @@ class Workspace:
 
     def model_dir(self, project: str) -> Path:
         """Where the studio trains `project`'s model: beside the projects, never inside a class folder."""
-        return self.studio_dir / "models" / check_name(project, "project")
+        name = check_name(project, "project")
+        return self.inside(self.studio_dir / "models" / name, f"{STUDIO_DIR}/models/{name}")
 
     # ---- reading -------------------------------------------------------------------------------------------
     def projects(self) -> list[str]:
