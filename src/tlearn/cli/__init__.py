@@ -9,15 +9,15 @@ import os
 import sys
 from typing import NoReturn
 
-from tlearn.cli import data, model, predict, train  # noqa: F401  (each registers its commands on the app)
+from tlearn.cli import data, model, predict, studio, train  # noqa: F401  (each registers its commands on the app)
 from tlearn.cli.common import app
 from tlearn.console import err
 
 __all__ = ["app", "main"]
 
 # `tlearn --help` lists the commands in the order a newcomer uses them, not in the order of the modules' imports
-ORDER = ("train", "predict", "explain", "evaluate", "report", "export", "serve", "doctor", "relabel", "backbones",
-         "fetch-weights", "demo")
+ORDER = ("studio", "train", "predict", "explain", "evaluate", "report", "export", "serve", "doctor", "relabel",
+         "backbones", "fetch-weights", "demo")
 app.registered_commands.sort(key=lambda command: ORDER.index(command.name or command.callback.__name__))
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from importlib.resources import files
+from typing import Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,7 +37,7 @@ def create_app(predictor, settings: ServeSettings) -> FastAPI:
     app = FastAPI(title=f"tlearn: {settings.name}", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.service = service
-    _add_errors(app, service)
+    add_errors(app, on_rejection=lambda limit: service.metrics.rejections.labels(limit).inc())
     app.add_middleware(RequestMetrics, service=service)
 
     def authorised(request: Request) -> None:
@@ -88,12 +89,13 @@ def _health_router(service: InferenceService) -> APIRouter:
     return router
 
 
-def _add_errors(app: FastAPI, service: InferenceService) -> None:
-    """Every refusal is JSON naming its limit; an unexpected error is a bare 500 (the traceback goes to the log)."""
+def add_errors(app: FastAPI, on_rejection: Callable[[str], None] = lambda limit: None) -> None:
+    """Every refusal is JSON naming its limit (`on_rejection(limit)` counts it); an unexpected error is a bare 500
+    (the traceback goes to the log)."""
 
     @app.exception_handler(Rejection)
     async def rejected(request: Request, exc: Rejection) -> JSONResponse:
-        service.metrics.rejections.labels(exc.limit).inc()
+        on_rejection(exc.limit)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -42,20 +42,26 @@ class PixelDecoder:
             raise Rejection(422, "decodable-image", f"image {index}: {exc.reason}", index=index) from None
 
     def check_header(self, content: bytes, index: int) -> None:
-        try:
-            with Image.open(io.BytesIO(content)) as img:
-                width, height = img.size
-        except UnidentifiedImageError:
-            kind = "an empty body" if not content else f"{len(content):,} bytes that are no image format we read"
-            raise Rejection(415, "image-format", f"image {index}: {kind}", index=index) from None
-        except Image.DecompressionBombError as exc:
-            raise Rejection(413, "max-pixels", f"image {index}: {exc}", index=index) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise Rejection(422, "decodable-image", f"image {index}: corrupt image header ({exc})",
-                            index=index) from None
-        if width * height > self.max_pixels:
-            raise Rejection(413, "max-pixels", f"image {index}: {width}x{height} = {width * height:,} pixels, over "
-                                               f"the limit of {self.max_pixels:,} (--max-pixels)", index=index)
+        identify(content, index, self.max_pixels)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def identify(content: bytes, index: int, max_pixels: int) -> str:
+    """The format of an encoded image (Pillow's name, e.g. JPEG), read from its header alone: 415 for what is not
+    an image, 413 for more pixels than `max_pixels`, 422 for a corrupt header."""
+    try:
+        with Image.open(io.BytesIO(content)) as img:
+            width, height, kind = img.width, img.height, img.format
+    except UnidentifiedImageError:
+        what = "an empty body" if not content else f"{len(content):,} bytes that are no image format we read"
+        raise Rejection(415, "image-format", f"image {index}: {what}", index=index) from None
+    except Image.DecompressionBombError as exc:
+        raise Rejection(413, "max-pixels", f"image {index}: {exc}", index=index) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise Rejection(422, "decodable-image", f"image {index}: corrupt image header ({exc})", index=index) from None
+    if width * height > max_pixels:
+        raise Rejection(413, "max-pixels", f"image {index}: {width}x{height} = {width * height:,} pixels, over "
+                                           f"the limit of {max_pixels:,} (--max-pixels)", index=index)
+    return kind

@@ -20,7 +20,7 @@ async def encoded_images(headers: Headers, body: bytes, max_images: int) -> list
     """The images of one request, in order; 415 for a content type we do not read, 413 for too many images."""
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        images = await _multipart_files(headers, body, max_images)
+        images = [content for _, content in await multipart_files(headers, body, max_images)]
     elif content_type == "application/json":
         images = await asyncio.to_thread(_json_instances, body)  # base64 of megabytes: off the event loop
     elif content_type.startswith(RAW_TYPES) or (not content_type and body):
@@ -45,7 +45,9 @@ def check_image_count(count: int, max_images: int) -> None:
                                            "(--max-images)")
 
 
-async def _multipart_files(headers: Headers, body: bytes, max_images: int) -> list[bytes]:
+async def multipart_files(headers: Headers, body: bytes, max_images: int) -> list[tuple[str | None, bytes]]:
+    """(file name as the client gave it, bytes) of every file of a multipart body, in order; 413 past
+    `max_images`, 400 for a malformed body."""
     async def stream():
         yield body
 
@@ -58,7 +60,7 @@ async def _multipart_files(headers: Headers, body: bytes, max_images: int) -> li
             raise Rejection(413, "max-images", f"more than {max_images} images in one request (--max-images)")
         raise Rejection(400, "multipart", f"malformed multipart body ({exc})") from None
     try:
-        return [await item.read() for _, item in form.multi_items() if isinstance(item, UploadFile)]
+        return [(item.filename, await item.read()) for _, item in form.multi_items() if isinstance(item, UploadFile)]
     finally:
         await form.close()
 

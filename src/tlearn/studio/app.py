@@ -1,0 +1,237 @@
+"""The studio's FastAPI app: the page, projects and classes, uploads, the train job and its live log, predictions.
+
+Every route sits behind StudioGuard (token, Host, Origin); every refusal is JSON {"error": ..., "limit": ...,
+"status": ...} with a 4xx status, raised before anything on disk changes.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import threading
+from importlib.resources import files
+from typing import Annotated, Optional
+
+from fastapi import APIRouter, Body, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from tlearn.errors import OutputError, TlearnError
+from tlearn.serve.app import add_errors
+from tlearn.serve.decoding import identify
+from tlearn.serve.inputs import check_image_count, encoded_images, multipart_files
+from tlearn.serve.limits import Rejection, read_body
+from tlearn.studio.guard import StudioGuard, StudioSettings
+from tlearn.studio.jobs import TrainJobs, TrainOptions
+from tlearn.studio.workspace import Upload, Workspace
+
+log = logging.getLogger("uvicorn.error")  # configured by uvicorn: our lines go where its own go
+
+EVENT_POLL_S = 0.3  # how often a live log looks for new lines
+TOP_K = 5
+# the page is one file with its script and style inline; it may load nothing from anywhere else
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                               "img-src 'self' blob: data:; connect-src 'self'; form-action 'none'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+
+
+class Named(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=200)
+
+
+def create_app(settings: StudioSettings) -> FastAPI:
+    """The studio over `settings.workspace`; its jobs are `app.state.jobs`."""
+    workspace = Workspace(settings.workspace)
+    jobs = TrainJobs(workspace)
+    models = ModelCache(workspace)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(jobs.stop_all)
+
+    app = FastAPI(title="tlearn studio", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.jobs = jobs
+    _add_errors(app)
+    app.add_middleware(StudioGuard, settings=settings)
+    app.include_router(_projects_router(workspace, jobs, settings))
+    app.include_router(_train_router(workspace, jobs))
+    app.include_router(_predict_router(models, settings))
+
+    page = files("tlearn.studio").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        response = HTMLResponse(page, headers=PAGE_HEADERS)
+        # the guard let this request in, so it carries the token: the page's own requests then carry it as a cookie
+        response.set_cookie(settings.cookie, settings.token, httponly=True, samesite="lax", path="/")
+        return response
+
+    return app
+
+
+def _projects_router(workspace: Workspace, jobs: TrainJobs, settings: StudioSettings) -> APIRouter:
+    api = APIRouter(prefix="/api", tags=["projects"])
+
+    def project_json(name: str) -> dict:
+        job = jobs.last(name)
+        return {"name": name, "classes": [c.to_dict() for c in workspace.classes(name)],
+                "job": job.to_dict() if job else None,
+                "model": (workspace.model_dir(name) / "config.json").is_file()}
+
+    @api.get("/projects", summary="Every project with its classes, image counts and last train.")
+    def projects() -> dict:
+        return {"workspace": str(workspace.root), "projects": [project_json(p) for p in workspace.projects()],
+                "limits": {"max_body_bytes": settings.max_body_bytes, "max_images": settings.max_images}}
+
+    @api.post("/projects", status_code=201, summary="Create an empty project (a folder in the workspace).")
+    def create_project(body: Named) -> dict:
+        workspace.create_project(body.name)
+        return project_json(body.name)
+
+    @api.get("/projects/{project}", summary="One project: its classes with their image counts, its last train.")
+    def project(project: str) -> dict:
+        workspace.project_dir(project)
+        return project_json(project)
+
+    @api.post("/projects/{project}/classes", status_code=201, summary="Create a class (a sub-folder).")
+    def create_class(project: str, body: Named) -> dict:
+        workspace.create_class(project, body.name)
+        return project_json(project)
+
+    @api.post("/projects/{project}/classes/{name}/images", status_code=201,
+              summary="Add photos to a class: multipart files, each decoded (bomb guard) before any is saved.")
+    async def upload(project: str, name: str, request: Request) -> dict:
+        await asyncio.to_thread(workspace.class_dir, project, name)  # 4xx before the body is read
+        uploads = await _uploads(request, settings)
+        saved = await asyncio.to_thread(workspace.save_images, project, name, uploads, settings.max_pixels)
+        return {"saved": saved, **project_json(project)}
+
+    return api
+
+
+def _train_router(workspace: Workspace, jobs: TrainJobs) -> APIRouter:
+    api = APIRouter(prefix="/api/projects/{project}/train", tags=["train"])
+
+    @api.post("", status_code=202, summary="Start `tlearn train` on the project (409 while one runs).")
+    def start(project: str, body: Annotated[Optional[dict], Body()] = None) -> dict:
+        return jobs.start(project, TrainOptions.from_json(body or {})).to_dict()
+
+    @api.get("", summary="The project's running or last train.")
+    def state(project: str) -> dict:
+        workspace.project_dir(project)
+        job = jobs.last(project)
+        if job is None:
+            raise Rejection(404, "job", f"project {project!r} has not been trained in this workspace")
+        return job.to_dict()
+
+    @api.delete("", summary="Cancel the project's running train.")
+    def cancel(project: str) -> dict:
+        return jobs.cancel(project).to_dict()
+
+    @api.get("/events", summary="Server-sent events: the train's state, each line of its log (id: its offset), "
+                                "and 'end' with the final state.")
+    def events(project: str, request: Request) -> StreamingResponse:
+        workspace.project_dir(project)
+        last_id = request.headers.get("last-event-id", "0")
+        offset = int(last_id) if last_id.isdigit() else 0
+        return StreamingResponse(_events(jobs, project, offset), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    return api
+
+
+async def _events(jobs: TrainJobs, project: str, offset: int):
+    job = await asyncio.to_thread(jobs.last, project)
+    yield _event("state", job.to_dict() if job else None)
+    while True:
+        job = await asyncio.to_thread(jobs.last, project)  # before the log: a finished job's log is then whole
+        lines, offset = await asyncio.to_thread(jobs.read_log, project, offset)
+        for position, text in lines:
+            yield _event("log", text, position)
+        if job is None or job.state != "running":
+            if lines:
+                continue  # a long log: read it to its end before the last state
+            yield _event("end", job.to_dict() if job else None)  # the page closes the stream on this one
+            return
+        await asyncio.sleep(EVENT_POLL_S)
+
+
+def _event(kind: str, data, event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+def _predict_router(models: "ModelCache", settings: StudioSettings) -> APIRouter:
+    api = APIRouter(prefix="/api", tags=["predict"])
+
+    @api.post("/projects/{project}/predict", summary="The top classes of one image (multipart file or raw "
+                                                     "image/* body) by the project's trained model.")
+    async def predict(project: str, request: Request) -> dict:
+        predictor = await asyncio.to_thread(models.get, project)
+        body = await read_body(request, settings)
+        image = (await encoded_images(request.headers, body, 1))[0]
+        identify(image, 0, settings.max_pixels)  # the header alone: the Predictor then decodes it
+        row = (await asyncio.to_thread(predictor.predict, [image], TOP_K))[0]
+        if not hasattr(row, "top"):
+            raise Rejection(422, "decodable-image", f"image 0: {row.reason}", index=0)
+        return {"project": project, "label": row.top_label,
+                "top": [{"label": label, "score": score} for label, score in row.top],
+                "classes": predictor.classes}
+
+    return api
+
+
+class ModelCache:
+    """The Predictor of each project's trained model, loaded once per model folder (a new train: a new folder)."""
+
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
+        self._lock = threading.Lock()
+        self._loaded: dict[str, tuple[tuple[int, int], object]] = {}
+
+    def get(self, project: str):
+        from tlearn.predict import Predictor
+
+        self.workspace.project_dir(project)
+        folder = self.workspace.model_dir(project)
+        with self._lock:
+            try:
+                info = os.stat(folder / "config.json")
+            except FileNotFoundError:
+                raise Rejection(409, "model", f"project {project!r} has no trained model yet: train it first") \
+                    from None
+            key = (info.st_ino, info.st_mtime_ns)
+            cached = self._loaded.get(project)
+            if cached is None or cached[0] != key:
+                self._loaded[project] = (key, Predictor.load(folder, batch_size=1))
+            return self._loaded[project][1]
+
+
+async def _uploads(request: Request, settings: StudioSettings) -> list[Upload]:
+    """The files of a multipart upload: 413 over --max-body-mb or --max-images, 400 for none or a bad body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "multipart/form-data":
+        raise Rejection(415, "content-type", f"upload photos as multipart/form-data files, not "
+                                             f"{content_type or '(no content type)'!r}")
+    body = await read_body(request, settings)
+    uploads = [Upload(name or "photo", content)
+               for name, content in await multipart_files(request.headers, body, settings.max_images)]
+    check_image_count(len(uploads), settings.max_images)
+    return uploads
+
+
+def _add_errors(app: FastAPI) -> None:
+    """tlearn serve's JSON refusals, and a user's error (a setting out of range) as a 400 naming it."""
+    add_errors(app)
+
+    @app.exception_handler(TlearnError)
+    async def user_error(request: Request, exc: TlearnError) -> JSONResponse:
+        status = 507 if isinstance(exc, OutputError) else 400
+        refused = Rejection(status, type(exc).__name__, str(exc))
+        return JSONResponse(refused.body(), status_code=refused.status)

@@ -1,0 +1,458 @@
+"""tlearn studio: a real `tlearn studio` on 127.0.0.1 in a child process, driven over HTTP (httpx) as its page
+drives it: the token, paths kept inside the workspace, upload limits and the bomb guard, Origin, one train at a
+time, then photos -> a trained model -> its accuracy -> a prediction, and a restart that remembers the train."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = ("--max-body-mb", "1", "--max-images", "8")
+
+
+class Studio:
+    """`tlearn studio WORKSPACE --no-browser` in a child process; its URL and token read from what it prints."""
+
+    def __init__(self, workspace: Path, *args: str, cache: Path | None = None):
+        self.workspace = workspace
+        self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: an unread pipe would block the studio
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+        if cache is not None:
+            env["TLEARN_CACHE"] = str(cache)
+        self.process = subprocess.Popen([sys.executable, "-m", "tlearn.cli", "studio", str(workspace),
+                                         "--no-browser", *args], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while (found := re.search(r"open (http://\S+)", self.output())) is None:
+            assert self.process.poll() is None, self.output()
+            assert time.monotonic() < deadline, f"the studio printed no URL: {self.output()}"
+            time.sleep(0.1)
+        self.printed_url = found.group(1)
+        parts = urlsplit(self.printed_url)
+        self.port, self.token = parts.port, parse_qs(parts.query)["token"][0]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.api = httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {self.token}"}, timeout=60)
+        while self.api.get("/").status_code != 200:  # the socket listens before uvicorn serves
+            assert time.monotonic() < deadline, self.output()
+            time.sleep(0.1)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> int:
+        self.api.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def png(width: int = 64, height: int = 64, mode: str = "L", kind: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (width, height), 128).save(out, kind)
+    return out.getvalue()
+
+
+def files(*contents: bytes, names: list[str] | None = None) -> list:
+    return [("file", ((names or [])[i] if names else f"{i}.png", c, "image/png")) for i, c in enumerate(contents)]
+
+
+def tree(folder: Path) -> list[str]:
+    """Every path under `folder` (links not followed): what 'nothing changed on disk' compares."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def refused(response: httpx.Response, status: int, limit: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert isinstance(body["error"], str) and body["error"], body
+    if limit is not None:
+        assert body["limit"] == limit, body
+    return body
+
+
+def events(api: httpx.Client, project: str, last_id: int | None = None) -> list[tuple[str, object, str | None]]:
+    """The (event, data, id) of a train's event stream, read until its 'end' event."""
+    headers = {"Last-Event-ID": str(last_id)} if last_id is not None else {}
+    seen, event, data, event_id = [], None, None, None
+    with api.stream("GET", f"/api/projects/{project}/train/events", headers=headers, timeout=180) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+            elif line.startswith("id: "):
+                event_id = line[4:]
+            elif not line and event is not None:
+                seen.append((event, data, event_id))
+                if event == "end":
+                    return seen
+                event, data, event_id = None, None, None
+    raise AssertionError(f"the stream ended without an 'end' event: {seen[-3:]}")
+
+
+def wait_for_state(api: httpx.Client, project: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := api.get(f"/api/projects/{project}/train").json())["state"] == "running":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    return job
+
+
+@pytest.fixture(scope="module")
+def photos(demo_data) -> dict[str, list[Path]]:
+    """Six real photos of each of two classes (greyscale crops of scikit-image's texture photos)."""
+    return {cls: sorted((demo_data / "train" / cls).glob("*.png"))[:6] for cls in ("brick", "grass")}
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, cache_dir):
+    studio = Studio(tmp_path_factory.mktemp("studio") / "workspace", *LIMITS, "--token", "s3cret-token",
+                    cache=cache_dir)
+    yield studio
+    assert studio.stop() == 0, studio.output()
+
+
+def make_project(api: httpx.Client, name: str, photos: dict[str, list[Path]] | None = None) -> None:
+    assert api.post("/api/projects", json={"name": name}).status_code == 201
+    for cls, paths in (photos or {}).items():
+        assert api.post(f"/api/projects/{name}/classes", json={"name": cls}).status_code == 201
+        uploaded = api.post(f"/api/projects/{name}/classes/{cls}/images",
+                            files=files(*(p.read_bytes() for p in paths), names=[p.name for p in paths]))
+        assert uploaded.status_code == 201, uploaded.text
+
+
+# ---------------------------------------------------------------- who may ask
+
+def test_every_request_needs_the_token(studio):
+    url = studio.base
+    assert studio.printed_url == f"{url}/?token=s3cret-token"
+    for path in ("/", "/api/projects", "/api/projects/x/train/events"):
+        refused(httpx.get(url + path), 401, "token")
+        refused(httpx.get(url + path, headers={"Authorization": "Bearer wrong"}), 401, "token")
+        refused(httpx.get(url + path, cookies={f"tlearn-studio-{studio.port}": "wrong"}), 401, "token")
+    refused(httpx.post(url + "/api/projects", json={"name": "open"}), 401, "token")
+    refused(httpx.get(url + "/?token=wrong"), 401, "token")
+    refused(httpx.get(url + "/api/projects?token=s3cret-token"), 401, "token")  # only the page takes it in the URL
+    page = httpx.get(studio.printed_url)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "HttpOnly" in page.headers["set-cookie"] and "frame-ancestors 'none'" in \
+        page.headers["content-security-policy"]
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text), "the page must not load anything remote"
+    with httpx.Client(base_url=url, cookies=page.cookies) as browser:  # the page's own requests: the cookie alone
+        assert browser.get("/api/projects").status_code == 200
+    refused(studio.api.get("/api/projects", headers={"Host": f"rebound.example:{studio.port}"}), 403, "host")
+    assert not (studio.workspace / "open").exists()
+
+
+def test_a_bind_beyond_loopback_without_a_token_makes_one(tmp_path):
+    wide = Studio(tmp_path / "workspace", "--host", "0.0.0.0")
+    try:
+        assert len(wide.token) >= 24 and "beyond this machine" in wide.output()
+        refused(httpx.get(wide.base + "/"), 401, "token")
+        refused(httpx.get(wide.base + "/api/projects"), 401, "token")
+        assert wide.api.get("/api/projects").json()["projects"] == []
+    finally:
+        assert wide.stop() == 0, wide.output()
+
+
+def test_a_cross_origin_change_is_refused(studio):
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{studio.port + 1}"):
+        refused(studio.api.post("/api/projects", json={"name": "csrf"}, headers={"Origin": origin}), 403, "origin")
+    assert not (studio.workspace / "csrf").exists()
+    make_project(studio.api, "origin-checked")
+    before = tree(studio.workspace)
+    for method, path, kwargs in (("POST", "/api/projects/origin-checked/classes", {"json": {"name": "c"}}),
+                                 ("POST", "/api/projects/origin-checked/train", {}),
+                                 ("DELETE", "/api/projects/origin-checked/train", {})):
+        refused(studio.api.request(method, path, headers={"Origin": "http://evil.example"}, **kwargs), 403, "origin")
+    assert tree(studio.workspace) == before
+    own = studio.api.post("/api/projects", json={"name": "same-origin"}, headers={"Origin": studio.base})
+    assert own.status_code == 201 and (studio.workspace / "same-origin").is_dir()
+
+
+# ---------------------------------------------------------------- paths stay inside the workspace
+
+def test_dot_dot_and_absolute_paths_are_refused(studio, tmp_path):
+    make_project(studio.api, "paths", {})
+    before, around = tree(studio.workspace), tree(studio.workspace.parent)
+    for name in ("..", "../escape", "../../tmp/escape", str(tmp_path / "absolute"), "/etc", "a/b", ".studio",
+                 ".hidden", "", "x\x00y"):
+        refused(studio.api.post("/api/projects", json={"name": name}), 400, "name")
+        refused(studio.api.post("/api/projects/paths/classes", json={"name": name}), 400, "name")
+    for path in ("/api/projects/%2e%2e", "/api/projects/%2e%2e/classes/x/images", "/api/projects/paths/classes/"
+                 "%2e%2e/images", "/api/projects/.studio", "/api/projects/%2e%2e/train"):
+        assert 400 <= studio.api.post(path, files=files(png())).status_code < 500
+        assert 400 <= studio.api.get(path).status_code < 500
+    refused(studio.api.get("/api/projects/%2e%2e"), 400, "name")  # '..' itself reaches the server, and stops
+    refused(studio.api.post("/api/projects/paths/classes/%2e%2e/images", files=files(png())), 400, "name")
+    assert tree(studio.workspace) == before and tree(studio.workspace.parent) == around
+    assert not (tmp_path / "absolute").exists()
+
+
+def test_a_symlink_out_of_the_workspace_is_refused(studio, tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "cls").mkdir(parents=True)
+    (studio.workspace / "escape").symlink_to(outside, target_is_directory=True)
+    make_project(studio.api, "linked", {})
+    (studio.workspace / "linked" / "out").symlink_to(outside / "cls", target_is_directory=True)
+    (studio.workspace / "dangling").symlink_to(tmp_path / "nowhere")
+    assert "escape" not in [p["name"] for p in studio.api.get("/api/projects").json()["projects"]]
+    assert studio.api.get("/api/projects/linked").json()["classes"] == []
+    refused(studio.api.get("/api/projects/escape"), 403, "workspace")
+    refused(studio.api.post("/api/projects/escape/classes", json={"name": "new"}), 403, "workspace")
+    refused(studio.api.post("/api/projects/escape/classes/cls/images", files=files(png())), 403, "workspace")
+    refused(studio.api.post("/api/projects/linked/classes/out/images", files=files(png())), 403, "workspace")
+    refused(studio.api.post("/api/projects/escape/train"), 403, "workspace")
+    refused(studio.api.post("/api/projects", json={"name": "dangling"}), 403, "workspace")
+    assert tree(outside) == ["cls"] and not (tmp_path / "nowhere").exists()
+
+
+def test_the_studio_writes_nothing_through_a_link_out_of_its_own_folder(tmp_path, photos):
+    outside, workspace = tmp_path / "outside", tmp_path / "workspace"
+    (outside / "jobs").mkdir(parents=True)
+    (workspace / "p" / "a").mkdir(parents=True)
+    (workspace / "q" / "a").mkdir(parents=True)
+    (workspace / ".studio").symlink_to(outside, target_is_directory=True)
+    studio = Studio(workspace)
+    try:
+        refused(studio.api.get("/api/projects"), 403, "workspace")  # said, for the person to mend
+        refused(studio.api.post("/api/projects/p/train"), 403, "workspace")
+        (workspace / ".studio").unlink()
+        (workspace / ".studio" / "jobs").mkdir(parents=True)
+        (workspace / ".studio" / "jobs" / "q.log").symlink_to(outside / "victim.log")
+        refused(studio.api.post("/api/projects/q/train"), 403, "workspace")
+        assert tree(outside) == ["jobs"]
+    finally:
+        assert studio.stop() == 0, studio.output()
+
+
+# ---------------------------------------------------------------- uploads
+
+def test_uploads_are_limited_and_decoded_before_anything_is_saved(studio, photos):
+    assert studio.api.post("/api/projects", json={"name": "uploads"}).status_code == 201
+    assert studio.api.post("/api/projects/uploads/classes", json={"name": "a"}).status_code == 201
+    folder, url = studio.workspace / "uploads" / "a", "/api/projects/uploads/classes/a/images"
+    bomb = png(7000, 7000)  # 49 Mpx of one grey: ~50 kB of PNG, over the 40 Mpx --max-pixels
+    assert len(bomb) < 200_000
+    jpeg = io.BytesIO()
+    Image.open(photos["brick"][0]).convert("RGB").save(jpeg, "JPEG")
+    good = photos["brick"][0].read_bytes()
+    cases = [(files(os.urandom(1_500_000)), 413, "max-body-mb"),     # over --max-body-mb 1
+             (files(*[png()] * 9), 413, "max-images"),                # over --max-images 8
+             (files(b"not an image at all"), 415, "image-format"),
+             (files(b"<svg xmlns='http://www.w3.org/2000/svg'/>"), 415, "image-format"),
+             (files(png(kind="PPM")), 415, "image-format"),               # an image tlearn's datasets do not read
+             (files(bomb), 413, "max-pixels"),
+             (files(jpeg.getvalue()[:600]), 422, "decodable-image"),  # truncated
+             (files(png(8, 8)), 422, "decodable-image"),              # too small to mean anything
+             (files(good, good[:len(good) // 2]), 422, "decodable-image"),  # one bad file: none is kept
+             (files(good, b"plain text"), 415, "image-format")]
+    for body, status, limit in cases:
+        refused(studio.api.post(url, files=body), status, limit)
+        assert tree(folder) == []
+    refused(studio.api.post(url, content=good, headers={"content-type": "image/png"}), 415, "content-type")
+    assert tree(folder) == []
+    saved = studio.api.post(url, files=files(good, jpeg.getvalue(), good, names=["../../x.png", "b.jpeg", "x.png"]))
+    assert saved.status_code == 201, saved.text
+    assert saved.json()["saved"] == ["x.png", "b.jpg", "x-2.png"]  # base names only, never overwritten
+    assert tree(folder) == ["b.jpg", "x-2.png", "x.png"] and (folder / "x.png").read_bytes() == good
+    assert saved.json()["classes"] == [{"name": "a", "images": 3}]
+
+
+# ---------------------------------------------------------------- train jobs
+
+def test_two_train_requests_at_once_start_one_job(studio, photos):
+    make_project(studio.api, "twice", photos)
+    for options in ({"epochs": 0}, {"epochs": "10; rm -rf /"}, {"backbone": "--weights=/etc/passwd"},
+                    {"recipe": "pickle"}, {"bogus": 1}, [1, 2]):
+        refused(studio.api.post("/api/projects/twice/train", json=options), 400)
+    refused(studio.api.get("/api/projects/twice/train"), 404, "job")  # none of them started a train
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: studio.api.post("/api/projects/twice/train"), range(2)))
+    assert sorted(a.status_code for a in answers) == [202, 409], [a.text for a in answers]
+    refused(next(a for a in answers if a.status_code == 409), 409, "one-job")
+    assert studio.api.get("/api/projects/twice/train").json()["state"] == "running"
+    assert studio.api.delete("/api/projects/twice/train").status_code == 200
+    job = wait_for_state(studio.api, "twice")
+    assert job["state"] == "cancelled" and job["returncode"] != 0
+    refused(studio.api.delete("/api/projects/twice/train"), 409, "no-job")
+    assert not (studio.workspace / ".studio" / "models" / "twice").exists()
+    refused(studio.api.post("/api/projects/twice/predict", files=files(png())), 409, "model")
+
+
+def test_photos_to_a_trained_model_its_accuracy_and_a_prediction(tmp_path, cache_dir, photos, demo_data):
+    workspace = tmp_path / "workspace"
+    studio = Studio(workspace, cache=cache_dir)
+    try:
+        make_project(studio.api, "textures", photos)
+        classes = studio.api.get("/api/projects/textures").json()["classes"]
+        assert classes == [{"name": "brick", "images": 6}, {"name": "grass", "images": 6}]
+        started = studio.api.post("/api/projects/textures/train", json={"recipe": "head"})
+        assert started.status_code == 202 and started.json()["state"] == "running", started.text
+        seen = events(studio.api, "textures")
+        assert seen[0][0] == "state" and seen[0][1]["state"] == "running"
+        log = [(data, event_id) for event, data, event_id in seen if event == "log"]
+        assert any("test accuracy" in line for line, _ in log), log
+        job = seen[-1][1]
+        assert job["state"] == "done" and job["returncode"] == 0, job
+        model = workspace / ".studio" / "models" / "textures"
+        test = json.loads((model / "metrics.json").read_text())["test"]
+        assert job["test"] == {"accuracy": test["accuracy"], "ci95": test["ci95"]["accuracy"], "n": test["n"]}
+        low, high = job["test"]["ci95"]
+        assert 0 <= low <= job["test"]["accuracy"] <= high <= 1 and job["test"]["n"] >= 2
+        assert tree(workspace / "textures") == sorted(["brick", "grass"] + [f"{c}/{p.name}" for c, ps in
+                                                                            photos.items() for p in ps])
+        later = events(studio.api, "textures", last_id=int(log[-3][1]))  # a page that reconnects: no line twice
+        assert [d for e, d, _ in later if e == "log"] == [line for line, _ in log[-2:]]
+
+        photo = sorted((demo_data / "test" / "grass").glob("*.png"))[0]
+        answer = studio.api.post("/api/projects/textures/predict", files=files(photo.read_bytes()))
+        assert answer.status_code == 200, answer.text
+        top = answer.json()["top"]
+        assert answer.json()["label"] == top[0]["label"] == "grass"
+        assert [t["label"] for t in top] == ["grass", "brick"] and top[0]["score"] > top[1]["score"]
+        refused(studio.api.post("/api/projects/textures/predict", files=files(b"no image")), 415, "image-format")
+        assert studio.stop() == 0, studio.output()
+
+        studio = Studio(workspace, cache=cache_dir)  # a restart shows the last train
+        assert studio.api.get("/api/projects/textures/train").json() == job
+        assert studio.api.get("/api/projects").json()["projects"][0]["job"] == job
+        assert studio.api.post("/api/projects/textures/predict", files=files(photo.read_bytes())).json()[
+            "label"] == "grass"
+    finally:
+        assert studio.stop() == 0, studio.output()
+
+
+def test_a_train_the_studio_did_not_see_end_reads_as_interrupted(tmp_path):
+    jobs = tmp_path / "workspace" / ".studio" / "jobs"
+    jobs.mkdir(parents=True)
+    (tmp_path / "workspace" / "p" / "a").mkdir(parents=True)
+    (jobs / "p.json").write_text(json.dumps({"project": "p", "state": "running", "started": 1.0, "options": {},
+                                             "pid": 1}))
+    studio = Studio(tmp_path / "workspace")
+    try:
+        job = studio.api.get("/api/projects/p/train").json()
+        assert job["state"] == "interrupted" and "train again" in job["error"]
+        assert json.loads((jobs / "p.json").read_text())["state"] == "interrupted"
+    finally:
+        assert studio.stop() == 0, studio.output()
+
+
+# ---------------------------------------------------------------- the page, in a real browser
+
+def until(call, expression: str, done, timeout: float = 120):
+    """The JSON value of `expression` in the page once `done(value)` holds."""
+    deadline, value = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        value = json.loads(call("Runtime.evaluate", expression=f"JSON.stringify({expression})")["result"].get(
+            "value") or "null")
+        if done(value):
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"the page never reached the expected state; last: {value}")
+
+
+PAGE_STATE = """({
+  projects: document.getElementById('project-list').textContent,
+  title: document.getElementById('project-title').textContent,
+  counts: Array.from(document.querySelectorAll('.class .count')).map(c => c.textContent),
+  status: document.getElementById('status').textContent,
+  accuracy: document.getElementById('accuracy').textContent,
+  log: document.getElementById('log').textContent.length,
+  verdict: (document.querySelector('#prediction .verdict') || {}).textContent || '',
+  message: document.getElementById('message').textContent})"""
+UNLABELLED = """Array.from(document.querySelectorAll('input, select')).filter(i => !i.labels.length).map(i => i.id)
+  .concat(Array.from(document.querySelectorAll('button')).filter(b => !b.textContent.trim()).map(b => b.id))"""
+
+
+@pytest.mark.slow
+def test_the_page_goes_from_photos_to_a_prediction(tmp_path, cache_dir, photos, demo_data):
+    """Through the page alone, as a person would: create a project, two classes, drop six photos in each, train,
+    read the accuracy, try a photo; every control labelled, nothing wider than a phone."""
+    from websockets.sync.client import connect
+
+    from chromium_page import FLAGS, _caller, _devtools_port, _wait_for_event
+
+    binary = shutil.which("chromium")
+    if binary is None:
+        pytest.skip("chromium is not installed (make browser / apt-get install chromium)")
+    studio = Studio(tmp_path / "workspace", cache=cache_dir)
+    try:
+        with tempfile.TemporaryDirectory(prefix="tlearn-chromium-", ignore_cleanup_errors=True) as profile:
+            browser = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
+                                        "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                port = _devtools_port(Path(profile), browser, 60)
+                pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=60))
+                page = next(p for p in pages if p["type"] == "page")
+                with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=60) as ws:
+                    call = _caller(ws, 60)
+                    call("Page.enable")
+                    call("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=1,
+                         mobile=True)
+                    call("Page.navigate", url=studio.printed_url)
+                    _wait_for_event(ws, "Page.loadEventFired", 60)
+                    until(call, PAGE_STATE, lambda s: "No project yet" in s["projects"])
+                    assert call("Runtime.evaluate", expression="location.href")["result"]["value"] == \
+                        studio.base + "/", "the token stays in the address bar"
+
+                    def submit(field: str, form: str, value: str) -> None:
+                        call("Runtime.evaluate", expression=f"document.getElementById('{field}').value = "
+                                                            f"{json.dumps(value)}; document.getElementById('{form}')"
+                                                            ".requestSubmit()")
+
+                    submit("project-name", "new-project", "browser")
+                    until(call, PAGE_STATE, lambda s: "browser" in s["title"])
+                    for n, cls in enumerate(photos, 1):
+                        submit("class-name", "new-class", cls)
+                        until(call, PAGE_STATE, lambda s: len(s["counts"]) == n)
+                    root = call("DOM.getDocument")["root"]["nodeId"]
+                    for i, paths in enumerate(photos.values()):
+                        picker = call("DOM.querySelector", nodeId=root, selector=f"#photos-{i}")["nodeId"]
+                        call("DOM.setFileInputFiles", nodeId=picker, files=[str(p) for p in paths])
+                        until(call, PAGE_STATE, lambda s: s["counts"][i] == "6 photos")
+                        root = call("DOM.getDocument")["root"]["nodeId"]  # the classes were drawn anew
+                    call("Runtime.evaluate", expression="document.getElementById('train-button').click()")
+                    state = until(call, PAGE_STATE, lambda s: "accuracy" in s["accuracy"] or "failed" in s["status"])
+                    assert state["status"] == "Trained." and state["log"] > 0, state
+                    assert re.fullmatch(r"Test accuracy \d+\.\d% \(95% CI \d+\.\d%–\d+\.\d%\), on \d+ test photos",
+                                        state["accuracy"]), state
+                    photo = sorted((demo_data / "test" / "grass").glob("*.png"))[0]
+                    root = call("DOM.getDocument")["root"]["nodeId"]
+                    picker = call("DOM.querySelector", nodeId=root, selector="#try-file")["nodeId"]
+                    call("DOM.setFileInputFiles", nodeId=picker, files=[str(photo)])
+                    state = until(call, PAGE_STATE, lambda s: s["verdict"] or "rror" in s["message"])
+                    assert state["verdict"] == "Looks like: grass", state
+                    assert until(call, UNLABELLED, lambda ids: ids is not None) == [], "every control has a label"
+                    width = call("Runtime.evaluate", expression="document.documentElement.scrollWidth")
+                    assert width["result"]["value"] <= 390, "the page is wider than a phone"
+                    shot = call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+            finally:
+                browser.terminate()
+                browser.wait(timeout=30)
+    finally:
+        assert studio.stop() == 0, studio.output()
+    (tmp_path / "studio.png").write_bytes(base64.b64decode(shot["data"]))
+    image = np.asarray(Image.open(tmp_path / "studio.png").convert("L"))
+    assert image.shape[0] > 844 and len(np.unique(image)) > 50, "the screenshot shows no page"
