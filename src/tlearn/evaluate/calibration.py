@@ -20,18 +20,30 @@ COVERAGE_THRESHOLDS = tuple(np.round(np.linspace(0.0, 0.95, 20), 2))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T > 0 minimising the negative log-likelihood of softmax(logits / T) (Guo et al., 2017)."""
-    from scipy.optimize import minimize_scalar  # only fitting needs scipy; measuring calibration is numpy
-    from scipy.special import log_softmax
-
+    """The T > 0 minimising the negative log-likelihood of softmax(logits / T) (Guo et al., 2017): a golden-section
+    search on log T (the likelihood is unimodal in T), in numpy: a cached re-train need not import scipy for it."""
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    rows = np.arange(len(labels))
 
     def nll(log_t: float) -> float:
-        return float(-log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(labels)), labels].mean())
+        z = logits / np.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        return float((np.log(np.exp(z).sum(axis=1)) - z[rows, labels]).mean())
 
-    low, high = TEMPERATURE_BOUNDS
-    result = minimize_scalar(nll, bounds=(np.log(low), np.log(high)), method="bounded")
-    return float(np.exp(result.x))
+    low, high = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
+    ratio = (np.sqrt(5.0) - 1) / 2
+    a, b = low + (1 - ratio) * (high - low), low + ratio * (high - low)
+    fa, fb = nll(a), nll(b)
+    while high - low > 1e-6:
+        if fa <= fb:
+            high, b, fb = b, a, fa
+            a = low + (1 - ratio) * (high - low)
+            fa = nll(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = nll(b)
+    return float(np.exp((low + high) / 2))
 
 
 def reliability_bins(proba: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
