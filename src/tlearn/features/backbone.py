@@ -60,6 +60,22 @@ def import_torch_early(cache: FeatureCache) -> threading.Thread | None:
     return thread
 
 
+def import_early(modules: tuple[str, ...]) -> threading.Thread:
+    """Start importing `modules` on a thread (each import happens once per process; a later `import` waits for it)."""
+    def load() -> None:
+        import importlib
+
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # the step that needs it says what is missing
+                pass
+
+    thread = threading.Thread(target=load, name="tlearn-import", daemon=True)
+    thread.start()
+    return thread
+
+
 def _import_torch() -> None:
     try:
         import timm  # noqa: F401

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tlearn.features import FeatureCache
-from tlearn.features.backbone import import_torch_early
+from tlearn.features.backbone import import_early, import_torch_early
 from tlearn.train.backbone_choice import BackboneChoice, choose_backbone
 from tlearn.train.settings import AUTO, TrainSettings
 from tlearn.train.stage2 import fine_tune_bundle
@@ -41,6 +41,8 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
     with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
         importing = import_torch_early(cache)
         found = found or find_data(data, settings)
+        if _will_extract(found, cache):  # the folds need scikit-learn (~1 s of import): while the features come
+            import_early(("sklearn.model_selection",))
         backbone = frozen_backbone(found, settings, cache)
         split = extract(found, backbone, cache, settings)
         views, head_choice, fit = choose_the_head(found, backbone, cache, split, settings)
@@ -57,6 +59,12 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
         result.bundle.training["backbone_choice"] = result.summary.backbone_choice = choice.to_dict()
     result.summary.seconds = time.perf_counter() - start
     return result
+
+
+def _will_extract(found: FoundData, cache: FeatureCache) -> bool:
+    """Whether some training image's features are not cached yet (a first train, or new images)."""
+    hashes = [found.hashes[p] for p in found.dataset.paths("train") if found.hashes.get(p)]
+    return len(cache.get_many(hashes)) + len(cache.failures(hashes)) < len(hashes)
 
 
 def resolve_backbone(found: FoundData, settings: TrainSettings) -> tuple[TrainSettings, BackboneChoice | None]:
