@@ -359,6 +359,123 @@ def test_a_train_the_studio_did_not_see_end_reads_as_interrupted(tmp_path):
         assert studio.stop() == 0, studio.output()
 
 
+
+# ---------------------------------------------------------------- review, suspect labels, export
+
+@pytest.fixture(scope="module")
+def mislabelled(tmp_path_factory, cache_dir, photos, demo_data):
+    """A studio with project 'mixed' trained: six brick photos and one grass photo (brick/odd.png) in the brick
+    folder, six grass photos in the grass folder."""
+    studio = Studio(tmp_path_factory.mktemp("mixed") / "workspace", cache=cache_dir)
+    make_project(studio.api, "mixed", photos)
+    stray = sorted((demo_data / "train" / "grass").glob("*.png"))[6]
+    assert studio.api.post("/api/projects/mixed/classes/brick/images",
+                           files=files(stray.read_bytes(), names=["odd.png"])).status_code == 201
+    assert studio.api.post("/api/projects/mixed/train").status_code == 202
+    job = wait_for_state(studio.api, "mixed", 180)
+    assert job["state"] == "done", (job, studio.output())
+    yield studio
+    assert studio.stop() == 0, studio.output()
+
+
+def onnx_top1(path: Path, image: Path) -> tuple[str, list[str]]:
+    """The top-1 class of `image` by the ONNX file alone, preprocessed as its metadata says."""
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    props = session.get_modelmeta().custom_metadata_map
+    prep, classes = json.loads(props["preprocessing"]), json.loads(props["classes"])
+    size, short = prep["input_size"], prep["resize_shorter_side"]
+    picture = Image.open(image).convert("RGB")
+    scale = short / min(picture.size)
+    width, height = (short, int(scale * picture.height)) if picture.width <= picture.height else \
+        (int(scale * picture.width), short)
+    picture = picture.resize((width, height), Image.BICUBIC)
+    left, top = int(round((width - size) / 2)), int(round((height - size) / 2))
+    pixels = np.asarray(picture.crop((left, top, left + size, top + size))).transpose(2, 0, 1)[None]
+    (probabilities,) = session.run(["probabilities"], {"pixels": pixels})
+    return classes[int(probabilities[0].argmax())], classes
+
+
+def test_review_gives_the_per_class_table_and_confusion_matrix(mislabelled):
+    review = mislabelled.api.get("/api/projects/mixed/review")
+    assert review.status_code == 200, review.text
+    test = json.loads((mislabelled.workspace / ".studio" / "models" / "mixed" / "metrics.json").read_text())["test"]
+    body = review.json()
+    assert body["classes"] == test["classes"] == ["brick", "grass"]
+    assert body["per_class"] == [{"class": name, **test["per_class"][name]} for name in test["classes"]]
+    assert body["confusion_matrix"] == test["confusion_matrix"] and body["accuracy"] == test["accuracy"]
+    assert sum(row["support"] for row in body["per_class"]) == test["n"] == sum(map(sum, body["confusion_matrix"]))
+    refused(mislabelled.api.get("/api/projects/nope/review"), 404, "project")
+
+
+def test_export_gives_an_onnx_file_that_agrees_with_the_studio(mislabelled, demo_data, tmp_path):
+    api = mislabelled.api
+    refused(api.get("/api/projects/mixed/export"), 404, "export")
+    refused(api.post("/api/projects/mixed/export", headers={"Origin": "http://evil.example"}), 403, "origin")
+    exported = api.post("/api/projects/mixed/export", timeout=300)
+    assert exported.status_code == 200, exported.text
+    body = exported.json()
+    assert body["file"] == "model.onnx" and body["check"]["top1_agreement"] == 1.0
+    model = mislabelled.workspace / ".studio" / "models" / "mixed"
+    assert (model / "model.onnx").is_file() and body["snippets"]["serve"] == f"tlearn serve {model}"
+    assert "/v1/predict" in body["snippets"]["curl"] and "tlearn.load(" in body["snippets"]["python"]
+    assert api.get("/api/projects/mixed/snippets").json() == body["snippets"]
+    download = api.get(body["download"])
+    assert download.status_code == 200 and download.headers["content-disposition"].startswith("attachment")
+    assert 'filename="mixed.onnx"' in download.headers["content-disposition"]
+    (tmp_path / "mixed.onnx").write_bytes(download.content)
+    assert download.content == (model / "model.onnx").read_bytes()
+    for cls in ("brick", "grass"):
+        photo = sorted((demo_data / "test" / cls).glob("*.png"))[0]
+        answer = api.post("/api/projects/mixed/predict", files=files(photo.read_bytes())).json()
+        label, classes = onnx_top1(tmp_path / "mixed.onnx", photo)
+        assert classes == answer["classes"] and label == answer["label"] == cls, answer
+        heat = Image.open(io.BytesIO(base64.b64decode(answer["heatmap_png"])))  # the prediction's heat map
+        assert heat.format == "PNG" and heat.size[0] > 0
+
+
+def test_a_suspect_label_is_found_moved_and_put_back(mislabelled, tmp_path):
+    api, project = mislabelled.api, mislabelled.workspace / "mixed"
+    suspects = api.get("/api/projects/mixed/suspects", timeout=180)
+    assert suspects.status_code == 200, suspects.text
+    rows = {s["path"]: s for s in suspects.json()["suspects"]}
+    assert "brick/odd.png" in rows, rows
+    odd = rows["brick/odd.png"]
+    assert odd["given"] == "brick" and odd["suggested"] == "grass" and odd["self_confidence"] < 0.5
+    thumb = api.get(odd["thumbnail"])
+    assert thumb.status_code == 200 and thumb.content == (project / "brick" / "odd.png").read_bytes()
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png())
+    (project / "brick" / "link.png").symlink_to(outside)
+    before, around = tree(mislabelled.workspace), tree(tmp_path)
+    for path, status in (("../mixed/brick/odd.png", 400), ("brick/../../x.png", 400), (str(outside), 400),
+                         ("/etc/passwd", 400), ("brick/link.png", 403), (".tlearn/relabel-journal.json", 400),
+                         ("brick/nothing.png", 404), ("", 400)):
+        refused(api.post("/api/projects/mixed/relabel", json={"path": path, "label": "grass"}), status)
+        assert 400 <= api.get("/api/projects/mixed/image", params={"path": path}).status_code < 500
+    refused(api.post("/api/projects/mixed/relabel", json={"path": "brick/odd.png", "label": "../grass"}), 400)
+    refused(api.post("/api/projects/mixed/relabel", json={"path": "brick/odd.png", "label": "moss"}), 400, "class")
+    refused(api.post("/api/projects/mixed/relabel", json={"path": "brick/odd.png", "label": "grass"},
+                     headers={"Origin": "http://evil.example"}), 403, "origin")
+    refused(httpx.post(mislabelled.base + "/api/projects/mixed/relabel",
+                       json={"path": "brick/odd.png", "label": "grass"}), 401, "token")
+    refused(api.post("/api/projects/mixed/relabel/undo"), 400)  # nothing to undo yet
+    assert tree(mislabelled.workspace) == before and tree(tmp_path) == around
+    (project / "brick" / "link.png").unlink()
+
+    moved = api.post("/api/projects/mixed/relabel", json={"path": "brick/odd.png", "label": "grass"})
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["moves"] == [["brick/odd.png", "grass/odd.png"]]
+    assert (project / "grass" / "odd.png").is_file() and not (project / "brick" / "odd.png").exists()
+    journal = json.loads((project / ".tlearn" / "relabel-journal.json").read_text())
+    assert journal[-1]["moves"] == [["brick/odd.png", "grass/odd.png"]]
+    assert [c["images"] for c in api.get("/api/projects/mixed").json()["classes"]] == [6, 7]
+    undone = api.post("/api/projects/mixed/relabel/undo")
+    assert undone.status_code == 200 and undone.json()["moves"] == [["grass/odd.png", "brick/odd.png"]]
+    assert (project / "brick" / "odd.png").is_file() and not (project / "grass" / "odd.png").exists()
+    assert json.loads((project / ".tlearn" / "relabel-journal.json").read_text()) == []
+
 # ---------------------------------------------------------------- the page, in a real browser
 
 def until(call, expression: str, done, timeout: float = 120):

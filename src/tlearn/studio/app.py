@@ -25,6 +25,7 @@ from tlearn.serve.inputs import check_image_count, encoded_images, multipart_fil
 from tlearn.serve.limits import Rejection, read_body
 from tlearn.studio.guard import StudioGuard, StudioSettings
 from tlearn.studio.jobs import TrainJobs, TrainOptions
+from tlearn.studio.review import review_router
 from tlearn.studio.workspace import Upload, Workspace
 
 log = logging.getLogger("uvicorn.error")  # configured by uvicorn: our lines go where its own go
@@ -62,6 +63,7 @@ def create_app(settings: StudioSettings) -> FastAPI:
     app.include_router(_projects_router(workspace, jobs, settings))
     app.include_router(_train_router(workspace, jobs))
     app.include_router(_predict_router(models, settings))
+    app.include_router(review_router(workspace, models))
 
     page = files("tlearn.studio").joinpath("page.html").read_text(encoding="utf-8")
 
@@ -182,9 +184,23 @@ def _predict_router(models: "ModelCache", settings: StudioSettings) -> APIRouter
             raise Rejection(422, "decodable-image", f"image 0: {row.reason}", index=0)
         return {"project": project, "label": row.top_label,
                 "top": [{"label": label, "score": score} for label, score in row.top],
-                "classes": predictor.classes}
+                "classes": predictor.classes, "heatmap_png": await asyncio.to_thread(_heatmap, predictor, image,
+                                                                                      settings.max_pixels)}
 
     return api
+
+
+def _heatmap(predictor, image: bytes, max_pixels: int) -> str | None:
+    """The top-1 class's heat map over the photo, as base64 PNG; None when the model has no feature map."""
+    import base64
+
+    from tlearn.serve.explain import explained
+
+    try:
+        _, png = explained(predictor, image, None, max_pixels)
+    except Rejection:
+        return None
+    return base64.b64encode(png).decode("ascii")
 
 
 class ModelCache:

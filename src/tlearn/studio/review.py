@@ -1,0 +1,203 @@
+"""The studio's review and deploy routes: the test metrics as tables, suspect labels with their thumbnails, a
+label fixed with a click (tlearn's relabel journal, undoable), the model exported to ONNX for download, and the
+snippets that use it.
+
+Every path a request names is relative to its project, resolved (links followed) and must stay inside it; a
+relabel is written as a one-row CSV in the studio's own folder, then moved by tlearn.data.relabel (journal first).
+"""
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+import io
+import json
+import mimetypes
+import os
+import threading
+from pathlib import Path, PurePosixPath
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from tlearn.data.decode import IMAGE_EXTENSIONS
+from tlearn.files import write_atomically
+from tlearn.serve.limits import Rejection
+from tlearn.studio.workspace import Workspace, check_name
+
+ONNX_NAME = "model.onnx"
+
+
+class Move(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(max_length=1000)
+    label: str = Field(max_length=200)
+
+
+def review_router(workspace: Workspace, models) -> APIRouter:
+    api = APIRouter(prefix="/api/projects/{project}", tags=["review"])
+    exporting = threading.Lock()  # one export at a time: each is a torch export and a check
+
+    def trained(project: str) -> Path:
+        workspace.project_dir(project)
+        folder = workspace.model_dir(project)
+        if not (folder / "config.json").is_file():
+            raise Rejection(409, "model", f"project {project!r} has no trained model yet: train it first")
+        return folder
+
+    @api.get("/review", summary="The trained model's test metrics: per-class precision/recall/F1/support and the "
+                                "confusion matrix (rows: true class, columns: predicted).")
+    def review(project: str) -> dict:
+        folder = trained(project)
+        try:
+            metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise Rejection(409, "metrics", f"the model of {project!r} has no readable metrics.json") from None
+        test = metrics.get("test") or {}
+        classes = test.get("classes") or _config_classes(folder)
+        per_class = test.get("per_class") or {}
+        return {"project": project, "classes": classes, "n": test.get("n"), "accuracy": test.get("accuracy"),
+                "ci95": (test.get("ci95") or {}).get("accuracy"), "macro_f1": test.get("macro_f1"),
+                "per_class": [{"class": name, **per_class[name]} for name in classes if name in per_class],
+                "confusion_matrix": test.get("confusion_matrix") or []}
+
+    @api.post("/export", summary="Export the trained model to one ONNX file in its model folder (verified against "
+                                 "the torch model); the answer says how to download and use it.")
+    def export(project: str) -> dict:
+        import tlearn
+
+        folder = trained(project)
+        if not exporting.acquire(blocking=False):
+            raise Rejection(409, "one-export", "an export is already running: wait for it to end")
+        try:
+            check = tlearn.load(folder, progress=False).export(folder / ONNX_NAME)
+        finally:
+            exporting.release()
+        return {"project": project, "file": ONNX_NAME, "bytes": (folder / ONNX_NAME).stat().st_size,
+                "download": f"/api/projects/{project}/export", "check": _plain(check),
+                "snippets": snippets(folder)}
+
+    @api.get("/export", summary="Download the exported ONNX file (attachment); 404 before an export.")
+    def download(project: str) -> FileResponse:
+        path = trained(project) / ONNX_NAME
+        if not path.is_file():
+            raise Rejection(404, "export", f"the model of {project!r} is not exported yet: export it first")
+        return FileResponse(workspace.inside(path, f"{project}/{ONNX_NAME}"), media_type="application/octet-stream",
+                            filename=f"{project}.onnx", headers={"Cache-Control": "no-store"})
+
+    @api.get("/snippets", summary="Copy-paste lines that serve and use the trained model.")
+    def snippet(project: str) -> dict:
+        return snippets(trained(project))
+
+    @api.get("/suspects", summary="Training images whose label the model's out-of-fold probabilities contradict, "
+                                  "most suspect first.")
+    async def suspects(project: str) -> dict:
+        import tlearn
+
+        folder = await asyncio.to_thread(trained, project)
+        data = workspace.project_dir(project)
+        report = await asyncio.to_thread(tlearn.suspect_labels, data, folder, cache_dir=None, progress=False)
+        return {"project": project, "images": report.images, "source": report.source,
+                "classes": report.classes,
+                "suspects": [{**_plain(s), "thumbnail": f"/api/projects/{project}/image?path={_quote(s.path)}"}
+                             for s in report.suspects]}
+
+    @api.get("/image", summary="One image of the project (a thumbnail's source), by its path in the project.")
+    def image(project: str, path: str = Query(max_length=1000)) -> FileResponse:
+        real = project_file(workspace, project, path)
+        if real.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise Rejection(400, "path", f"{path!r:.80} is not an image")
+        media = mimetypes.guess_type(real.name)[0] or "application/octet-stream"
+        return FileResponse(real, media_type=media, headers={"Cache-Control": "no-store",
+                                                             "X-Content-Type-Options": "nosniff"})
+
+    @api.post("/relabel", summary="Move one image to another class folder (journaled: undo puts it back).")
+    def relabel(project: str, body: Move) -> dict:
+        from tlearn.data.relabel import relabel_folders
+
+        data = workspace.project_dir(project)
+        classes = [c.name for c in workspace.classes(project)]
+        label = check_name(body.label, "class")
+        if label not in classes:
+            raise Rejection(400, "class", f"project {project!r} has no class {label!r} (classes: "
+                                          f"{', '.join(classes)})")
+        real = project_file(workspace, project, body.path)
+        relative = real.relative_to(data).as_posix()
+        folder = workspace.studio_dir / "relabel"
+        folder.mkdir(parents=True, exist_ok=True)
+        sheet = workspace.inside(folder / f"{check_name(project, 'project')}.csv", f".studio/relabel/{project}.csv")
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([["path", "label"], [relative, label]])
+        write_atomically(sheet, lambda tmp: Path(tmp).write_text(text.getvalue(), encoding="utf-8"))
+        moves = relabel_folders(data, sheet, classes)
+        return {"project": project, "moves": _moves(moves, data)}
+
+    @api.post("/relabel/undo", summary="Undo the project's last relabel (from its journal).")
+    def undo(project: str) -> dict:
+        from tlearn.data.relabel import undo_last
+
+        data = workspace.project_dir(project)
+        return {"project": project, "moves": _moves(undo_last(data), data)}
+
+    return api
+
+
+def project_file(workspace: Workspace, project: str, path: str) -> Path:
+    """The file `path` (relative, '/'-separated) names in the project, resolved; 400 for `..`, an absolute or a
+    hidden path, 403 for one that leads out of the project, 404 for no such file."""
+    data = workspace.project_dir(project)
+    given = PurePosixPath(path.replace("\\", "/"))
+    if not path.strip() or given.is_absolute() or os.path.isabs(path) or any(
+            part in ("..", ".") or part.startswith(".") for part in given.parts):
+        raise Rejection(400, "path", f"{path!r:.80} is not a path inside the project (no '..', no absolute or "
+                                     "hidden path)")
+    real = Path(os.path.realpath(data.joinpath(*given.parts)))
+    if not real.is_relative_to(data) or real == data:
+        raise Rejection(403, "workspace", f"{path!r:.80} leads outside the project")
+    if not real.is_file():
+        raise Rejection(404, "path", f"project {project!r} has no file {path!r:.80}")
+    return real
+
+
+def snippets(folder: Path) -> dict:
+    model = str(folder)
+    return {"serve": f"tlearn serve {_shell(model)}",
+            "curl": "curl -F file=@photo.jpg http://127.0.0.1:8000/v1/predict",
+            "python": "import tlearn\n\n"
+                      f"model = tlearn.load({model!r})\n"
+                      "print(model.predict([\"photo.jpg\"], top_k=3))"}
+
+
+def _shell(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def _quote(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(path, safe="/")
+
+
+def _moves(moves, root: Path) -> list[list[str]]:
+    out = []
+    for a, b in moves:
+        a, b = Path(a), Path(b)
+        out.append([str(a.relative_to(root)) if a.is_absolute() else str(a),
+                    str(b.relative_to(root)) if b.is_absolute() else str(b)])
+    return out
+
+
+def _plain(value) -> dict:
+    if dataclasses.is_dataclass(value):
+        return json.loads(json.dumps(dataclasses.asdict(value), default=str))
+    return {"value": str(value)}
+
+
+def _config_classes(folder: Path) -> list[str]:
+    try:
+        return list(json.loads((folder / "config.json").read_text(encoding="utf-8"))["classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
