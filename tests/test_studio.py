@@ -368,7 +368,8 @@ def mislabelled(tmp_path_factory, cache_dir, photos, demo_data):
     folder, six grass photos in the grass folder."""
     studio = Studio(tmp_path_factory.mktemp("mixed") / "workspace", cache=cache_dir)
     make_project(studio.api, "mixed", photos)
-    stray = sorted((demo_data / "train" / "grass").glob("*.png"))[6]
+    # a photo the stable split keeps in the training set (suspect labels look at training images only)
+    stray = sorted((demo_data / "train" / "grass").glob("*.png"))[7]
     assert studio.api.post("/api/projects/mixed/classes/brick/images",
                            files=files(stray.read_bytes(), names=["odd.png"])).status_code == 201
     assert studio.api.post("/api/projects/mixed/train").status_code == 202
@@ -439,7 +440,9 @@ def test_a_suspect_label_is_found_moved_and_put_back(mislabelled, tmp_path):
     suspects = api.get("/api/projects/mixed/suspects", timeout=180)
     assert suspects.status_code == 200, suspects.text
     rows = {s["path"]: s for s in suspects.json()["suspects"]}
-    assert "brick/odd.png" in rows, rows
+    out_of_fold = (mislabelled.workspace / ".studio" / "models" / "mixed" / "out_of_fold.csv").read_text()
+    assert "brick/odd.png,brick," in out_of_fold, "the stray photo was held out: pick another"
+    assert "brick/odd.png" in rows, (suspects.json(), out_of_fold)
     odd = rows["brick/odd.png"]
     assert odd["given"] == "brick" and odd["suggested"] == "grass" and odd["self_confidence"] < 0.5
     thumb = api.get(odd["thumbnail"])
