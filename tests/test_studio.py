@@ -564,6 +564,29 @@ def test_the_page_goes_from_photos_to_a_prediction(tmp_path, cache_dir, photos, 
                     call("DOM.setFileInputFiles", nodeId=picker, files=[str(photo)])
                     state = until(call, PAGE_STATE, lambda s: s["verdict"] or "rror" in s["message"])
                     assert state["verdict"] == "Looks like: grass", state
+                    assert until(call, "!!document.querySelector('#prediction img#heatmap')", bool)
+
+                    def click(button: str) -> None:
+                        call("Runtime.evaluate", expression=f"document.getElementById('{button}').click()")
+
+                    click("review-button")
+                    review = until(call, """({rows: document.querySelectorAll('#per-class tbody tr').length,
+                        cells: Array.from(document.querySelectorAll('#confusion tbody td'))
+                                    .map(c => c.textContent)})""",
+                                   lambda r: r["rows"] > 0)
+                    assert review["rows"] == 2 and len(review["cells"]) == 4, review
+                    click("export-button")
+                    deploy = until(call, """({link: !document.getElementById('export-link').hidden,
+                        serve: document.getElementById('snippet-serve').textContent,
+                        curl: document.getElementById('snippet-curl').textContent,
+                        message: document.getElementById('message').textContent})""",
+                                   lambda d: d["link"] or d["message"])
+                    assert deploy["link"] and deploy["serve"].startswith("tlearn serve ") and \
+                        "/v1/predict" in deploy["curl"], deploy
+                    click("suspects-button")
+                    listed = until(call, "document.getElementById('suspect-list').textContent",
+                                   lambda t: t and t != "Looking…")
+                    assert "suspect" in listed or "Move to" in listed, listed
                     assert until(call, UNLABELLED, lambda ids: ids is not None) == [], "every control has a label"
                     width = call("Runtime.evaluate", expression="document.documentElement.scrollWidth")
                     assert width["result"]["value"] <= 390, "the page is wider than a phone"
