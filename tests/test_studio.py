@@ -293,6 +293,10 @@ def test_two_train_requests_at_once_start_one_job(studio, photos):
     assert sorted(a.status_code for a in answers) == [202, 409], [a.text for a in answers]
     refused(next(a for a in answers if a.status_code == 409), 409, "one-job")
     assert studio.api.get("/api/projects/twice/train").json()["state"] == "running"
+    before = tree(studio.workspace / "twice")
+    refused(studio.api.post("/api/projects/twice/relabel", json={"path": f"brick/{photos['brick'][0].name}",
+                                                                 "label": "grass"}), 409, "one-job")
+    assert tree(studio.workspace / "twice") == before  # no photo moves under a running train
     assert studio.api.delete("/api/projects/twice/train").status_code == 200
     job = wait_for_state(studio.api, "twice")
     assert job["state"] == "cancelled" and job["returncode"] != 0

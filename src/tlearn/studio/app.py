@@ -63,7 +63,7 @@ def create_app(settings: StudioSettings) -> FastAPI:
     app.include_router(_projects_router(workspace, jobs, settings))
     app.include_router(_train_router(workspace, jobs))
     app.include_router(_predict_router(models, settings))
-    app.include_router(review_router(workspace, models))
+    app.include_router(review_router(workspace, jobs))
 
     page = files("tlearn.studio").joinpath("page.html").read_text(encoding="utf-8")
 

@@ -35,9 +35,14 @@ class Move(BaseModel):
     label: str = Field(max_length=200)
 
 
-def review_router(workspace: Workspace, models) -> APIRouter:
+def review_router(workspace: Workspace, jobs) -> APIRouter:
     api = APIRouter(prefix="/api/projects/{project}", tags=["review"])
     exporting = threading.Lock()  # one export at a time: each is a torch export and a check
+
+    def not_training(project: str) -> None:
+        job = jobs.last(project)
+        if job is not None and job.state == "running":
+            raise Rejection(409, "one-job", f"a train of {project!r} is running: move photos once it has ended")
 
     def trained(project: str) -> Path:
         workspace.project_dir(project)
@@ -117,6 +122,7 @@ def review_router(workspace: Workspace, models) -> APIRouter:
         from tlearn.data.relabel import relabel_folders
 
         data = workspace.project_dir(project)
+        not_training(project)
         classes = [c.name for c in workspace.classes(project)]
         label = check_name(body.label, "class")
         if label not in classes:
@@ -138,6 +144,7 @@ def review_router(workspace: Workspace, models) -> APIRouter:
         from tlearn.data.relabel import undo_last
 
         data = workspace.project_dir(project)
+        not_training(project)
         return {"project": project, "moves": _moves(undo_last(data), data)}
 
     return api
