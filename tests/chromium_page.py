@@ -13,6 +13,8 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from websockets.sync.client import connect
@@ -41,6 +43,19 @@ def chromium_binary() -> str:
 
 def render(html_path: Path, screenshot: Path, binary: str = "chromium", timeout: float = 60) -> list[dict]:
     """Load `html_path`, save a full-page PNG screenshot, return every <img> with its naturalWidth."""
+    with devtools_page(binary, timeout) as (call, ws):
+        call("Page.navigate", url=Path(html_path).resolve().as_uri())
+        _wait_for_event(ws, "Page.loadEventFired", timeout)
+        images = json.loads(call("Runtime.evaluate", expression=IMAGES_JS)["result"]["value"])
+        shot = call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+    return images
+
+
+@contextmanager
+def devtools_page(binary: str, timeout: float = 60) -> Iterator[tuple]:
+    """A headless Chromium (a fresh profile) with its one page, as (call, ws): `call(method, **params)` sends a
+    DevTools command and returns its result; Page events are enabled. The browser is stopped on exit."""
     # chromium's helper processes can still be writing the profile as the browser exits: do not fail on cleanup
     with tempfile.TemporaryDirectory(prefix="tlearn-chromium-", ignore_cleanup_errors=True) as profile:
         browser = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
@@ -52,12 +67,7 @@ def render(html_path: Path, screenshot: Path, binary: str = "chromium", timeout:
             with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout) as ws:
                 call = _caller(ws, timeout)
                 call("Page.enable")
-                call("Page.navigate", url=Path(html_path).resolve().as_uri())
-                _wait_for_event(ws, "Page.loadEventFired", timeout)
-                images = json.loads(call("Runtime.evaluate", expression=IMAGES_JS)["result"]["value"])
-                shot = call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-                screenshot.write_bytes(base64.b64decode(shot["data"]))
-            return images
+                yield call, ws
         finally:
             browser.terminate()
             browser.wait(timeout=30)

@@ -5,8 +5,6 @@ import base64
 import io
 import json
 import shutil
-import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -16,9 +14,8 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from websockets.sync.client import connect  # noqa: E402
 
-from chromium_page import FLAGS, _caller, _devtools_port, _wait_for_event  # noqa: E402
+from chromium_page import _wait_for_event, devtools_page  # noqa: E402
 from served_process import RealServer  # noqa: E402
 
 RESULTS_JS = """JSON.stringify(Array.from(document.querySelectorAll('.result')).map(r => ({
@@ -61,34 +58,22 @@ def test_page_classifies_two_picked_photos(model_dir, demo_data, tmp_path):
     try:
         with urllib.request.urlopen(f"{server.url}/v1/models/{model_dir.name}") as response:
             classes = json.load(response)["card"]["classes"]
-        with tempfile.TemporaryDirectory(prefix="tlearn-chromium-", ignore_cleanup_errors=True) as profile:
-            browser = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                                        "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                port = _devtools_port(Path(profile), browser, 60)
-                pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=60))
-                page = next(p for p in pages if p["type"] == "page")
-                with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=60) as ws:
-                    call = _caller(ws, 60)
-                    call("Page.enable")
-                    call("Page.navigate", url=server.url + "/")
-                    _wait_for_event(ws, "Page.loadEventFired", 60)
-                    card = wait_for(call, f"JSON.stringify({CARD_JS})", lambda text: text and "brick" in text)
-                    assert "efficientnet" in card and "accuracy" in card
-                    root = call("DOM.getDocument")["root"]["nodeId"]
-                    picker = call("DOM.querySelector", nodeId=root, selector="#files")["nodeId"]
-                    call("DOM.setFileInputFiles", nodeId=picker, files=[str(photos[0]), str(big)])
-                    results = wait_for(call, RESULTS_JS, lambda rows: rows and len(rows) == 2 and all(
-                        r["labels"] for r in rows))
-                    call("Runtime.evaluate", expression="document.getElementById('heat').click()")
-                    heat = wait_for(call, HEAT_JS, lambda imgs: imgs and all(
-                        i["src"].startswith("data:image/png") and i["width"] > 0 for i in imgs))
-                    call("Runtime.evaluate", expression="document.getElementById('heat').click()")
-                    wait_for(call, HEAT_JS, lambda imgs: imgs and all(i["src"].startswith("blob:") for i in imgs))
-                    shot = call("Page.captureScreenshot", format="png")
-            finally:
-                browser.terminate()
-                browser.wait(timeout=30)
+        with devtools_page(binary) as (call, ws):
+            call("Page.navigate", url=server.url + "/")
+            _wait_for_event(ws, "Page.loadEventFired", 60)
+            card = wait_for(call, f"JSON.stringify({CARD_JS})", lambda text: text and "brick" in text)
+            assert "efficientnet" in card and "accuracy" in card
+            root = call("DOM.getDocument")["root"]["nodeId"]
+            picker = call("DOM.querySelector", nodeId=root, selector="#files")["nodeId"]
+            call("DOM.setFileInputFiles", nodeId=picker, files=[str(photos[0]), str(big)])
+            results = wait_for(call, RESULTS_JS, lambda rows: rows and len(rows) == 2 and all(
+                r["labels"] for r in rows))
+            call("Runtime.evaluate", expression="document.getElementById('heat').click()")
+            heat = wait_for(call, HEAT_JS, lambda imgs: imgs and all(
+                i["src"].startswith("data:image/png") and i["width"] > 0 for i in imgs))
+            call("Runtime.evaluate", expression="document.getElementById('heat').click()")
+            wait_for(call, HEAT_JS, lambda imgs: imgs and all(i["src"].startswith("blob:") for i in imgs))
+            shot = call("Page.captureScreenshot", format="png")
     finally:
         server.stop()
     for row in results:

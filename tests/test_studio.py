@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -514,90 +513,77 @@ UNLABELLED = """Array.from(document.querySelectorAll('input, select')).filter(i 
 def test_the_page_goes_from_photos_to_a_prediction(tmp_path, cache_dir, photos, demo_data):
     """Through the page alone, as a person would: create a project, two classes, drop six photos in each, train,
     read the accuracy, try a photo; every control labelled, nothing wider than a phone."""
-    from websockets.sync.client import connect
 
-    from chromium_page import FLAGS, _caller, _devtools_port, _wait_for_event
+    from chromium_page import _wait_for_event, devtools_page
 
     binary = shutil.which("chromium")
     if binary is None:
         pytest.skip("chromium is not installed (make browser / apt-get install chromium)")
     studio = Studio(tmp_path / "workspace", cache=cache_dir)
     try:
-        with tempfile.TemporaryDirectory(prefix="tlearn-chromium-", ignore_cleanup_errors=True) as profile:
-            browser = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                                        "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                port = _devtools_port(Path(profile), browser, 60)
-                pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=60))
-                page = next(p for p in pages if p["type"] == "page")
-                with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=60) as ws:
-                    call = _caller(ws, 60)
-                    call("Page.enable")
-                    call("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=1,
-                         mobile=True)
-                    call("Page.navigate", url=studio.printed_url)
-                    _wait_for_event(ws, "Page.loadEventFired", 60)
-                    until(call, PAGE_STATE, lambda s: "No project yet" in s["projects"])
-                    assert call("Runtime.evaluate", expression="location.href")["result"]["value"] == \
-                        studio.base + "/", "the token stays in the address bar"
+        with devtools_page(binary) as (call, ws):
+            call("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=1,
+                 mobile=True)
+            call("Page.navigate", url=studio.printed_url)
+            _wait_for_event(ws, "Page.loadEventFired", 60)
+            until(call, PAGE_STATE, lambda s: "No project yet" in s["projects"])
+            assert call("Runtime.evaluate", expression="location.href")["result"]["value"] == \
+                studio.base + "/", "the token stays in the address bar"
 
-                    def submit(field: str, form: str, value: str) -> None:
-                        call("Runtime.evaluate", expression=f"document.getElementById('{field}').value = "
-                                                            f"{json.dumps(value)}; document.getElementById('{form}')"
-                                                            ".requestSubmit()")
+            def submit(field: str, form: str, value: str) -> None:
+                call("Runtime.evaluate", expression=f"document.getElementById('{field}').value = "
+                                                    f"{json.dumps(value)}; document.getElementById('{form}')"
+                                                    ".requestSubmit()")
 
-                    submit("project-name", "new-project", "browser")
-                    until(call, PAGE_STATE, lambda s: "browser" in s["title"])
-                    for n, cls in enumerate(photos, 1):
-                        submit("class-name", "new-class", cls)
-                        until(call, PAGE_STATE, lambda s: len(s["counts"]) == n)
-                    root = call("DOM.getDocument")["root"]["nodeId"]
-                    for i, paths in enumerate(photos.values()):
-                        picker = call("DOM.querySelector", nodeId=root, selector=f"#photos-{i}")["nodeId"]
-                        call("DOM.setFileInputFiles", nodeId=picker, files=[str(p) for p in paths])
-                        until(call, PAGE_STATE, lambda s: s["counts"][i] == "6 photos")
-                        root = call("DOM.getDocument")["root"]["nodeId"]  # the classes were drawn anew
-                    call("Runtime.evaluate", expression="document.getElementById('train-button').click()")
-                    state = until(call, PAGE_STATE, lambda s: "accuracy" in s["accuracy"] or "failed" in s["status"])
-                    assert state["status"] == "Trained." and state["log"] > 0, state
-                    assert re.fullmatch(r"Test accuracy \d+\.\d% \(95% CI \d+\.\d%–\d+\.\d%\), on \d+ test photos",
-                                        state["accuracy"]), state
-                    photo = sorted((demo_data / "test" / "grass").glob("*.png"))[0]
-                    root = call("DOM.getDocument")["root"]["nodeId"]
-                    picker = call("DOM.querySelector", nodeId=root, selector="#try-file")["nodeId"]
-                    call("DOM.setFileInputFiles", nodeId=picker, files=[str(photo)])
-                    state = until(call, PAGE_STATE, lambda s: s["verdict"] or "rror" in s["message"])
-                    assert state["verdict"] == "Looks like: grass", state
-                    assert until(call, "!!document.querySelector('#prediction img#heatmap')", bool)
+            submit("project-name", "new-project", "browser")
+            until(call, PAGE_STATE, lambda s: "browser" in s["title"])
+            for n, cls in enumerate(photos, 1):
+                submit("class-name", "new-class", cls)
+                until(call, PAGE_STATE, lambda s: len(s["counts"]) == n)
+            root = call("DOM.getDocument")["root"]["nodeId"]
+            for i, paths in enumerate(photos.values()):
+                picker = call("DOM.querySelector", nodeId=root, selector=f"#photos-{i}")["nodeId"]
+                call("DOM.setFileInputFiles", nodeId=picker, files=[str(p) for p in paths])
+                until(call, PAGE_STATE, lambda s: s["counts"][i] == "6 photos")
+                root = call("DOM.getDocument")["root"]["nodeId"]  # the classes were drawn anew
+            call("Runtime.evaluate", expression="document.getElementById('train-button').click()")
+            state = until(call, PAGE_STATE, lambda s: "accuracy" in s["accuracy"] or "failed" in s["status"])
+            assert state["status"] == "Trained." and state["log"] > 0, state
+            assert re.fullmatch(r"Test accuracy \d+\.\d% \(95% CI \d+\.\d%–\d+\.\d%\), on \d+ test photos",
+                                state["accuracy"]), state
+            photo = sorted((demo_data / "test" / "grass").glob("*.png"))[0]
+            root = call("DOM.getDocument")["root"]["nodeId"]
+            picker = call("DOM.querySelector", nodeId=root, selector="#try-file")["nodeId"]
+            call("DOM.setFileInputFiles", nodeId=picker, files=[str(photo)])
+            state = until(call, PAGE_STATE, lambda s: s["verdict"] or "rror" in s["message"])
+            assert state["verdict"] == "Looks like: grass", state
+            assert until(call, "!!document.querySelector('#prediction img#heatmap')", bool)
 
-                    def click(button: str) -> None:
-                        call("Runtime.evaluate", expression=f"document.getElementById('{button}').click()")
+            def click(button: str) -> None:
+                call("Runtime.evaluate", expression=f"document.getElementById('{button}').click()")
 
-                    click("review-button")
-                    review = until(call, """({rows: document.querySelectorAll('#per-class tbody tr').length,
-                        cells: Array.from(document.querySelectorAll('#confusion tbody td'))
-                                    .map(c => c.textContent)})""",
-                                   lambda r: r["rows"] > 0)
-                    assert review["rows"] == 2 and len(review["cells"]) == 4, review
-                    click("export-button")
-                    deploy = until(call, """({link: !document.getElementById('export-link').hidden,
-                        serve: document.getElementById('snippet-serve').textContent,
-                        curl: document.getElementById('snippet-curl').textContent,
-                        message: document.getElementById('message').textContent})""",
-                                   lambda d: d["link"] or d["message"])
-                    assert deploy["link"] and deploy["serve"].startswith("tlearn serve ") and \
-                        "/v1/predict" in deploy["curl"], deploy
-                    click("suspects-button")
-                    listed = until(call, "document.getElementById('suspect-list').textContent",
-                                   lambda t: t and t != "Looking…")
-                    assert "suspect" in listed or "Move to" in listed, listed
-                    assert until(call, UNLABELLED, lambda ids: ids is not None) == [], "every control has a label"
-                    width = call("Runtime.evaluate", expression="document.documentElement.scrollWidth")
-                    assert width["result"]["value"] <= 390, "the page is wider than a phone"
-                    shot = call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-            finally:
-                browser.terminate()
-                browser.wait(timeout=30)
+            click("review-button")
+            review = until(call, """({rows: document.querySelectorAll('#per-class tbody tr').length,
+                cells: Array.from(document.querySelectorAll('#confusion tbody td'))
+                            .map(c => c.textContent)})""",
+                           lambda r: r["rows"] > 0)
+            assert review["rows"] == 2 and len(review["cells"]) == 4, review
+            click("export-button")
+            deploy = until(call, """({link: !document.getElementById('export-link').hidden,
+                serve: document.getElementById('snippet-serve').textContent,
+                curl: document.getElementById('snippet-curl').textContent,
+                message: document.getElementById('message').textContent})""",
+                           lambda d: d["link"] or d["message"])
+            assert deploy["link"] and deploy["serve"].startswith("tlearn serve ") and \
+                "/v1/predict" in deploy["curl"], deploy
+            click("suspects-button")
+            listed = until(call, "document.getElementById('suspect-list').textContent",
+                           lambda t: t and t != "Looking…")
+            assert "suspect" in listed or "Move to" in listed, listed
+            assert until(call, UNLABELLED, lambda ids: ids is not None) == [], "every control has a label"
+            width = call("Runtime.evaluate", expression="document.documentElement.scrollWidth")
+            assert width["result"]["value"] <= 390, "the page is wider than a phone"
+            shot = call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
     finally:
         assert studio.stop() == 0, studio.output()
     (tmp_path / "studio.png").write_bytes(base64.b64decode(shot["data"]))

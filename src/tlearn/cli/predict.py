@@ -90,11 +90,16 @@ def predict(
                                      progress=len(files) if not quiet and len(files) >= PROGRESS_FROM else 0)
     except USER_ERRORS as exc:
         fail(exc)
+    _finish(unreadable, output and f"wrote {written} prediction(s) to {terminal_text(output)}")
+
+
+def _finish(unreadable: list, done: str | None) -> None:
+    """The files that could not be read (one line each), what was written, and exit 1 when some were unreadable."""
     for u in unreadable:
         err.print(f"unreadable: {terminal_text(u.source)}: {terminal_text(u.reason)}", highlight=False,
                   soft_wrap=True)
-    if output:
-        err.print(f"wrote {written} prediction(s) to {terminal_text(output)}", highlight=False, soft_wrap=True)
+    if done:
+        err.print(done, highlight=False, soft_wrap=True)
     if unreadable:
         raise typer.Exit(1)
 
@@ -166,13 +171,7 @@ def _rank(model: Path, paths: list[str], output: Optional[Path], force: bool, me
                     writer.writerow([r, csv_cell(path), csv_cell(label), *(f"{v:.6g}" for v in numbers)])
     except USER_ERRORS as exc:
         fail(exc)
-    for u in unreadable:
-        err.print(f"unreadable: {terminal_text(u.source)}: {terminal_text(u.reason)}", highlight=False,
-                  soft_wrap=True)
-    if output:
-        err.print(f"ranked {len(rows)} image(s) into {terminal_text(output)}", highlight=False, soft_wrap=True)
-    if unreadable:
-        raise typer.Exit(1)
+    _finish(unreadable, output and f"ranked {len(rows)} image(s) into {terminal_text(output)}")
 
 
 def _predict_parquet(model: Path, paths: list[str], output: Optional[Path], ray: Optional[str], resume: bool,
