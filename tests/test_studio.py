@@ -347,6 +347,36 @@ def test_photos_to_a_trained_model_its_accuracy_and_a_prediction(tmp_path, cache
         assert studio.stop() == 0, studio.output()
 
 
+def test_a_studio_killed_with_kill_9_takes_its_train_with_it(tmp_path, cache_dir, photos):
+    studio = Studio(tmp_path / "workspace", cache=cache_dir)
+    try:
+        make_project(studio.api, "orphan", photos)
+        # a fine-tune: ~10 s or more here (torch's import, features, epochs); the studio is killed at once
+        answer = studio.api.post("/api/projects/orphan/train", json={"recipe": "finetune", "epochs": 200})
+        assert answer.status_code == 202, answer.text
+        pid = studio.api.get("/api/projects/orphan/train").json()["pid"]
+        assert _alive(pid)
+        studio.process.kill()
+        studio.process.wait(timeout=30)
+        killed = time.monotonic()
+        while _alive(pid):
+            assert time.monotonic() - killed < 5, "the train outlived the studio killed with kill -9"
+            time.sleep(0.05)
+    finally:
+        studio.api.close()
+    model = tmp_path / "workspace" / ".studio" / "models" / "orphan"
+    assert not (model / "config.json").exists()  # stopped before it wrote a model; never half of one
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_a_train_the_studio_did_not_see_end_reads_as_interrupted(tmp_path):
     jobs = tmp_path / "workspace" / ".studio" / "jobs"
     jobs.mkdir(parents=True)
