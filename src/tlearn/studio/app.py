@@ -14,7 +14,7 @@ import threading
 from importlib.resources import files
 from typing import Annotated, Optional
 
-from fastapi import APIRouter, Body, FastAPI, Request
+from fastapi import APIRouter, Body, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +26,7 @@ from tlearn.serve.limits import Rejection, read_body
 from tlearn.studio.guard import StudioGuard, StudioSettings
 from tlearn.studio.jobs import TrainJobs, TrainOptions
 from tlearn.studio.review import review_router
+from tlearn.studio.serving import ModelServers
 from tlearn.studio.workspace import Upload, Workspace
 
 log = logging.getLogger("uvicorn.error")  # configured by uvicorn: our lines go where its own go
@@ -50,18 +51,20 @@ def create_app(settings: StudioSettings) -> FastAPI:
     workspace = Workspace(settings.workspace)
     jobs = TrainJobs(workspace)
     models = ModelCache(workspace)
+    servers = ModelServers(workspace)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        await asyncio.to_thread(jobs.stop_all)
+        await asyncio.gather(asyncio.to_thread(jobs.stop_all), asyncio.to_thread(servers.stop_all))
 
     app = FastAPI(title="tlearn studio", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.jobs = jobs
+    app.state.jobs, app.state.servers = jobs, servers
     _add_errors(app)
     app.add_middleware(StudioGuard, settings=settings)
     app.include_router(_projects_router(workspace, jobs, settings))
     app.include_router(_train_router(workspace, jobs))
+    app.include_router(_serve_router(workspace, servers))
     app.include_router(_predict_router(models, settings))
     app.include_router(review_router(workspace, jobs))
 
@@ -84,7 +87,7 @@ def _projects_router(workspace: Workspace, jobs: TrainJobs, settings: StudioSett
         job = jobs.last(name)
         return {"name": name, "classes": [c.to_dict() for c in workspace.classes(name)],
                 "job": job.to_dict() if job else None,
-                "model": (workspace.model_dir(name) / "config.json").is_file()}
+                "model": (workspace.model_dir(name) / "config.json").is_file(), "versions": workspace.versions(name)}
 
     @api.get("/projects", summary="Every project with its classes, image counts and last train.")
     def projects() -> dict:
@@ -113,6 +116,74 @@ def _projects_router(workspace: Workspace, jobs: TrainJobs, settings: StudioSett
         uploads = await _uploads(request, settings)
         saved = await asyncio.to_thread(workspace.save_images, project, name, uploads, settings.max_pixels)
         return {"saved": saved, **project_json(project)}
+
+    @api.get("/projects/{project}/classes/{name}/images", summary="The photos of a class (paths in the project, "
+                                                                   "with their thumbnails' addresses).")
+    def class_images(project: str, name: str) -> dict:
+        paths = workspace.images(project, name)
+        return {"project": project, "class": name,
+                "images": [{"path": p, "thumbnail": _image_url(project, p)} for p in paths]}
+
+    @api.patch("/projects/{project}/classes/{name}", summary="Rename a class (its folder); 409 when the name is "
+                                                             "taken or a train runs.")
+    def rename_class(project: str, name: str, body: Named) -> dict:
+        workspace.class_dir(project, name)
+        jobs.refuse_while_running(project, "change its photos")
+        workspace.rename_class(project, name, body.name)
+        return project_json(project)
+
+    @api.delete("/projects/{project}/classes/{name}", summary="Move a class with its photos to the studio's bin "
+                                                              "(.studio/bin: nothing is deleted).")
+    def delete_class(project: str, name: str) -> dict:
+        folder = workspace.class_dir(project, name)
+        jobs.refuse_while_running(project, "change its photos")
+        kept = workspace.discard(project, name, folder)
+        return {"binned": str(kept.relative_to(workspace.root)), **project_json(project)}
+
+    @api.delete("/projects/{project}/image", summary="Move one photo to the studio's bin (.studio/bin).")
+    def delete_image(project: str, path: str = Query(max_length=1000)) -> dict:
+        from tlearn.studio.review import project_file
+
+        real = project_file(workspace, project, path)
+        jobs.refuse_while_running(project, "change its photos")
+        relative = real.relative_to(workspace.project_dir(project)).as_posix()
+        kept = workspace.discard(project, relative, real)
+        return {"binned": str(kept.relative_to(workspace.root)), **project_json(project)}
+
+    @api.get("/projects/{project}/doctor", summary="tlearn doctor on the project: unreadable files, duplicates "
+                                                   "(exact and near) across classes and splits, too few photos, "
+                                                   "each finding with its photos' thumbnails.")
+    async def doctor(project: str) -> dict:
+        from tlearn.data.doctor import examine_dataset
+
+        data = await asyncio.to_thread(workspace.project_dir, project)
+        report = await asyncio.to_thread(examine_dataset, data, progress=False)
+        found = report.to_dict()
+        for finding in found["findings"]:
+            finding["images"] = [{"path": p, "thumbnail": _image_url(project, p)} for p in finding["paths"]
+                                 if (data / p).is_file()]
+        found["root"] = project
+        return found
+
+    return api
+
+
+def _serve_router(workspace: Workspace, servers: ModelServers) -> APIRouter:
+    api = APIRouter(prefix="/api/projects/{project}/serve", tags=["serve"])
+
+    @api.post("", status_code=202, summary="Start `tlearn serve` for a version of the model (newest by default) "
+                                           "on a free loopback port; replaces the project's running server.")
+    def start(project: str, version: Optional[int] = Query(None, ge=1)) -> dict:
+        return servers.start(project, version).to_dict()
+
+    @api.get("", summary="The project's server: starting, ready (its /readyz answers) or stopped.")
+    def state(project: str) -> dict:
+        return servers.state(project).to_dict()
+
+    @api.delete("", summary="Stop the project's server.")
+    def stop(project: str) -> dict:
+        workspace.project_dir(project)
+        return servers.stop(project).to_dict()
 
     return api
 
@@ -187,7 +258,39 @@ def _predict_router(models: "ModelCache", settings: StudioSettings) -> APIRouter
                 "classes": predictor.classes, "heatmap_png": await asyncio.to_thread(_heatmap, predictor, image,
                                                                                       settings.max_pixels)}
 
+    @api.get("/projects/{project}/test-images", summary="The model's test photos with given and predicted class "
+                                                       "and confidence, least confident first (a confusion cell's "
+                                                       "photos: filter by given and predicted).")
+    async def test_images(project: str, version: Optional[int] = Query(None, ge=1),
+                          given: Optional[str] = Query(None, max_length=200),
+                          predicted: Optional[str] = Query(None, max_length=200)) -> dict:
+        rows = await asyncio.to_thread(models.test_images, project, version)
+        chosen = [r for r in rows if (given is None or r["given"] == given) and
+                  (predicted is None or r["predicted"] == predicted)]
+        return {"project": project, "images": [{**r, "thumbnail": _image_url(project, r["path"])} for r in chosen]}
+
+    @api.post("/projects/{project}/explain", summary="The heat map of one photo of the project (its path) for its "
+                                                     "top class or a class named, as base64 PNG.")
+    async def explain(project: str, path: str = Query(max_length=1000), version: Optional[int] = Query(None, ge=1),
+                      class_: Optional[str] = Query(None, alias="class", max_length=200)) -> dict:
+        from tlearn.serve.explain import explained
+        from tlearn.studio.review import project_file
+
+        predictor = await asyncio.to_thread(models.get, project, version)
+        image = (await asyncio.to_thread(project_file, models.workspace, project, path)).read_bytes()
+        explanation, png = await asyncio.to_thread(explained, predictor, image, class_, settings.max_pixels)
+        import base64
+
+        return {"project": project, "path": path, "class": explanation.label,
+                "probability": explanation.probability, "heatmap_png": base64.b64encode(png).decode("ascii")}
+
     return api
+
+
+def _image_url(project: str, path: str) -> str:
+    from urllib.parse import quote
+
+    return f"/api/projects/{quote(project, safe='')}/image?path={quote(path, safe='/')}"
 
 
 def _heatmap(predictor, image: bytes, max_pixels: int) -> str | None:
@@ -210,12 +313,14 @@ class ModelCache:
         self.workspace = workspace
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[tuple[int, int], object]] = {}
+        self._tests: dict[str, tuple[object, list[dict]]] = {}
 
-    def get(self, project: str):
+    def get(self, project: str, version: int | None = None):
         from tlearn.predict import Predictor
 
         self.workspace.project_dir(project)
-        folder = self.workspace.model_dir(project)
+        folder = self.workspace.model_dir(project, version)
+        name = f"{project}/{folder.name}"
         with self._lock:
             try:
                 info = os.stat(folder / "config.json")
@@ -223,10 +328,37 @@ class ModelCache:
                 raise Rejection(409, "model", f"project {project!r} has no trained model yet: train it first") \
                     from None
             key = (info.st_ino, info.st_mtime_ns)
-            cached = self._loaded.get(project)
+            cached = self._loaded.get(name)
             if cached is None or cached[0] != key:
-                self._loaded[project] = (key, Predictor.load(folder, batch_size=1))
-            return self._loaded[project][1]
+                self._loaded[name] = (key, Predictor.load(folder, batch_size=1))
+            return self._loaded[name][1]
+
+    def test_images(self, project: str, version: int | None = None) -> list[dict]:
+        """The model's own test photos, each with its given and predicted class and the calibrated probability of
+        the prediction (what a confusion cell opens), least confident first; computed once per model folder."""
+        from tlearn.bundle import Bundle
+
+        predictor = self.get(project, version)
+        folder = self.workspace.model_dir(project, version)
+        name = f"{project}/{folder.name}"
+        with self._lock:
+            if name in self._tests and self._tests[name][0] is predictor:
+                return self._tests[name][1]
+        bundle = Bundle.load(folder, tensors=False)
+        data = self.workspace.project_dir(project)
+        rows = []
+        recorded = bundle.split.get("files", {}).get("test", [])
+        names = bundle.split.get("classes") or bundle.classes
+        present = [(relative, label) for relative, label in recorded if (data / relative).is_file()]
+        for (relative, label), row in zip(present, predictor.predict([data / r for r, _ in present], 1)):
+            if hasattr(row, "top"):
+                given = label if isinstance(label, str) else names[int(label)]
+                rows.append({"path": relative, "given": given, "predicted": row.top_label,
+                             "confidence": float(row.top[0][1])})
+        rows.sort(key=lambda r: r["confidence"])
+        with self._lock:
+            self._tests[name] = (predictor, rows)
+        return rows
 
 
 async def _uploads(request: Request, settings: StudioSettings) -> list[Upload]:

@@ -71,6 +71,7 @@ class TrainJob:
     returncode: int | None = None
     error: str | None = None
     test: dict | None = field(default=None)  # {"accuracy", "ci95": [low, high], "n"} from the model's metrics.json
+    version: int | None = None  # the model version this train writes (.studio/models/PROJECT/VERSION)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +116,12 @@ class TrainJobs:
                 self._last[project] = job
             return self._last[project]
 
+    def refuse_while_running(self, project: str, doing: str) -> None:
+        """409 while a train of the project runs: its photos must not change under it."""
+        job = self.last(project)
+        if job is not None and job.state == "running":
+            raise Rejection(409, "one-job", f"a train of {project!r} is running: {doing} once it has ended")
+
     def start(self, project: str, options: TrainOptions) -> TrainJob:
         """Start `tlearn train` on the project; 409 while one of its trains is running."""
         data = self.workspace.project_dir(project)
@@ -126,7 +133,7 @@ class TrainJobs:
                 raise Rejection(409, "one-job", f"a train of {project!r} is already running: wait for it to end, "
                                                 "or cancel it")
             self.folder.mkdir(parents=True, exist_ok=True)
-            model = self.workspace.model_dir(project)
+            version, model = self.workspace.next_version(project)
             model.parent.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "-m", "tlearn.cli", "train", str(data), "--out", str(model),
                        *options.arguments()]
@@ -141,10 +148,10 @@ class TrainJobs:
             try:
                 process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                            cwd=self.workspace.root, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                           preexec_fn=_die_with_parent)
+                                           preexec_fn=die_with_parent)
             finally:
                 os.close(log)
-            job = TrainJob(project, "running", time.time(), asdict(options), pid=process.pid)
+            job = TrainJob(project, "running", time.time(), asdict(options), pid=process.pid, version=version)
             self._running[project], self._last[project] = process, job
             self._cancelled.discard(project)
             self._write_state(job)
@@ -162,7 +169,7 @@ class TrainJobs:
             if process is None:
                 raise Rejection(409, "no-job", f"no train of {project!r} is running")
             self._cancelled.add(project)
-            _stop(process)
+            stop_process(process)
             return self._last[project]
 
     def stop_all(self) -> None:
@@ -172,7 +179,7 @@ class TrainJobs:
             running = list(self._running.values())
             watchers = list(self._watchers.values())
         for process in running:
-            _stop(process)
+            stop_process(process)
         for watcher in watchers:
             watcher.join(STOP_SECONDS + 5)
 
@@ -206,7 +213,8 @@ class TrainJobs:
             elif project in self._cancelled:
                 finished = replace(job, state="cancelled", error="cancelled")
             elif code == 0:
-                finished = replace(job, state="done", test=self._test_metrics(project))
+                model = self.workspace.models_dir(project) / str(job.version)
+                finished = replace(job, state="done", test=test_metrics(model))
             else:
                 finished = replace(job, state="failed", error=self._failure(project, code))
             finished = replace(finished, ended=time.time(), returncode=code)
@@ -214,14 +222,6 @@ class TrainJobs:
             self._write_state(finished)
             self._running.pop(project, None)
             self._watchers.pop(project, None)
-
-    def _test_metrics(self, project: str) -> dict | None:
-        try:
-            metrics = json.loads((self.workspace.model_dir(project) / "metrics.json").read_text(encoding="utf-8"))
-            test = metrics["test"]
-            return {"accuracy": test["accuracy"], "ci95": test.get("ci95", {}).get("accuracy"), "n": test.get("n")}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None  # no test split (a tiny project), or a model folder of another version
 
     def _failure(self, project: str, code: int) -> str:
         """The child's own `error:` line when it printed one (a problem the user can fix), else its last line."""
@@ -247,7 +247,16 @@ class TrainJobs:
         write_atomically(self.state_file(job.project), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def _die_with_parent() -> None:
+def test_metrics(model: Path) -> dict | None:
+    """{"accuracy", "ci95", "n"} of a model folder's test split; None without one (a tiny project)."""
+    try:
+        test = json.loads((model / "metrics.json").read_text(encoding="utf-8"))["test"]
+        return {"accuracy": test["accuracy"], "ci95": test.get("ci95", {}).get("accuracy"), "n": test.get("n")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no test split, or a model folder of another tlearn version
+
+
+def die_with_parent() -> None:
     """In the train's child, before it runs: on Linux, SIGTERM when the studio dies (even by kill -9), so that no
     train goes on unseen; `tlearn train` then leaves no model or a whole one, never half. Elsewhere: nothing."""
     if sys.platform.startswith("linux"):
@@ -258,7 +267,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen) -> None:
     """SIGTERM now, SIGKILL if the process still runs STOP_SECONDS later (the watcher reaps it either way)."""
     process.terminate()
     timer = threading.Timer(STOP_SECONDS, lambda: process.poll() is None and process.kill())

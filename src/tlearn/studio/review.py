@@ -14,8 +14,10 @@ import io
 import json
 import mimetypes
 import os
+import re
 import threading
 from pathlib import Path, PurePosixPath
+from typing import Optional
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
@@ -39,22 +41,24 @@ def review_router(workspace: Workspace, jobs) -> APIRouter:
     api = APIRouter(prefix="/api/projects/{project}", tags=["review"])
     exporting = threading.Lock()  # one export at a time: each is a torch export and a check
 
-    def not_training(project: str) -> None:
-        job = jobs.last(project)
-        if job is not None and job.state == "running":
-            raise Rejection(409, "one-job", f"a train of {project!r} is running: move photos once it has ended")
-
-    def trained(project: str) -> Path:
+    def trained(project: str, version: int | None = None) -> Path:
         workspace.project_dir(project)
-        folder = workspace.model_dir(project)
+        folder = workspace.model_dir(project, version)
         if not (folder / "config.json").is_file():
             raise Rejection(409, "model", f"project {project!r} has no trained model yet: train it first")
         return folder
 
+    @api.get("/versions", summary="Every trained version of the project's model, oldest first, with what it was "
+                                  "trained with and its scores (test and cross-validated): what the page compares.")
+    def versions(project: str) -> dict:
+        workspace.project_dir(project)
+        return {"project": project,
+                "versions": [_version_summary(n, workspace.model_dir(project, n)) for n in workspace.versions(project)]}
+
     @api.get("/review", summary="The trained model's test metrics: per-class precision/recall/F1/support and the "
                                 "confusion matrix (rows: true class, columns: predicted).")
-    def review(project: str) -> dict:
-        folder = trained(project)
+    def review(project: str, version: Optional[int] = Query(None, ge=1)) -> dict:
+        folder = trained(project, version)
         try:
             metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -62,38 +66,45 @@ def review_router(workspace: Workspace, jobs) -> APIRouter:
         test = metrics.get("test") or {}
         classes = test.get("classes") or _config_classes(folder)
         per_class = test.get("per_class") or {}
-        return {"project": project, "classes": classes, "n": test.get("n"), "accuracy": test.get("accuracy"),
+        return {"project": project, "version": int(folder.name), "classes": classes, "n": test.get("n"),
+                "accuracy": test.get("accuracy"),
                 "ci95": (test.get("ci95") or {}).get("accuracy"), "macro_f1": test.get("macro_f1"),
                 "per_class": [{"class": name, **per_class[name]} for name in classes if name in per_class],
                 "confusion_matrix": test.get("confusion_matrix") or []}
 
     @api.post("/export", summary="Export the trained model to one ONNX file in its model folder (verified against "
                                  "the torch model); the answer says how to download and use it.")
-    def export(project: str) -> dict:
+    def export(project: str, version: Optional[int] = Query(None, ge=1)) -> dict:
         import tlearn
 
-        folder = trained(project)
+        folder = trained(project, version)
         if not exporting.acquire(blocking=False):
             raise Rejection(409, "one-export", "an export is already running: wait for it to end")
         try:
             check = tlearn.load(folder, progress=False).export(folder / ONNX_NAME)
         finally:
             exporting.release()
-        return {"project": project, "file": ONNX_NAME, "bytes": (folder / ONNX_NAME).stat().st_size,
-                "download": f"/api/projects/{project}/export", "check": _plain(check),
+        return {"project": project, "version": int(folder.name), "file": ONNX_NAME,
+                "bytes": (folder / ONNX_NAME).stat().st_size,
+                "download": f"/api/projects/{_quote(project)}/export?version={folder.name}", "check": _plain(check),
                 "snippets": snippets(folder)}
 
     @api.get("/export", summary="Download the exported ONNX file (attachment); 404 before an export.")
-    def download(project: str) -> FileResponse:
-        path = trained(project) / ONNX_NAME
+    def download(project: str, version: Optional[int] = Query(None, ge=1)) -> FileResponse:
+        path = trained(project, version) / ONNX_NAME
         if not path.is_file():
             raise Rejection(404, "export", f"the model of {project!r} is not exported yet: export it first")
         return FileResponse(workspace.inside(path, f"{project}/{ONNX_NAME}"), media_type="application/octet-stream",
                             filename=f"{project}.onnx", headers={"Cache-Control": "no-store"})
 
     @api.get("/snippets", summary="Copy-paste lines that serve and use the trained model.")
-    def snippet(project: str) -> dict:
-        return snippets(trained(project))
+    def snippet(project: str, version: Optional[int] = Query(None, ge=1)) -> dict:
+        return snippets(trained(project, version))
+
+    @api.get("/dockerfile", summary="A Dockerfile that puts this model into tlearn's serving image (the torch-free "
+                                    "install), with the commands that build and run it.")
+    def dockerfile(project: str, version: Optional[int] = Query(None, ge=1)) -> dict:
+        return docker_files(project, trained(project, version))
 
     @api.get("/suspects", summary="Training images whose label the model's out-of-fold probabilities contradict, "
                                   "most suspect first.")
@@ -122,7 +133,7 @@ def review_router(workspace: Workspace, jobs) -> APIRouter:
         from tlearn.data.relabel import relabel_folders
 
         data = workspace.project_dir(project)
-        not_training(project)
+        jobs.refuse_while_running(project, "move photos")
         classes = [c.name for c in workspace.classes(project)]
         label = check_name(body.label, "class")
         if label not in classes:
@@ -144,7 +155,7 @@ def review_router(workspace: Workspace, jobs) -> APIRouter:
         from tlearn.data.relabel import undo_last
 
         data = workspace.project_dir(project)
-        not_training(project)
+        jobs.refuse_while_running(project, "move photos")
         return {"project": project, "moves": _moves(undo_last(data), data)}
 
     return api
@@ -165,6 +176,44 @@ def project_file(workspace: Workspace, project: str, path: str) -> Path:
     if not real.is_file():
         raise Rejection(404, "path", f"project {project!r} has no file {path!r:.80}")
     return real
+
+
+def _version_summary(number: int, folder: Path) -> dict:
+    """One version as the compare table shows it: when, how, and its scores (None for what it lacks)."""
+    def read(name: str) -> dict:
+        try:
+            value = json.loads((folder / name).read_text(encoding="utf-8"))
+            return value if isinstance(value, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    config, metrics = read("config.json"), read("metrics.json")
+    training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    backbone = config.get("backbone") if isinstance(config.get("backbone"), dict) else {}
+    test, cv = metrics.get("test") or {}, metrics.get("cv") or {}
+    return {"version": number, "created": config.get("created"), "backbone": backbone.get("name"),
+            "recipe": training.get("recipe"), "fine_tuned": bool(backbone.get("fine_tuned_sha256")),
+            "classes": config.get("classes") or [],
+            "images": {"train": len((config.get("split") or {}).get("files", {}).get("train", [])),
+                       "test": test.get("n")},
+            "test": {"accuracy": test.get("accuracy"), "ci95": (test.get("ci95") or {}).get("accuracy"),
+                     "balanced_accuracy": test.get("balanced_accuracy"),
+                     "recall": {c: v.get("recall") for c, v in (test.get("per_class") or {}).items()}},
+            "cv": {"accuracy": cv.get("accuracy"), "balanced_accuracy": cv.get("balanced_accuracy"),
+                   "folds": (cv.get("folds") or {}).get("k")}}
+
+
+def docker_files(project: str, folder: Path) -> dict:
+    """A Dockerfile deriving from tlearn's serving image (the repository's Dockerfile, `make image`) with this
+    model copied in, and the lines that build and run it; the model folder is the build context."""
+    image = re.sub(r"[^a-z0-9_.-]+", "-", project.lower()).strip("-.") or "model"
+    text = ("# the model's own image: tlearn's serving image (torch-free) with this model folder in it\n"
+            "# build tlearn-serve first, from tlearn's source: make image\n"
+            "FROM tlearn-serve\n"
+            "COPY --chown=10001:10001 . /model\n")
+    return {"dockerfile": text,
+            "build": f"docker build -t tlearn-{image} -f - {_shell(str(folder))} <<'EOF'\n{text}EOF",
+            "run": f"docker run --rm -p 127.0.0.1:8000:8000 tlearn-{image}"}
 
 
 def snippets(folder: Path) -> dict:

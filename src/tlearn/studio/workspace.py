@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -82,10 +83,39 @@ class Workspace:
             raise Rejection(404, "class", f"project {project!r} has no class named {name!r}")
         return path
 
-    def model_dir(self, project: str) -> Path:
-        """Where the studio trains `project`'s model: beside the projects, never inside a class folder."""
+    def models_dir(self, project: str) -> Path:
+        """Where the studio keeps `project`'s trained versions (1, 2, ...): beside the projects, never inside a
+        class folder."""
         name = check_name(project, "project")
         return self.inside(self.studio_dir / "models" / name, f"{STUDIO_DIR}/models/{name}")
+
+    def versions(self, project: str) -> list[int]:
+        """The numbers of the project's trained versions (folders holding a model), oldest first."""
+        folder = self.models_dir(project)
+        if not folder.is_dir():
+            return []
+        numbers = [int(e.name) for e in os.scandir(folder) if e.name.isdigit() and not e.is_symlink()
+                   and os.path.isfile(os.path.join(e.path, "config.json"))]
+        return sorted(numbers)
+
+    def model_dir(self, project: str, version: int | None = None) -> Path:
+        """The folder of version `version` of the project's model (None: the newest); 404 for no such version.
+        A project never trained gives the folder its first version would have (no config.json in it)."""
+        known = self.versions(project)
+        if version is None:
+            version = known[-1] if known else 1
+        elif version not in known:
+            raise Rejection(404, "version", f"project {project!r} has no trained version {version} (versions: "
+                                            f"{', '.join(map(str, known)) or 'none yet'})")
+        return self.inside(self.models_dir(project) / str(version), f"{STUDIO_DIR}/models/{project}/{version}")
+
+    def next_version(self, project: str) -> tuple[int, Path]:
+        """The number and folder of the project's next train: one past every folder there, failed ones included
+        (a number is never given twice)."""
+        folder = self.models_dir(project)
+        taken = [int(e.name) for e in os.scandir(folder) if e.name.isdigit()] if folder.is_dir() else []
+        number = max(taken, default=0) + 1
+        return number, self.inside(folder / str(number), f"{STUDIO_DIR}/models/{project}/{number}")
 
     # ---- reading -------------------------------------------------------------------------------------------
     def projects(self) -> list[str]:
@@ -102,6 +132,33 @@ class Workspace:
 
     def create_class(self, project: str, name: str) -> Path:
         return _make_folder(self.class_dir(project, name, exists=False), f"class {name!r} of {project!r}")
+
+    def rename_class(self, project: str, name: str, new: str) -> Path:
+        """Rename a class folder (409 when the new name is taken); its photos move with it."""
+        source, target = self.class_dir(project, name), self.class_dir(project, new, exists=False)
+        if os.path.lexists(target):
+            raise Rejection(409, "exists", f"class {new!r} of {project!r} already exists")
+        os.rename(source, target)
+        return target
+
+    def discard(self, project: str, relative: str, path: Path) -> Path:
+        """Move a class folder or a photo of the project out of it, into the studio's bin (never deleted: the
+        answer names where it went)."""
+        bin_dir = self.inside(self.studio_dir / "bin" / check_name(project, "project"), f"{STUDIO_DIR}/bin")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = bin_dir / stamp / relative
+        for n in range(2, 10_000):
+            if not os.path.lexists(target):
+                break
+            target = bin_dir / f"{stamp}-{n}" / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, target)  # the same file system (the workspace): a move, whole or not at all
+        return target
+
+    def images(self, project: str, name: str) -> list[str]:
+        """The photos of a class, as paths relative to the project ('class/file'), sorted."""
+        folder = self.class_dir(project, name)
+        return sorted(p.relative_to(folder.parent).as_posix() for p in walk_images(folder).images)
 
     def save_images(self, project: str, name: str, uploads: list[Upload], max_pixels: int) -> list[str]:
         """Save every upload into the class folder under a free name, or none of them (4xx for the first bad one).
