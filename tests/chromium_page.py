@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,12 +53,13 @@ def render(html_path: Path, screenshot: Path, binary: str = "chromium", timeout:
 
 
 @contextmanager
-def devtools_page(binary: str, timeout: float = 60) -> Iterator[tuple]:
-    """A headless Chromium (a fresh profile) with its one page, as (call, ws): `call(method, **params)` sends a
-    DevTools command and returns its result; Page events are enabled. The browser is stopped on exit."""
+def devtools_page(binary: str, timeout: float = 60, flags: Sequence[str] = ()) -> Iterator[tuple]:
+    """A headless Chromium (a fresh profile, `flags` added to ours) with its one page, as (call, ws):
+    `call(method, **params)` sends a DevTools command and returns its result; Page events are enabled. The browser
+    is stopped on exit."""
     # chromium's helper processes can still be writing the profile as the browser exits: do not fail on cleanup
     with tempfile.TemporaryDirectory(prefix="tlearn-chromium-", ignore_cleanup_errors=True) as profile:
-        browser = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
+        browser = subprocess.Popen([binary, *FLAGS, *flags, f"--user-data-dir={profile}", "--remote-debugging-port=0",
                                     "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             port = _devtools_port(Path(profile), browser, timeout)
