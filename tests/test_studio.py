@@ -741,12 +741,20 @@ def test_the_page_goes_from_photos_to_a_deployed_model(tmp_path, cache_dir, demo
             assert until(call, "document.querySelector('#cell-photos .thumb img').src.slice(0, 22)",
                          lambda src: src == "data:image/png;base64,")
 
-            click("#train-button")  # a second version, from the cache: seconds
-            until(call, "document.querySelectorAll('#compare-b option').length", lambda n: n == 2)
+            run("document.getElementById('recipe').value = 'finetune'; document.getElementById('epochs').value = 2")
+            click("#train-button")  # a second version: fine-tuned, its curve drawn epoch by epoch
+            curve = until(call, "(document.getElementById('curve-caption') || {}).textContent", lambda t: t and
+                          t.startswith("Fine-tuning, epoch 2 of 2"), timeout=240)
+            points = run("document.getElementById('curve-acc').getAttribute('points')").split()
+            assert len(points) == 2 and "loss" in curve, (points, curve)
+            until(call, "document.querySelectorAll('#compare-b option').length", lambda n: n == 2, timeout=240)
             click("#compare-button")
             compared = until(call, "Array.from(document.querySelectorAll('#compare thead th')).map(t => "
                                    "t.textContent)", lambda h: h and len(h) == 3)
             assert compared[1:] == ["Version 1", "Version 2"], compared
+            recipes = run("Array.from(document.querySelectorAll('#compare tbody tr')).find(r => r.firstChild"
+                          ".textContent === 'Recipe').textContent")
+            assert recipes.startswith("Recipehead") and "finetune" in recipes, recipes  # 1: the default; 2: asked
 
             click("#serve-button")
             url = until(call, "(document.getElementById('served-url') || {}).href || "

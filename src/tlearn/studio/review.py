@@ -192,7 +192,8 @@ def _version_summary(number: int, folder: Path) -> dict:
     backbone = config.get("backbone") if isinstance(config.get("backbone"), dict) else {}
     test, cv = metrics.get("test") or {}, metrics.get("cv") or {}
     return {"version": number, "created": config.get("created"), "backbone": backbone.get("name"),
-            "recipe": training.get("recipe"), "fine_tuned": bool(backbone.get("fine_tuned_sha256")),
+            "recipe": training.get("recipe"), "recipe_asked": training.get("recipe_asked"),
+            "fine_tuned": bool(backbone.get("fine_tuned_sha256")),
             "classes": config.get("classes") or [],
             "images": {"train": len((config.get("split") or {}).get("files", {}).get("train", [])),
                        "test": test.get("n")},
