@@ -49,6 +49,12 @@ def run_onnx_file(path: Path, images: list[Path]) -> tuple[np.ndarray, dict]:
     """Probabilities from the ONNX file alone: preprocessing as its metadata describes, onnxruntime forward."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     props = session.get_modelmeta().custom_metadata_map
+    (probabilities,) = session.run(["probabilities"], {"pixels": metadata_pixels(props, images)})
+    return probabilities, props
+
+
+def metadata_pixels(props: dict, images: list[Path]) -> np.ndarray:
+    """uint8 (n, 3, size, size) of `images`, preprocessed as an export's metadata describes, with PIL alone."""
     prep = json.loads(props["preprocessing"])
     size, short = prep["input_size"], prep["resize_shorter_side"]
     assert prep["interpolation"] == "bicubic" and prep["crop"] == "centre"
@@ -61,8 +67,7 @@ def run_onnx_file(path: Path, images: list[Path]) -> tuple[np.ndarray, dict]:
         image = image.resize((width, height), Image.BICUBIC)
         left, top = int(round((width - size) / 2)), int(round((height - size) / 2))
         batch.append(np.asarray(image.crop((left, top, left + size, top + size))).transpose(2, 0, 1))
-    (probabilities,) = session.run(["probabilities"], {"pixels": np.stack(batch)})
-    return probabilities, props
+    return np.stack(batch)
 
 
 def test_exported_file_alone_matches_predict_proba(exported, model_dir, images):
@@ -78,6 +83,32 @@ def test_exported_file_alone_matches_predict_proba(exported, model_dir, images):
     verification = json.loads(props["verification"])
     assert verification["ok"] and verification["images"] == len(images)
     assert "top-1 agreement 100.0%" in " ".join(output.split())
+
+
+def test_openvino_export_alone_matches_predict_proba_and_refuses_a_users_file(model_dir, images, tmp_path):
+    ov = pytest.importorskip("openvino")
+    users = tmp_path / "notes.xml"
+    users.write_text("<mine/>")
+    refused = runner.invoke(app, ["export", str(model_dir), "--format", "openvino", "--out", str(users)])
+    assert refused.exit_code == 2 and "not an OpenVINO model that tlearn exported" in refused.output
+    assert users.read_text() == "<mine/>" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.xml"]
+    wrong = runner.invoke(app, ["export", str(model_dir), "--format", "openvino", "--out", str(tmp_path / "m.onnx")])
+    assert wrong.exit_code == 2 and ".xml file" in wrong.output
+
+    result = runner.invoke(app, ["export", str(model_dir), "--format", "openvino", "--out", str(tmp_path / "m.xml")])
+    assert result.exit_code == 0, result.output
+    assert "verified with OpenVINO against torch" in " ".join(result.output.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml", "notes.xml"]  # no temporary left
+    model = ov.Core().read_model(str(tmp_path / "m.xml"))  # OpenVINO alone: no tlearn code below
+    props = {key: model.get_rt_info(["tlearn", key]).value for key in ("classes", "preprocessing", "precision")}
+    assert json.loads(props["classes"]) == ["ants", "bees"] and props["precision"] == "fp32"
+    # f32 asked for: on a CPU with bf16 (AVX-512 bf16, AMX) OpenVINO's default is bf16, ~1e-2 away
+    got = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(
+        metadata_pixels(props, images))[0]
+    expected = tlearn.load(model_dir, progress=False).predict_proba(images)
+    assert (got.argmax(1) == expected.argmax(1)).all() and np.abs(got - expected).max() <= 1e-3
+    again = runner.invoke(app, ["export", str(model_dir), "--format", "openvino", "--out", str(tmp_path / "m.xml")])
+    assert again.exit_code == 0, again.output  # its own earlier export is replaced
 
 
 def test_export_outside_tolerance_writes_nothing(model_dir, monkeypatch, tmp_path):

@@ -417,8 +417,16 @@ def onnx_top1(path: Path, image: Path) -> tuple[str, list[str]]:
     """The top-1 class of `image` by the ONNX file alone, preprocessed as its metadata says."""
     ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    props = session.get_modelmeta().custom_metadata_map
-    prep, classes = json.loads(props["preprocessing"]), json.loads(props["classes"])
+    classes = json.loads(session.get_modelmeta().custom_metadata_map["classes"])
+    (probabilities,) = session.run(["probabilities"], {"pixels": onnx_pixels(path, image)})
+    return classes[int(probabilities[0].argmax())], classes
+
+
+def onnx_pixels(path: Path, image: Path) -> np.ndarray:
+    """uint8 (1, 3, size, size) of `image`, preprocessed as the ONNX file's metadata says (PIL alone)."""
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    prep = json.loads(session.get_modelmeta().custom_metadata_map["preprocessing"])
     size, short = prep["input_size"], prep["resize_shorter_side"]
     picture = Image.open(image).convert("RGB")
     scale = short / min(picture.size)
@@ -426,9 +434,7 @@ def onnx_top1(path: Path, image: Path) -> tuple[str, list[str]]:
         (int(scale * picture.width), short)
     picture = picture.resize((width, height), Image.BICUBIC)
     left, top = int(round((width - size) / 2)), int(round((height - size) / 2))
-    pixels = np.asarray(picture.crop((left, top, left + size, top + size))).transpose(2, 0, 1)[None]
-    (probabilities,) = session.run(["probabilities"], {"pixels": pixels})
-    return classes[int(probabilities[0].argmax())], classes
+    return np.asarray(picture.crop((left, top, left + size, top + size))).transpose(2, 0, 1)[None]
 
 
 def test_review_gives_the_per_class_table_and_confusion_matrix(mislabelled):
@@ -468,6 +474,27 @@ def test_export_gives_an_onnx_file_that_agrees_with_the_studio(mislabelled, demo
         assert classes == answer["classes"] and label == answer["label"] == cls, answer
         heat = Image.open(io.BytesIO(base64.b64decode(answer["heatmap_png"])))  # the prediction's heat map
         assert heat.format == "PNG" and heat.size[0] > 0
+
+    refused(api.get("/api/projects/mixed/export", params={"format": "openvino"}), 404, "export")
+    refused(api.post("/api/projects/mixed/export", params={"format": "tflite"}), 400, "parameters")
+    openvino = api.post("/api/projects/mixed/export", params={"format": "openvino"}, timeout=300)
+    assert openvino.status_code == 200, openvino.text
+    assert openvino.json()["file"] == "model.xml" and openvino.json()["check"]["top1_agreement"] == 1.0
+    archive = api.get(openvino.json()["download"])
+    assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(archive.content)) as zipped:
+        assert sorted(zipped.namelist()) == ["mixed-openvino/model.bin", "mixed-openvino/model.xml"]
+        zipped.extractall(tmp_path)
+    ov = pytest.importorskip("openvino")
+    network = ov.Core().compile_model(str(tmp_path / "mixed-openvino" / "model.xml"), "CPU",
+                                      {"INFERENCE_PRECISION_HINT": "f32"})
+    for cls in ("brick", "grass"):
+        photo = sorted((demo_data / "test" / cls).glob("*.png"))[0]
+        _, classes = onnx_top1(tmp_path / "mixed.onnx", photo)
+        pixels = onnx_pixels(tmp_path / "mixed.onnx", photo)
+        assert classes[int(network(pixels)[0][0].argmax())] == cls  # the same pixels, the same answer
 
 
 def test_a_suspect_label_is_found_moved_and_put_back(mislabelled, tmp_path):
@@ -714,6 +741,11 @@ def test_the_page_goes_from_photos_to_a_deployed_model(tmp_path, cache_dir, demo
                 message: document.getElementById('message').textContent})""",
                            lambda d: d["link"] or d["message"])
             to_export = time.monotonic() - started  # the issue's bar: photos -> trained -> a prediction -> exported
+            click("#export-openvino-button")
+            until(call, "!document.getElementById('export-openvino-link').hidden || "
+                        "document.getElementById('message').textContent", lambda v: v)
+            assert not run("document.getElementById('export-openvino-link').hidden"), run(
+                "document.getElementById('message').textContent")
             assert deploy["link"] and deploy["serve"].startswith("tlearn serve ") and \
                 "/v1/predict" in deploy["curl"] and "FROM tlearn-serve" in deploy["docker"], deploy
             print(f"studio page: two classes of ten photos to an exported model in {to_export:.1f} s")

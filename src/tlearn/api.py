@@ -173,6 +173,13 @@ class ImageClassifier:
         return export_bundle(self._bundle(), self.predictor(), Path(path), int8=int8, images=images,
                              seed=self.seed)
 
+    def export_openvino(self, path: str | Path, *, images: Sequence[str | Path] | None = None) -> ExportCheck:
+        """The whole classifier as OpenVINO IR (`path`.xml and its .bin), input and output as `export`'s ONNX
+        file: exported to ONNX, converted, and verified against the torch model on the same images."""
+        from tlearn.export import export_openvino_bundle
+
+        return export_openvino_bundle(self._bundle(), self.predictor(), Path(path), images=images, seed=self.seed)
+
     def _bundle(self) -> Bundle:
         if not hasattr(self, "bundle_"):
             raise NotFittedError("this ImageClassifier is not trained: call fit(data) or tlearn.load(folder)")

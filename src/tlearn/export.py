@@ -54,6 +54,45 @@ def export_bundle(bundle: Bundle, predictor: Predictor, path: Path, *, int8: boo
                              properties(bundle, "int8" if int8 else "fp32"), pixels, source, batches)
 
 
+def export_openvino_bundle(bundle: Bundle, predictor: Predictor, path: Path, *,
+                           images: Sequence[str | Path] | None = None, seed: int = 0) -> ExportCheck:
+    """The whole classifier as OpenVINO IR (`path`, an .xml, and its .bin): the ONNX export (verified), converted,
+    and verified against torch again on the same images. Same input and output as the ONNX file; its metadata in
+    the model's rt_info under "tlearn"."""
+    import tempfile
+
+    path = Path(path)
+    if path.suffix.lower() != ".xml":
+        raise OutputRefused(f"cannot write {path}: an OpenVINO model is an .xml file (with its .bin beside it)")
+    for target in (path, path.with_suffix(".bin")):
+        if target.is_dir() or (os.path.lexists(target) and not _is_tlearn_openvino(path)):
+            raise OutputRefused(f"{target} exists and is not an OpenVINO model that tlearn exported: refusing to "
+                                "overwrite it; choose another --out")
+    if not path.parent.is_dir():
+        raise OutputRefused(f"cannot write {path}: the folder {path.parent} does not exist")
+    from tlearn.engines.export import onnx_to_openvino, torch_probabilities
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.onnx.") as folder:
+        onnx_file = Path(folder) / "model.onnx"
+        first = export_bundle(bundle, predictor, onnx_file, images=images, seed=seed)
+        pixels, source = check_pixels(bundle, predictor, images)
+        reference = torch_probabilities(bundle.build_model(), bundle.preprocessing, pixels)
+        props = {**properties(bundle, "fp32"), "verification_onnx": json.dumps(first.to_dict())}
+        return onnx_to_openvino(onnx_file, path, props, reference, pixels, source)
+
+
+def _is_tlearn_openvino(xml: Path) -> bool:
+    try:
+        with open(xml, "rb") as handle:
+            if b"<net " not in handle.read(4096):  # not OpenVINO IR: not handed to OpenVINO's readers at all
+                return False
+        from tlearn.engines.runtimes import openvino_core
+
+        return openvino_core().read_model(str(xml)).has_rt_info(["tlearn", "producer"])
+    except Exception:  # not an OpenVINO model at all, or no .bin beside it
+        return False
+
+
 def check_export_path(path: Path) -> None:
     """Refuse an --out that would replace anything but an ONNX file tlearn exported (a user's photo, say)."""
     if path.is_dir():

@@ -9,6 +9,7 @@ import typer
 
 from tlearn.cli.common import USER_ERRORS, CacheDir, Engine, EngineName, ModelFolder, Precision, Quiet, app, fail
 from tlearn.console import out, print_evaluation
+from tlearn.errors import InvalidParameter
 from tlearn.evaluate import painter
 from tlearn.outputs import terminal_text
 
@@ -67,21 +68,34 @@ def export(
                                                       "training images); looser verification tolerance.")] = False,
     images: Annotated[Optional[list[Path]], typer.Option(
         help="Images or folders to verify on (default: the model's test/val images).")] = None,
+    format: Annotated[str, typer.Option("--format", help="onnx: one ONNX file; openvino: OpenVINO IR (an .xml "
+                                                         "and its .bin), converted from the verified ONNX export "
+                                                         "and verified again.")] = "onnx",
 ) -> None:
-    """Export the whole classifier as one ONNX file (pixels in, calibrated probabilities out), verified against
-    the torch model."""
+    """Export the whole classifier as one ONNX file, or OpenVINO IR (pixels in, calibrated probabilities out),
+    verified against the torch model."""
     import tlearn
 
-    out_file = out_file or model / ("model-int8.onnx" if int8 else "model.onnx")
+    if format not in ("onnx", "openvino"):
+        fail(InvalidParameter(f"--format must be onnx or openvino, not {format!r}"))
+    if format == "openvino" and int8:
+        fail(InvalidParameter("--int8 is for the ONNX export: an OpenVINO export is fp32 (OpenVINO runs it in "
+                              "bf16 where the CPU has it)"))
+    default = "model.xml" if format == "openvino" else ("model-int8.onnx" if int8 else "model.onnx")
+    out_file = out_file or model / default
     try:
-        check = tlearn.load(model, progress=False).export(out_file, int8=int8, images=images)
+        classifier = tlearn.load(model, progress=False)
+        check = classifier.export_openvino(out_file, images=images) if format == "openvino" else \
+            classifier.export(out_file, int8=int8, images=images)
     except USER_ERRORS as exc:
         fail(exc)
-    out.print(f"wrote {check.path} ({Path(check.path).stat().st_size / 1e6:.1f} MB, {check.precision}): input "
-              "uint8 pixels, output calibrated class probabilities; classes and preprocessing in its metadata",
-              highlight=False)
+    size = sum(p.stat().st_size for p in {Path(check.path), Path(check.path).with_suffix(".bin")} if p.is_file())
+    what = "OpenVINO IR (.xml + .bin)" if format == "openvino" else check.precision
+    out.print(f"wrote {check.path} ({size / 1e6:.1f} MB, {what}): input uint8 pixels, output calibrated class "
+              "probabilities; classes and preprocessing in its metadata", highlight=False)
     bound = check.tolerance
-    out.print(f"verified with onnxruntime against torch on {check.image_source}: probabilities differ by at most "
+    runtime = "OpenVINO" if format == "openvino" else "onnxruntime"
+    out.print(f"verified with {runtime} against torch on {check.image_source}: probabilities differ by at most "
               f"{check.max_abs_diff:.2e} (tolerance {bound['max_abs_diff']:g}), mean {check.mean_abs_diff:.2e} "
               f"(tolerance {bound['mean_abs_diff']:g}); top-1 agreement {check.top1_agreement:.1%} "
               f"(tolerance >= {bound['top1_agreement']:.0%})", highlight=False)

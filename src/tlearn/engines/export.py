@@ -152,3 +152,44 @@ def _set_properties(path: Path, properties: dict[str, str]) -> None:
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, properties)
     onnx.save(model, str(path))
+
+
+def onnx_to_openvino(onnx_file: Path, path: Path, properties: dict[str, str], reference: np.ndarray,
+                     check_pixels: np.ndarray, image_source: str) -> ExportCheck:
+    """Convert a verified fp32 ONNX export into OpenVINO IR at `path` (.xml, with its .bin beside it), run it
+    with OpenVINO on `check_pixels` and compare with `reference` (eager torch's probabilities); outside
+    EXPORT_TOLERANCE nothing is written. Both files are moved into place only once the check passed."""
+    import shutil
+    import tempfile
+
+    import openvino as ov
+
+    from tlearn.engines.runtimes import OpenVinoEngine
+
+    path = Path(path)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp"))
+    try:
+        model = ov.convert_model(str(onnx_file))
+        for key, value in properties.items():
+            model.set_rt_info(value, ["tlearn", key])
+        xml = staging / "model.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        exported = OpenVinoEngine(xml, "fp32")(check_pixels)
+        difference = np.abs(exported - reference)
+        check = ExportCheck(str(path), "fp32", len(check_pixels), image_source, float(difference.max()),
+                            float(difference.mean()), float((exported.argmax(1) == reference.argmax(1)).mean()),
+                            EXPORT_TOLERANCE["fp32"])
+        if not check.ok:
+            raise EngineError(f"the OpenVINO model disagrees with torch on {image_source}: probabilities differ by "
+                              f"up to {check.max_abs_diff:.2e} (mean {check.mean_abs_diff:.2e}), top-1 agreement "
+                              f"{check.top1_agreement:.1%}; {path} was not written")
+        os.replace(xml.with_suffix(".bin"), path.with_suffix(".bin"))  # the weights first: an .xml is never
+        os.replace(xml, path)                                           # beside another model's .bin
+        return check
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def torch_probabilities(classifier: nn.Module, preprocessing: Preprocessing, pixels: np.ndarray) -> np.ndarray:
+    """Eager torch fp32's calibrated probabilities of uint8 `pixels`: what an export is compared with."""
+    return TorchEngine(PixelsToOutputs(ClassProbabilities(classifier), preprocessing), "fp32")(pixels)

@@ -16,11 +16,13 @@ import mimetypes
 import os
 import re
 import threading
+import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Optional
+from typing import Annotated, Literal, Optional
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from tlearn.data.decode import IMAGE_EXTENSIONS
@@ -29,6 +31,8 @@ from tlearn.serve.limits import Rejection
 from tlearn.studio.workspace import Workspace, check_name
 
 ONNX_NAME = "model.onnx"
+OPENVINO_NAME = "model.xml"  # and model.bin beside it
+ExportFormat = Annotated[Literal["onnx", "openvino"], Query(description="onnx: one ONNX file; openvino: OpenVINO IR")]
 
 
 class Move(BaseModel):
@@ -72,30 +76,47 @@ def review_router(workspace: Workspace, jobs) -> APIRouter:
                 "per_class": [{"class": name, **per_class[name]} for name in classes if name in per_class],
                 "confusion_matrix": test.get("confusion_matrix") or []}
 
-    @api.post("/export", summary="Export the trained model to one ONNX file in its model folder (verified against "
-                                 "the torch model); the answer says how to download and use it.")
-    def export(project: str, version: Optional[int] = Query(None, ge=1)) -> dict:
+    @api.post("/export", summary="Export the trained model to one ONNX file (format=onnx) or OpenVINO IR "
+                                 "(format=openvino: model.xml + model.bin) in its model folder, verified against "
+                                 "the torch model; the answer says how to download and use it.")
+    def export(project: str, version: Optional[int] = Query(None, ge=1), format: ExportFormat = "onnx") -> dict:
         import tlearn
 
         folder = trained(project, version)
         if not exporting.acquire(blocking=False):
             raise Rejection(409, "one-export", "an export is already running: wait for it to end")
         try:
-            check = tlearn.load(folder, progress=False).export(folder / ONNX_NAME)
+            model = tlearn.load(folder, progress=False)
+            check = model.export_openvino(folder / OPENVINO_NAME) if format == "openvino" else \
+                model.export(folder / ONNX_NAME)
         finally:
             exporting.release()
-        return {"project": project, "version": int(folder.name), "file": ONNX_NAME,
-                "bytes": (folder / ONNX_NAME).stat().st_size,
-                "download": f"/api/projects/{_quote(project)}/export?version={folder.name}", "check": _plain(check),
-                "snippets": snippets(folder)}
+        files = _export_files(folder, format)
+        return {"project": project, "version": int(folder.name), "format": format,
+                "file": files[0].name, "bytes": sum(f.stat().st_size for f in files),
+                "download": f"/api/projects/{_quote(project)}/export?version={folder.name}&format={format}",
+                "check": _plain(check), "snippets": snippets(folder)}
 
-    @api.get("/export", summary="Download the exported ONNX file (attachment); 404 before an export.")
-    def download(project: str, version: Optional[int] = Query(None, ge=1)) -> FileResponse:
-        path = trained(project, version) / ONNX_NAME
-        if not path.is_file():
-            raise Rejection(404, "export", f"the model of {project!r} is not exported yet: export it first")
-        return FileResponse(workspace.inside(path, f"{project}/{ONNX_NAME}"), media_type="application/octet-stream",
-                            filename=f"{project}.onnx", headers={"Cache-Control": "no-store"})
+    @api.get("/export", summary="Download the exported model (attachment): the ONNX file, or for OpenVINO a zip "
+                                "of model.xml and model.bin; 404 before an export.")
+    def download(project: str, version: Optional[int] = Query(None, ge=1),
+                 format: ExportFormat = "onnx") -> Response:
+        folder = trained(project, version)
+        files = [workspace.inside(f, f"{project}/{f.name}") for f in _export_files(folder, format)]
+        if not all(f.is_file() for f in files):
+            raise Rejection(404, "export", f"the model of {project!r} is not exported to {format} yet: export it "
+                                           "first")
+        headers = {"Cache-Control": "no-store"}
+        if format == "onnx":
+            return FileResponse(files[0], media_type="application/octet-stream", filename=f"{project}.onnx",
+                                headers=headers)
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zipped:
+            for f in files:
+                zipped.write(f, f"{project}-openvino/{f.name}")
+        name = quote(f"{project}-openvino.zip")
+        return Response(archive.getvalue(), media_type="application/zip",
+                        headers={**headers, "Content-Disposition": f"attachment; filename*=utf-8''{name}"})
 
     @api.get("/snippets", summary="Copy-paste lines that serve and use the trained model.")
     def snippet(project: str, version: Optional[int] = Query(None, ge=1)) -> dict:
@@ -215,6 +236,12 @@ def docker_files(project: str, folder: Path) -> dict:
     return {"dockerfile": text,
             "build": f"docker build -t tlearn-{image} -f - {_shell(str(folder))} <<'EOF'\n{text}EOF",
             "run": f"docker run --rm -p 127.0.0.1:8000:8000 tlearn-{image}"}
+
+
+def _export_files(folder: Path, format: str) -> list[Path]:
+    if format == "openvino":
+        return [folder / OPENVINO_NAME, (folder / OPENVINO_NAME).with_suffix(".bin")]
+    return [folder / ONNX_NAME]
 
 
 def snippets(folder: Path) -> dict:
