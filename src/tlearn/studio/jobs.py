@@ -137,20 +137,8 @@ class TrainJobs:
             model.parent.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "-m", "tlearn.cli", "train", str(data), "--out", str(model),
                        *options.arguments()]
-            # O_NOFOLLOW: a link planted at the log's place is refused, never followed out of the workspace
-            try:
-                log = os.open(self.log_file(project), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-            except OSError as exc:
-                if exc.errno != errno.ELOOP:
-                    raise
-                raise Rejection(403, "workspace", f".studio/jobs/{project}.log is a symbolic link: the studio "
-                                                  "writes no file through one") from None
-            try:
-                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                           cwd=self.workspace.root, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                           preexec_fn=die_with_parent)
-            finally:
-                os.close(log)
+            process = start_child(command, self.log_file(project), f".studio/jobs/{project}.log",
+                                  self.workspace.root)
             job = TrainJob(project, "running", time.time(), asdict(options), pid=process.pid, version=version)
             self._running[project], self._last[project] = process, job
             self._cancelled.discard(project)
@@ -254,6 +242,24 @@ def test_metrics(model: Path) -> dict | None:
         return {"accuracy": test["accuracy"], "ci95": test.get("ci95", {}).get("accuracy"), "n": test.get("n")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # no test split, or a model folder of another tlearn version
+
+
+def start_child(command: list[str], log_file: Path, shown: str, cwd: Path) -> subprocess.Popen:
+    """`command` in a child process of the studio's, its output into `log_file` (a file, never a pipe the server
+    might stop reading), ended when the studio dies. O_NOFOLLOW: a link planted at the log's place is refused
+    (403), never followed out of the workspace."""
+    try:
+        log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise Rejection(403, "workspace", f"{shown} is a symbolic link: the studio writes no file through one") \
+            from None
+    try:
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
+    finally:
+        os.close(log)
 
 
 def die_with_parent() -> None:

@@ -6,7 +6,6 @@ a user would run by hand, and the page's curl line works against it as printed.
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tlearn.serve.limits import Rejection
-from tlearn.studio.jobs import die_with_parent, stop_process
+from tlearn.studio.jobs import start_child, stop_process
 from tlearn.studio.workspace import Workspace, check_name
 
 HOST = "127.0.0.1"  # a served model never leaves this machine from the studio: `tlearn serve --host` by hand does
@@ -62,13 +61,7 @@ class ModelServers:
         port = _free_port()
         command = [sys.executable, "-m", "tlearn.cli", "serve", str(folder), "--host", HOST, "--port", str(port),
                    "--name", check_name(project, "project")]
-        log = os.open(self.log_file(project), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        try:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       cwd=self.workspace.root, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                       preexec_fn=die_with_parent)
-        finally:
-            os.close(log)
+        process = start_child(command, self.log_file(project), f".studio/serve/{project}.log", self.workspace.root)
         with self._lock:
             self._running[project] = (process, number, port)
         return self.state(project)
