@@ -573,7 +573,8 @@ def test_versions_confusion_cells_heat_maps_and_the_doctor(mislabelled):
     assert few and all(f["images"] == [] for f in few)  # a class-wide warning names no photo
 
     docker = api.get("/api/projects/mixed/dockerfile").json()
-    assert docker["dockerfile"].splitlines()[2:] == ["FROM tlearn-serve", "COPY --chown=10001:10001 . /model"]
+    assert docker["dockerfile"].splitlines()[2:] == ["FROM tlearn-serve", "COPY --chown=10001:10001 . /model",
+                                                     'CMD ["--name", "mixed"]']
     assert docker["build"].startswith("docker build -t tlearn-mixed -f - ") and docker["dockerfile"] in docker["build"]
 
 

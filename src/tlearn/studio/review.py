@@ -232,7 +232,8 @@ def docker_files(project: str, folder: Path) -> dict:
     text = ("# the model's own image: tlearn's serving image (torch-free) with this model folder in it\n"
             "# build tlearn-serve first, from tlearn's source: make image\n"
             "FROM tlearn-serve\n"
-            "COPY --chown=10001:10001 . /model\n")
+            "COPY --chown=10001:10001 . /model\n"
+            f'CMD ["--name", "{image}"]\n')
     return {"dockerfile": text,
             "build": f"docker build -t tlearn-{image} -f - {_shell(str(folder))} <<'EOF'\n{text}EOF",
             "run": f"docker run --rm -p 127.0.0.1:8000:8000 tlearn-{image}"}
