@@ -25,7 +25,7 @@ from tlearn.serve.inputs import check_image_count, encoded_images, multipart_fil
 from tlearn.serve.limits import Rejection, read_body
 from tlearn.studio.guard import StudioGuard, StudioSettings
 from tlearn.studio.jobs import TrainJobs, TrainOptions
-from tlearn.studio.review import review_router
+from tlearn.studio.review import image_url, review_router
 from tlearn.studio.serving import ModelServers
 from tlearn.studio.workspace import Upload, Workspace
 
@@ -122,7 +122,7 @@ def _projects_router(workspace: Workspace, jobs: TrainJobs, settings: StudioSett
     def class_images(project: str, name: str) -> dict:
         paths = workspace.images(project, name)
         return {"project": project, "class": name,
-                "images": [{"path": p, "thumbnail": _image_url(project, p)} for p in paths]}
+                "images": [{"path": p, "thumbnail": image_url(project, p)} for p in paths]}
 
     @api.patch("/projects/{project}/classes/{name}", summary="Rename a class (its folder); 409 when the name is "
                                                              "taken or a train runs.")
@@ -160,7 +160,7 @@ def _projects_router(workspace: Workspace, jobs: TrainJobs, settings: StudioSett
         report = await asyncio.to_thread(examine_dataset, data, progress=False)
         found = report.to_dict()
         for finding in found["findings"]:
-            finding["images"] = [{"path": p, "thumbnail": _image_url(project, p)} for p in finding["paths"]
+            finding["images"] = [{"path": p, "thumbnail": image_url(project, p)} for p in finding["paths"]
                                  if (data / p).is_file()]
         found["root"] = project
         return found
@@ -267,7 +267,7 @@ def _predict_router(models: "ModelCache", settings: StudioSettings) -> APIRouter
         rows = await asyncio.to_thread(models.test_images, project, version)
         chosen = [r for r in rows if (given is None or r["given"] == given) and
                   (predicted is None or r["predicted"] == predicted)]
-        return {"project": project, "images": [{**r, "thumbnail": _image_url(project, r["path"])} for r in chosen]}
+        return {"project": project, "images": [{**r, "thumbnail": image_url(project, r["path"])} for r in chosen]}
 
     @api.post("/projects/{project}/explain", summary="The heat map of one photo of the project (its path) for its "
                                                      "top class or a class named, as base64 PNG.")
@@ -285,12 +285,6 @@ def _predict_router(models: "ModelCache", settings: StudioSettings) -> APIRouter
                 "probability": explanation.probability, "heatmap_png": base64.b64encode(png).decode("ascii")}
 
     return api
-
-
-def _image_url(project: str, path: str) -> str:
-    from urllib.parse import quote
-
-    return f"/api/projects/{quote(project, safe='')}/image?path={quote(path, safe='/')}"
 
 
 def _heatmap(predictor, image: bytes, max_pixels: int) -> str | None:

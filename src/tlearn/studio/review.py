@@ -137,7 +137,7 @@ def review_router(workspace: Workspace, jobs) -> APIRouter:
         report = await asyncio.to_thread(tlearn.suspect_labels, data, folder, cache_dir=None, progress=False)
         return {"project": project, "images": report.images, "source": report.source,
                 "classes": report.classes,
-                "suspects": [{**_plain(s), "thumbnail": f"/api/projects/{project}/image?path={_quote(s.path)}"}
+                "suspects": [{**_plain(s), "thumbnail": image_url(project, s.path)}
                              for s in report.suspects]}
 
     @api.get("/image", summary="One image of the project (a thumbnail's source), by its path in the project.")
@@ -258,6 +258,11 @@ def _shell(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+def image_url(project: str, path: str) -> str:
+    """The address of one photo of a project (the thumbnails' source), both parts escaped."""
+    return f"/api/projects/{quote(project, safe='')}/image?path={quote(path, safe='/')}"
 
 
 def _quote(path: str) -> str:
