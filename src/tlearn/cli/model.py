@@ -68,8 +68,8 @@ def export(
                                                       "training images); looser verification tolerance.")] = False,
     images: Annotated[Optional[list[Path]], typer.Option(
         help="Images or folders to verify on (default: the model's test/val images).")] = None,
-    format: Annotated[str, typer.Option("--format", help="onnx: one ONNX file; openvino: OpenVINO IR (an .xml "
-                                                         "and its .bin), converted from the verified ONNX export "
+    format: Annotated[str, typer.Option("--format", help="onnx: one ONNX file; openvino: OpenVINO IR (model.xml "
+                                                         "with model.bin beside it), converted from the verified ONNX export "
                                                          "and verified again.")] = "onnx",
 ) -> None:
     """Export the whole classifier as one ONNX file, or OpenVINO IR (pixels in, calibrated probabilities out),
