@@ -69,8 +69,8 @@ def export(
     images: Annotated[Optional[list[Path]], typer.Option(
         help="Images or folders to verify on (default: the model's test/val images).")] = None,
     format: Annotated[str, typer.Option("--format", help="onnx: one ONNX file; openvino: OpenVINO IR (model.xml "
-                                                         "with model.bin beside it), converted from the verified ONNX export "
-                                                         "and verified again.")] = "onnx",
+                                                         "with model.bin beside it), converted from the verified "
+                                                         "ONNX export and verified again.")] = "onnx",
 ) -> None:
     """Export the whole classifier as one ONNX file, or OpenVINO IR (pixels in, calibrated probabilities out),
     verified against the torch model."""
