@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,14 +140,54 @@ def test_a_model_folder_without_a_feature_map_says_what_to_do(hymenoptera_model,
         real(module, extra, purpose)
 
     monkeypatch.setattr(tlearn.errors, "require", no_torch)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # neither torch nor onnx: nothing can make the file
+    monkeypatch.setenv("TLEARN_CACHE", str(tmp_path / "cache"))
     with pytest.raises(BundleError, match="train it again .*tlearn\\[train\\]"):
         predictor.explain(hym_photos[0])
-    monkeypatch.setattr(tlearn.errors, "require", real)
-    monkeypatch.setenv("TLEARN_CACHE", str(tmp_path / "cache"))
-    explanation = predictor.explain(hym_photos[0])  # the train extra is here: exported on the fly, in the cache
-    assert explanation.label == Predictor.load(hymenoptera_model).explain(hym_photos[0]).label
+    monkeypatch.delitem(sys.modules, "onnx")
+    # onnx without torch: the map is cut from the folder's fp32 engine graph, into the cache
+    explanation = Predictor.load(old).explain(hym_photos[0])
+    expected = Predictor.load(hymenoptera_model).explain(hym_photos[0])
+    assert explanation.label == expected.label
+    np.testing.assert_allclose(explanation.grid, expected.grid, atol=1e-4)
     assert list((tmp_path / "cache" / "engines").glob("*/feature-map.onnx"))
     assert not (old / "engine" / "feature-map.onnx").exists()
+
+
+def test_the_cut_graph_gives_the_maps_the_torch_export_gives(hymenoptera_model, tmp_path):
+    """The feature-map file cut from the backbone's ONNX graph (no torch) and the one exported from the network
+    compute the same maps; a graph that does not end in a global average pool is not cut."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tlearn.bundle import Bundle
+    from tlearn.engines import read_reference
+    from tlearn.engines.feature_map import derive_feature_map, export_feature_map
+    from tlearn.engines.runtimes import OnnxEngine
+
+    bundle = Bundle.load(hymenoptera_model)
+    cut, exported = tmp_path / "cut", tmp_path / "exported"
+    for folder in (cut, exported):
+        folder.mkdir()
+        shutil.copyfile(bundle.engine_files[1], folder / "reference.safetensors")
+    cut_file = derive_feature_map(bundle.engine_files[0], cut)
+    exported_file = export_feature_map(bundle.build_model().backbone, bundle.preprocessing, exported)
+    pixels, pooled = read_reference(cut / "reference.safetensors")
+    maps = OnnxEngine(cut_file)(pixels)
+    assert maps.ndim == 4 and maps.shape[2] * maps.shape[3] > 1
+    np.testing.assert_allclose(maps, OnnxEngine(exported_file)(pixels), atol=1e-4)
+    np.testing.assert_allclose(maps.mean(axis=(2, 3)), pooled, atol=1e-3)
+
+    # a classifier graph (a Gemm at the end, as VGG's fully connected layers): nothing is cut, nothing written
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("outputs", TensorProto.FLOAT, [1, 2])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 4], [0.1] * 8)
+    graph = helper.make_graph([helper.make_node("Gemm", ["pixels", "w"], ["outputs"], transB=1)], "g", [x], [y], [w])
+    onnx.save(helper.make_model(graph), tmp_path / "gemm.onnx")
+    other = tmp_path / "other"
+    other.mkdir()
+    assert derive_feature_map(tmp_path / "gemm.onnx", other) is None
+    assert not list(other.iterdir())
 
 
 def test_fine_tuned_model_explains_with_its_own_weights(fine_tuned_model, hymenoptera_small):

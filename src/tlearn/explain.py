@@ -58,13 +58,23 @@ def open_feature_map(bundle: Bundle, engine: str, precision: str):
     """The bundle's verified feature-map engine. A model folder without one (written by an older tlearn) gets one
     exported now into the cache folder when the train extra is installed; otherwise BundleError says what to do."""
     from tlearn.engines import state_key
-    from tlearn.engines.feature_map import export_feature_map
+    from tlearn.engines.feature_map import derive_feature_map, export_feature_map
     from tlearn.engines.feature_map import open_feature_map as open_file
     from tlearn.errors import MissingExtra, require
     from tlearn.features.cache import default_cache_dir
     from tlearn.predict import compile_cache
 
     model_file = bundle.feature_map_file
+    if model_file is None:
+        folder = default_cache_dir() / "engines" / state_key(bundle.backbone_state(), bundle.preprocessing)
+        folder.mkdir(parents=True, exist_ok=True)
+        reference = folder / "reference.safetensors"
+        if not reference.exists():
+            import shutil
+
+            shutil.copyfile(bundle.engine_files[1], reference)
+        if bundle.engine is not None and bundle.engine.precision != "int8":  # the fp32 graph, cut: no torch
+            model_file = derive_feature_map(bundle.engine_files[0], folder)
     if model_file is None:
         try:
             require("torch", "train", "a heat map of a model folder without a feature-map engine")
@@ -73,13 +83,6 @@ def open_feature_map(bundle: Bundle, engine: str, precision: str):
                               "tlearn, or a backbone without a spatial map before its pooling, as VGG16): train it "
                               "again with this tlearn (seconds on cached features), or install the train extra "
                               "(pip install 'tlearn[train]') to export one on the fly") from None
-        folder = default_cache_dir() / "engines" / state_key(bundle.backbone_state(), bundle.preprocessing)
-        folder.mkdir(parents=True, exist_ok=True)
-        reference = folder / "reference.safetensors"
-        if not reference.exists():
-            import shutil
-
-            shutil.copyfile(bundle.engine_files[1], reference)
         model_file = export_feature_map(bundle.build_model().backbone, bundle.preprocessing, folder)
         if model_file is None:
             raise BundleError(f"{bundle.backbone.name} has no spatial feature map before its pooling (fully "

@@ -166,11 +166,15 @@ class FrozenBackbone:
     def _feature_map(self, folder: Path) -> Path | None:
         """The feature-map engine of these weights (tlearn.engines.feature_map), exported beside the backbone's
         once (this builds the network when a cache from an older tlearn has none)."""
-        from tlearn.engines.feature_map import export_feature_map, exported_feature_map
+        from tlearn.engines.feature_map import derive_feature_map, export_feature_map, exported_feature_map
 
         exported = exported_feature_map(folder)
         if exported is not None:
             return exported or None
+        if intact(folder / "model-fp32.onnx"):
+            derived = derive_feature_map(folder / "model-fp32.onnx", folder)
+            if derived is not None:
+                return derived
         return export_feature_map(self.network(), self.spec.preprocessing, folder)
 
     def _calibration(self) -> Iterator[np.ndarray]:
