@@ -206,3 +206,33 @@ def test_a_painter_that_died_or_failed(demo_model, tmp_path):
         failing.finish()
     failing.close()
     assert not (tmp_path / "c.png").exists()
+
+
+def test_the_painter_computes_the_same_folds_and_a_dead_one_leaves_them_to_this_process(tmp_path):
+    """`tlearn train` asks the painter process (where scikit-learn is imported on a core of its own) for the
+    cross-validation folds: the same folds as computed here, with near-duplicate groups kept together; a dead
+    painter gives None, and make_folds computes them itself."""
+    from tlearn.evaluate import painter
+    from tlearn.train.choices import make_folds, stratified_group_folds
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 90)
+    groups = np.arange(90)
+    groups[10:14] = 10  # a near-duplicate group of four
+    local = stratified_group_folds(labels, groups, 5, 7)
+    painter.start()
+    try:
+        there = painter.folds(labels.tolist(), groups.tolist(), 5, 7)
+        assert there == local.tolist()
+        assert len(set(np.asarray(there)[10:14])) == 1
+        asked = []
+        folds = make_folds(labels, groups, ["a", "b", "c"], 7, store=tmp_path,
+                           split=lambda *args: asked.append(args) or painter.folds(*args))
+        assert asked and np.array_equal(folds.fold, local)
+        painter._started._child.kill()
+        painter._started._child.wait()
+        assert painter.folds(labels.tolist(), groups.tolist(), 5, 7) is None
+        again = make_folds(labels, groups, ["a", "b", "c"], 8, split=painter.folds)  # computed here instead
+        assert np.array_equal(again.fold, stratified_group_folds(labels, groups, 5, 8))
+    finally:
+        painter.take().close()

@@ -5,6 +5,10 @@ features. `tlearn train` starts a painter process first thing; it imports matplo
 head is fitted, then draws each figure as it is asked to while this process writes the gallery, the page and the
 model folder. Jobs and answers are JSON lines on the child's stdin and stdout (figure name, arguments, output
 path), never pickles. Without a started painter, or if the child is gone, the figures are drawn here.
+
+The child also imports scikit-learn's model_selection (~1.1 s, all of it holding the GIL) and answers the
+train's one request for cross-validation folds (`folds`): in this process that import slows everything running
+beside it on a first train (the engine's export, the decoding threads), on its own core it costs nothing.
 """
 from __future__ import annotations
 
@@ -38,6 +42,25 @@ class Painter:
                 self._child.stdin.flush()
             except (BrokenPipeError, OSError):
                 self._child = None  # gone: finish draws what it did not confirm
+
+    def folds(self, labels: list[int], groups: list[int], k: int, seed: int) -> list[int] | None:
+        """StratifiedGroupKFold(k, shuffle, seed)'s fold of each row, computed in the painter process; None when
+        there is no child, figures are pending, or the child fails (the caller then computes them itself)."""
+        if self._child is None or self._asked:
+            return None
+        try:
+            self._child.stdin.write(json.dumps({"folds": {"labels": labels, "groups": groups, "k": k,
+                                                          "seed": seed}}) + "\n")
+            self._child.stdin.flush()
+            answer = _answer(self._child.stdout.readline())
+        except (BrokenPipeError, OSError):
+            answer = None
+        fold = None if answer is None else answer.get("fold")
+        if answer is None:
+            self._child = None
+        if not isinstance(fold, list) or len(fold) != len(labels):
+            return None
+        return fold
 
     def finish(self) -> None:
         """Return once every figure asked for is on disk; raise FigureError if one failed."""
@@ -78,6 +101,15 @@ def start() -> None:
         _started = Painter(child)
 
 
+def folds(labels: list[int], groups: list[int], k: int, seed: int) -> list[int] | None:
+    """The started painter's folds (Painter.folds), or None when none is started."""
+    return None if _started is None else _started.folds(labels, groups, k, seed)
+
+
+def started() -> bool:
+    return _started is not None
+
+
 def take() -> Painter:
     """The started painter (handed over once), or one that draws in this process."""
     global _started
@@ -100,6 +132,14 @@ def _draw(figure: str, args: list) -> None:
     getattr(plots, figure)(*args)
 
 
+def _folds(labels: list[int], groups: list[int], k: int, seed: int) -> list[int]:
+    import numpy as np
+
+    from tlearn.train.choices import stratified_group_folds
+
+    return stratified_group_folds(np.asarray(labels, np.int64), np.asarray(groups, np.int64), k, seed).tolist()
+
+
 def _plain(value):
     import numpy as np  # only here: the CLI imports this module, and `tlearn --help` must start fast
 
@@ -114,13 +154,20 @@ def _serve() -> None:
     """The painter process: import the plotting code, then draw each job read from stdin, answering in order."""
     import traceback
 
-    from tlearn.evaluate import plots  # noqa: F401  (the slow import, done while the parent trains)
+    from tlearn.evaluate import plots  # noqa: F401  (the slow imports, done while the parent trains)
 
+    try:
+        import sklearn.model_selection  # noqa: F401
+    except ImportError:  # the base install: the parent's folds request gets an error, and computes them itself
+        pass
     for line in sys.stdin:
         job = json.loads(line)
         try:
-            _draw(job["figure"], job["args"])
-            answer = {"ok": True}
+            if "folds" in job:
+                answer = {"fold": _folds(**job["folds"])}
+            else:
+                _draw(job["figure"], job["args"])
+                answer = {"ok": True}
         except OSError as exc:  # a full or read-only disk: the parent reports it as its own
             answer = {"errno": exc.errno, "strerror": exc.strerror, "filename": str(exc.filename),
                       "error": traceback.format_exc()}

@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -29,6 +30,7 @@ C_GRID = tuple(float(10 ** (e / 2)) for e in range(-2, 9))  # 0.1 .. 10,000
 PATIENCE = 2  # strengths past the best without a better cross-validated score: the path stops there
 IMBALANCE = 1.5  # largest / smallest class in train above this: class weighting is a choice, scored balanced
 CHOICES_VERSION = 1
+FoldSplit = Callable[[list, list, int, int], "list | None"]  # (labels, groups, k, seed) -> each row's fold
 
 
 @dataclass(frozen=True)
@@ -51,12 +53,14 @@ class Folds:
 
 
 def make_folds(labels: np.ndarray, groups: np.ndarray | None, classes: list[str], seed: int,
-               k: int = K_FOLDS, store: Path | None = None) -> Folds:
+               k: int = K_FOLDS, store: Path | None = None, split: FoldSplit | None = None) -> Folds:
     """Stratified k folds of train (group-aware: rows of one group share a fold). Fewer folds when the smallest
     class has fewer than k images (a note says so); a class with a single image is refused by name.
 
     `store`: a cache folder where the folds are kept by their inputs (labels, groups, seed, k, scikit-learn's
-    version), so that a re-train on the same data reads them without importing scikit-learn (~1.3 s)."""
+    version), so that a re-train on the same data reads them without importing scikit-learn (~1.3 s).
+    `split`: who else can compute stratified_group_folds (the CLI's painter process, where scikit-learn is imported
+    on a core of its own); None from it, or folds that do not fit, and they are computed here."""
     labels = np.asarray(labels, np.int64)
     counts = np.bincount(labels, minlength=len(classes))
     present = counts[counts > 0]
@@ -80,15 +84,30 @@ def make_folds(labels: np.ndarray, groups: np.ndarray | None, classes: list[str]
     path = _fold_file(store, labels, groups, seed, k)
     fold = _read_folds(path, labels, k) if path is not None else None
     if fold is None:
-        from sklearn.model_selection import StratifiedGroupKFold
-
-        fold = np.full(len(labels), -1, np.int64)
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        for i, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-            fold[held] = i
+        given = split(labels.tolist(), groups.tolist(), k, seed) if split is not None else None
+        fold = None if given is None else _checked_folds(np.asarray(given, np.int64), labels, k)
+        if fold is None:
+            fold = stratified_group_folds(labels, groups, k, seed)
         if path is not None:
             _write_folds(path, fold)
     return Folds(fold, k, seed, grouped, note)
+
+
+def stratified_group_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """scikit-learn's StratifiedGroupKFold(k, shuffled by `seed`): the held-out fold of each row."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    fold = np.full(len(labels), -1, np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for i, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        fold[held] = i
+    return fold
+
+
+def _checked_folds(fold: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray | None:
+    if fold.shape != labels.shape or fold.min(initial=0) < 0 or set(fold.tolist()) != set(range(k)):
+        return None
+    return fold
 
 
 def _fold_file(store: Path | None, labels: np.ndarray, groups: np.ndarray, seed: int, k: int) -> Path | None:
@@ -108,9 +127,7 @@ def _read_folds(path: Path, labels: np.ndarray, k: int) -> np.ndarray | None:
         fold = np.asarray(json.loads(path.read_text()), np.int64)
     except (OSError, ValueError, TypeError):
         return None
-    if fold.shape != labels.shape or fold.min(initial=0) < 0 or set(fold.tolist()) != set(range(k)):
-        return None
-    return fold
+    return _checked_folds(fold, labels, k)
 
 
 def _write_folds(path: Path, fold: np.ndarray) -> None:

@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from tlearn.evaluate import painter
 from tlearn.features import FeatureCache
 from tlearn.features.backbone import import_early, import_torch_early
 from tlearn.train.backbone_choice import BackboneChoice, choose_backbone
@@ -41,7 +42,9 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
     with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
         importing = import_torch_early(cache)
         found = found or find_data(data, settings)
-        if _will_extract(found, cache):  # the folds need scikit-learn (~1 s of import): while the features come
+        if not painter.started() and _will_extract(found, cache):
+            # the folds need scikit-learn (~1 s of import): while the features come (the CLI's painter process
+            # imports it on a core of its own and computes the folds there)
             import_early(("sklearn.model_selection",))
         backbone = frozen_backbone(found, settings, cache)
         split = extract(found, backbone, cache, settings)

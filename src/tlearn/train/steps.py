@@ -128,8 +128,10 @@ def choose_the_head(found: FoundData, backbone: FrozenBackbone, cache: FeatureCa
     content: a re-train on the same features reads the choice); then the head refitted on all of train. val's and
     test's mirrors are extracted when the model will predict with them."""
     y, classes = split.ys["train"], found.dataset.classes
+    from tlearn.evaluate import painter  # the CLI's painter process computes the folds, when one is started
+
     folds = make_folds(y, found.dataset.train_groups()[split.features["train"].kept], classes, settings.seed,
-                       store=cache.directory)
+                       store=cache.directory, split=painter.folds)
     store = ChoiceStore(cache.directory)
     views, choice, candidate = choose_views(settings.mirror, split.xs["train"], split.mirrors.get("train"), y, folds,
                                             len(classes), store)
