@@ -222,6 +222,7 @@ def test_the_painter_computes_the_same_folds_and_a_dead_one_leaves_them_to_this_
     local = stratified_group_folds(labels, groups, 5, 7)
     painter.start()
     try:
+        assert painter.prepare_folds()
         there = painter.folds(labels.tolist(), groups.tolist(), 5, 7)
         assert there == local.tolist()
         assert len(set(np.asarray(there)[10:14])) == 1

@@ -6,9 +6,10 @@ head is fitted, then draws each figure as it is asked to while this process writ
 model folder. Jobs and answers are JSON lines on the child's stdin and stdout (figure name, arguments, output
 path), never pickles. Without a started painter, or if the child is gone, the figures are drawn here.
 
-The child also imports scikit-learn's model_selection (~1.1 s, all of it holding the GIL) and answers the
-train's one request for cross-validation folds (`folds`): in this process that import slows everything running
-beside it on a first train (the engine's export, the decoding threads), on its own core it costs nothing.
+The child also imports scikit-learn's model_selection when told to (`prepare_folds`: a train with features to
+extract, so folds to make; ~1.1 s, all of it holding the GIL) and answers the train's one request for
+cross-validation folds (`folds`): in this process that import slows everything running beside it on a first train
+(the engine's export, the decoding threads), on its own core it costs nothing.
 """
 from __future__ import annotations
 
@@ -42,6 +43,18 @@ class Painter:
                 self._child.stdin.flush()
             except (BrokenPipeError, OSError):
                 self._child = None  # gone: finish draws what it did not confirm
+
+    def prepare_folds(self) -> bool:
+        """Have the child import scikit-learn now, for a `folds` request to come; False without a child."""
+        if self._child is None:
+            return False
+        try:
+            self._child.stdin.write(json.dumps({"prepare": "folds"}) + "\n")
+            self._child.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            self._child = None
+            return False
 
     def folds(self, labels: list[int], groups: list[int], k: int, seed: int) -> list[int] | None:
         """StratifiedGroupKFold(k, shuffle, seed)'s fold of each row, computed in the painter process; None when
@@ -106,8 +119,9 @@ def folds(labels: list[int], groups: list[int], k: int, seed: int) -> list[int] 
     return None if _started is None else _started.folds(labels, groups, k, seed)
 
 
-def started() -> bool:
-    return _started is not None
+def prepare_folds() -> bool:
+    """The started painter's prepare_folds; False when none is started (the caller imports scikit-learn)."""
+    return _started is not None and _started.prepare_folds()
 
 
 def take() -> Painter:
@@ -156,12 +170,14 @@ def _serve() -> None:
 
     from tlearn.evaluate import plots  # noqa: F401  (the slow imports, done while the parent trains)
 
-    try:
-        import sklearn.model_selection  # noqa: F401
-    except ImportError:  # the base install: the parent's folds request gets an error, and computes them itself
-        pass
     for line in sys.stdin:
         job = json.loads(line)
+        if "prepare" in job:  # folds will be asked for: import scikit-learn now, no answer
+            try:
+                import sklearn.model_selection  # noqa: F401
+            except ImportError:  # the base install: the folds request gets an error, the parent computes them
+                pass
+            continue
         try:
             if "folds" in job:
                 answer = {"fold": _folds(**job["folds"])}

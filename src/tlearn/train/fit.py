@@ -42,9 +42,9 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
     with FeatureCache(feature_key_for(settings), settings.cache_dir) as cache:
         importing = import_torch_early(cache)
         found = found or find_data(data, settings)
-        if not painter.started() and _will_extract(found, cache):
-            # the folds need scikit-learn (~1 s of import): while the features come (the CLI's painter process
-            # imports it on a core of its own and computes the folds there)
+        if _will_extract(found, cache) and not painter.prepare_folds():
+            # the folds need scikit-learn (~1 s of import): while the features come (the CLI's painter process,
+            # when there is one, imports it on a core of its own and computes the folds there)
             import_early(("sklearn.model_selection",))
         backbone = frozen_backbone(found, settings, cache)
         split = extract(found, backbone, cache, settings)
