@@ -140,11 +140,11 @@ def test_a_model_folder_without_a_feature_map_says_what_to_do(hymenoptera_model,
         real(module, extra, purpose)
 
     monkeypatch.setattr(tlearn.errors, "require", no_torch)
-    monkeypatch.setitem(sys.modules, "onnx", None)  # neither torch nor onnx: nothing can make the file
     monkeypatch.setenv("TLEARN_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(BundleError, match="train it again .*tlearn\\[train\\]"):
-        predictor.explain(hym_photos[0])
-    monkeypatch.delitem(sys.modules, "onnx")
+    with monkeypatch.context() as no_onnx:  # neither torch nor onnx: nothing can make the file
+        no_onnx.setitem(sys.modules, "onnx", None)
+        with pytest.raises(BundleError, match="train it again .*tlearn\\[train\\]"):
+            predictor.explain(hym_photos[0])
     # onnx without torch: the map is cut from the folder's fp32 engine graph, into the cache
     explanation = Predictor.load(old).explain(hym_photos[0])
     expected = Predictor.load(hymenoptera_model).explain(hym_photos[0])
