@@ -189,6 +189,26 @@ def test_the_cut_graph_gives_the_maps_the_torch_export_gives(hymenoptera_model, 
     assert derive_feature_map(tmp_path / "gemm.onnx", other) is None
     assert not list(other.iterdir())
 
+    # a pool over a map of one place (VGG's fully connected layers run as convolutions): no map, and that is kept
+    from safetensors.numpy import save_file
+
+    from tlearn.engines.feature_map import exported_feature_map, known_or_cut
+
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file({"pixels": pixels, "outputs": pixels.astype(np.float32).mean(axis=(2, 3))},
+              single / "reference.safetensors")
+    x = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["n", 3, 224, 224])
+    y = helper.make_tensor_value_info("outputs", TensorProto.FLOAT, ["n", 3])
+    nodes = [helper.make_node("Cast", ["pixels"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("GlobalAveragePool", ["f"], ["one_place"]),
+             helper.make_node("GlobalAveragePool", ["one_place"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["outputs"])]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "single.onnx")
+    assert known_or_cut(single, tmp_path / "single.onnx") is False
+    assert not (single / "feature-map.onnx").exists() and exported_feature_map(single) is False
+
 
 def test_fine_tuned_model_explains_with_its_own_weights(fine_tuned_model, hymenoptera_small):
     predictor = Predictor.load(fine_tuned_model)

@@ -56,9 +56,10 @@ class Explanation:
 
 def open_feature_map(bundle: Bundle, engine: str, precision: str):
     """The bundle's verified feature-map engine. A model folder without one (written by an older tlearn) gets one
-    exported now into the cache folder when the train extra is installed; otherwise BundleError says what to do."""
+    in the cache folder: cut from its fp32 engine graph (the onnx package), else exported from torch when the train
+    extra is installed; otherwise BundleError says what to do."""
     from tlearn.engines import state_key
-    from tlearn.engines.feature_map import derive_feature_map, export_feature_map
+    from tlearn.engines.feature_map import export_feature_map, known_or_cut
     from tlearn.engines.feature_map import open_feature_map as open_file
     from tlearn.errors import MissingExtra, require
     from tlearn.features.cache import default_cache_dir
@@ -73,8 +74,10 @@ def open_feature_map(bundle: Bundle, engine: str, precision: str):
             import shutil
 
             shutil.copyfile(bundle.engine_files[1], reference)
-        if bundle.engine is not None and bundle.engine.precision != "int8":  # the fp32 graph, cut: no torch
-            model_file = derive_feature_map(bundle.engine_files[0], folder)
+        fp32 = bundle.engine is not None and bundle.engine.precision != "int8"
+        model_file = known_or_cut(folder, bundle.engine_files[0] if fp32 else None)  # cut: no torch
+        if model_file is False:
+            raise _no_spatial_map(bundle)
     if model_file is None:
         try:
             require("torch", "train", "a heat map of a model folder without a feature-map engine")
@@ -85,9 +88,13 @@ def open_feature_map(bundle: Bundle, engine: str, precision: str):
                               "(pip install 'tlearn[train]') to export one on the fly") from None
         model_file = export_feature_map(bundle.build_model().backbone, bundle.preprocessing, folder)
         if model_file is None:
-            raise BundleError(f"{bundle.backbone.name} has no spatial feature map before its pooling (fully "
-                              "connected layers follow its last convolution): no class activation map")
+            raise _no_spatial_map(bundle)
     return open_file(model_file, bundle.engine_files[1], engine, precision, compile_cache())
+
+
+def _no_spatial_map(bundle: Bundle) -> BundleError:
+    return BundleError(f"{bundle.backbone.name} has no spatial feature map before its pooling (fully connected "
+                       "layers follow its last convolution): no class activation map")
 
 
 def class_index(classes: list[str], class_: str | None, probabilities: np.ndarray) -> int:

@@ -50,6 +50,16 @@ def pooled(maps: np.ndarray) -> np.ndarray:
     return maps.mean(axis=(2, 3), dtype=np.float64).astype(np.float32)
 
 
+def known_or_cut(folder: Path, fp32_file: Path | None) -> Path | None | bool:
+    """exported_feature_map(`folder`), the map first cut from the fp32 backbone graph `fp32_file` when none was made
+    yet (derive_feature_map); None when only the torch network can tell (export_feature_map)."""
+    known = exported_feature_map(folder)
+    if known is None and fp32_file is not None:
+        derive_feature_map(fp32_file, folder)
+        known = exported_feature_map(folder)
+    return known
+
+
 def derive_feature_map(model_file: Path, folder: Path) -> Path | None:
     """Write `folder`/feature-map.onnx cut from the fp32 backbone graph `model_file` before its global average
     pool, and check it against `folder`'s reference outputs; None when the graph does not end that way, the cut
@@ -77,9 +87,16 @@ def derive_feature_map(model_file: Path, folder: Path) -> Path | None:
     verdict = check(OnnxEngine(path), Path(folder) / REFERENCE_FILE)
     if not verdict["ok"] or verdict["places"] <= 1:
         path.unlink()
+        if verdict["ok"]:  # no map to speak of: recorded, as the torch export records it, so nobody asks again
+            _no_map(folder, "the map before the pooling has a single place (fully connected layers as convolutions)")
         return None
     _remember(path)
     return path
+
+
+def _no_map(folder: Path, why: str) -> None:
+    (Path(folder) / NO_MAP_FILE).write_text(why + "\n")
+    _remember(Path(folder) / NO_MAP_FILE)
 
 
 def _pooled_input(graph) -> str | None:
@@ -124,8 +141,7 @@ def export_feature_map(backbone: nn.Module, preprocessing: Preprocessing, folder
     if intact(path):
         return path
     if not isinstance(getattr(backbone, "pre_logits", nn.Identity()), nn.Identity):
-        (Path(folder) / NO_MAP_FILE).write_text("fully connected layers after the last convolution\n")
-        _remember(Path(folder) / NO_MAP_FILE)
+        _no_map(folder, "fully connected layers after the last convolution")
         return None
 
     class FeatureMap(nn.Module):

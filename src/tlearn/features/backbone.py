@@ -164,17 +164,14 @@ class FrozenBackbone:
         return ExportedEngine(model_file, folder / REFERENCE_FILE, verdicts, self.precision, self._feature_map(folder))
 
     def _feature_map(self, folder: Path) -> Path | None:
-        """The feature-map engine of these weights (tlearn.engines.feature_map), exported beside the backbone's
-        once (this builds the network when a cache from an older tlearn has none)."""
-        from tlearn.engines.feature_map import derive_feature_map, export_feature_map, exported_feature_map
+        """The feature-map engine of these weights (tlearn.engines.feature_map), cut from the backbone's graph or
+        exported beside it once (the torch export builds the network)."""
+        from tlearn.engines.feature_map import export_feature_map, known_or_cut
 
-        exported = exported_feature_map(folder)
-        if exported is not None:
-            return exported or None
-        if intact(folder / "model-fp32.onnx"):
-            derived = derive_feature_map(folder / "model-fp32.onnx", folder)
-            if derived is not None:
-                return derived
+        fp32 = folder / "model-fp32.onnx"
+        known = known_or_cut(folder, fp32 if intact(fp32) else None)
+        if known is not None:
+            return known or None
         return export_feature_map(self.network(), self.spec.preprocessing, folder)
 
     def _calibration(self) -> Iterator[np.ndarray]:

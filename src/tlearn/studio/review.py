@@ -94,7 +94,7 @@ def review_router(workspace: Workspace, jobs) -> APIRouter:
         files = _export_files(folder, format)
         return {"project": project, "version": int(folder.name), "format": format,
                 "file": files[0].name, "bytes": sum(f.stat().st_size for f in files),
-                "download": f"/api/projects/{_quote(project)}/export?version={folder.name}&format={format}",
+                "download": f"/api/projects/{quote(project, safe='')}/export?version={folder.name}&format={format}",
                 "check": _plain(check), "snippets": snippets(folder)}
 
     @api.get("/export", summary="Download the exported model (attachment): the ONNX file, or for OpenVINO a zip "
@@ -263,12 +263,6 @@ def _shell(text: str) -> str:
 def image_url(project: str, path: str) -> str:
     """The address of one photo of a project (the thumbnails' source), both parts escaped."""
     return f"/api/projects/{quote(project, safe='')}/image?path={quote(path, safe='/')}"
-
-
-def _quote(path: str) -> str:
-    from urllib.parse import quote
-
-    return quote(path, safe="/")
 
 
 def _moves(moves, root: Path) -> list[list[str]]:
