@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import tlearn
 from conftest import link_subset
 from tlearn.cli import app
-from tlearn.predict import Prediction, Unreadable
+from tlearn.predict import Prediction, Predictor, Unreadable
 
 runner = CliRunner()
 
@@ -59,6 +59,22 @@ def test_retrain_on_cached_features_imports_no_torch_and_writes_the_same_model(d
     assert again.metrics_ == demo_model.metrics_
     files = sorted((demo_data / "test").rglob("*.png"))[:3]
     assert (again.predict_proba(files) == demo_model.predict_proba(files)).all()
+
+
+def test_a_fresh_model_predicts_and_explains_on_its_trains_engines_as_its_folder_does(demo_data, tmp_path):
+    """A fit that extracted hands its opened engine and feature-map engine to the classifier's predictor (the report
+    compiles nothing again): what it predicts and explains is what the saved folder's predictor gives."""
+    clf = tlearn.ImageClassifier(cache_dir=tmp_path / "cache", progress=False).fit(demo_data)
+    fresh = clf.predictor()
+    assert fresh._feature_map is not None  # ready before the report asks for a heat map
+    loaded = Predictor.load(clf.save(tmp_path / "model"))
+    assert clf.predictor() is fresh and fresh.card.engine == loaded.card.engine
+    files = sorted((demo_data / "test").rglob("*.png"))[:4]
+    assert np.abs(fresh.probabilities(np.stack([fresh.to_pixels(f) for f in files]))
+                  - loaded.probabilities(np.stack([loaded.to_pixels(f) for f in files]))).max() < 1e-6
+    for file in files[:2]:
+        mine, theirs = fresh.explain(file), loaded.explain(file)
+        assert mine.label == theirs.label and np.abs(mine.grid - theirs.grid).max() < 1e-5
 
 
 def test_prediction_imports_no_torch(demo_model, demo_data, tmp_path):

@@ -67,6 +67,10 @@ class ImageClassifier:
         result = run_recipe(data, settings, resume)
         self.bundle_, self.summary_, self._scored = result.bundle, result.summary, result.scored
         self._predictor = None
+        if result.engine is not None and self.engine != "torch":  # the report's predictions: no second compile
+            self._predictor = Predictor.with_engine(result.bundle, result.engine, result.feature_map_engine,
+                                                    batch_size=self.batch_size, workers=self.workers,
+                                                    name=Path(getattr(self, "directory_", "model")).name)
         return self
 
     # ---- using a fitted model ---------------------------------------------------------------------------------

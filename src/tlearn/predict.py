@@ -136,6 +136,17 @@ class Predictor:
         return cls(bundle, opened, name=name, batch_size=batch_size, workers=workers,
                    model_sha256=bundle.files.get(WEIGHTS_FILE, ""))
 
+    @classmethod
+    def with_engine(cls, bundle: Bundle, engine, feature_map=None, *, batch_size: int = 32,
+                    workers: int | None = None, name: str = "model") -> "Predictor":
+        """A Predictor of `bundle` on an engine already open (the train's own, which ran the bundle's engine
+        files), checked like one `from_bundle` opens; `feature_map`: its feature-map engine, if opened too."""
+        check_engine(bundle, engine)
+        predictor = cls(bundle, engine, name=name, batch_size=batch_size, workers=workers,
+                        model_sha256=bundle.files.get(WEIGHTS_FILE, ""))
+        predictor._feature_map = feature_map
+        return predictor
+
     # ---- single steps (the server and the cluster job compose these) ----------------------------------------
     def to_pixels(self, image: ImageInput, *, max_pixels: int | None = None) -> np.ndarray:
         """Decode (EXIF-rotated RGB, big JPEGs at reduced size), resize and centre-crop: uint8 (3, H, W).

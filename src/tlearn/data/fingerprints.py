@@ -22,8 +22,8 @@ from tlearn.data.decode import DecodeError, decode_bytes, read_regular_file
 from tlearn.files import cache_root
 
 NEAR_DUPLICATE_BITS = 4  # max Hamming distance between the 64-bit perceptual hashes of near-duplicates
-METHOD = "phash8-draft256-v1"  # names how `phash` is computed: a change of method must not reuse old rows
-DRAFT_SIZE = (256, 256)  # JPEGs are decoded at no less than this: the hash looks at 32x32 pixels
+METHOD = "phash8-draft128-v1"  # names how `phash` is computed: a change of method must not reuse old rows
+DRAFT_SIZE = (128, 128)  # JPEGs are decoded at no less than this (DCT scaling): the hash looks at 32x32
 
 
 @dataclass(frozen=True)

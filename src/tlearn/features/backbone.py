@@ -95,6 +95,10 @@ class FrozenBackbone:
         self.calibration_paths, self.progress = list(calibration_paths), progress
         self._network = network
         self.build_seconds = 0.0  # spent building, exporting and compiling (not extracting)
+        self.opened = None  # the engine, once `engine()` has opened it (a Predictor of the head can reuse it)
+        self._exported_lock = threading.Lock()
+        self._prepared: threading.Thread | None = None
+        self.feature_map_engine = None  # opened by `prepare_feature_map` (the report's heat maps reuse it)
 
     @property
     def built(self) -> bool:
@@ -128,6 +132,7 @@ class FrozenBackbone:
         exported = None if self.built else open_exported(self.engine_key, self.cache.engines, self.engine_name,
                                                          self.precision)
         if exported is not None:
+            self.opened = exported
             return exported
         start = time.perf_counter()
         if self.progress:
@@ -135,6 +140,7 @@ class FrozenBackbone:
                   file=sys.stderr)
         engine = self._export(self.engine_name)
         self.build_seconds = time.perf_counter() - start
+        self.opened = engine
         return engine
 
     def _export(self, engine: str):
@@ -150,8 +156,38 @@ class FrozenBackbone:
             return open_engine(self.network(), self.spec.preprocessing, self.cache.engines, engine, self.precision,
                                calibration)
 
+    def prepare_feature_map(self) -> None:
+        """On a thread, while the head is chosen: the verified files of the engine (the feature-map engine cut from
+        them) and the feature-map engine opened, for the report's heat maps. Only once this train opened the
+        engine (it extracted something): a re-train on cached features opens no engine at all."""
+        if self.opened is None or self._prepared is not None:
+            return
+
+        def prepare() -> None:
+            from tlearn.engines.feature_map import open_feature_map
+            from tlearn.errors import TlearnError
+            from tlearn.predict import compile_cache
+
+            try:
+                exported = self.exported()
+                if exported.feature_map_file is not None:
+                    self.feature_map_engine = open_feature_map(
+                        exported.feature_map_file, exported.reference_file, getattr(self.opened, "name", "auto"),
+                        getattr(self.opened, "precision", "fp32"), compile_cache())
+            except (TlearnError, OSError):  # the steps that need them do it again, and say what went wrong
+                pass
+
+        self._prepared = threading.Thread(target=prepare, name="tlearn-feature-map", daemon=True)
+        self._prepared.start()
+
     def exported(self) -> ExportedEngine:
         """The verified files of the engine, exporting them first if they are not there (a cache emptied by hand)."""
+        if self._prepared is not None and self._prepared is not threading.current_thread():
+            self._prepared.join()
+        with self._exported_lock:
+            return self._exported()
+
+    def _exported(self) -> ExportedEngine:
         name = f"model-{'int8' if self.precision == 'int8' else 'fp32'}.onnx"
         folder = self.cache.engines / self.engine_key
         verdicts = recorded_verdicts(folder)

@@ -48,6 +48,7 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
             import_early(("sklearn.model_selection",))
         backbone = frozen_backbone(found, settings, cache)
         split = extract(found, backbone, cache, settings)
+        backbone.prepare_feature_map()  # on a thread, while the head is chosen (when this train opened the engine)
         views, head_choice, fit = choose_the_head(found, backbone, cache, split, settings)
         result = assemble(found, backbone, split, fit, settings, views, head_choice)
         calibrate_bundle(result)
@@ -56,6 +57,7 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
             fine_tune_bundle(result, found.dataset, backbone, fit, split, settings, resume)
         else:
             attach_engine(result.bundle, backbone.exported())
+            result.engine, result.feature_map_engine = backbone.opened, backbone.feature_map_engine
         if importing is not None:
             importing.join()  # done long ago unless every feature was cached (then torch was never needed)
     if choice is not None:

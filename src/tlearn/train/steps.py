@@ -85,6 +85,10 @@ class TrainResult:
     summary: TrainSummary
     scored: dict[str, ScoredSplit] = field(default_factory=dict)  # per-image results of the kept model
     fitted: ScoredSplit | None = None  # what the temperature is fitted on: out-of-fold train, or the tuned inner split
+    # the bundle's engine and feature-map engine as this train opened them (None if it did not): a Predictor of
+    # the bundle can start with them instead of compiling the same files again
+    engine: object | None = None
+    feature_map_engine: object | None = None
 
 
 def find_data(data: str | Path, settings: TrainSettings) -> FoundData:
