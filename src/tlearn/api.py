@@ -32,13 +32,14 @@ class ImageClassifier:
                  workers: int | None = None, cache_dir: str | Path | None = None, progress: bool = True,
                  engine: str = "auto", precision: str | None = None, recipe: str = "head",
                  finetune: FinetuneSettings | None = None, run_dir: str | Path | None = None,
-                 ray: str | None = None, mirror: str = "off", relabel: str | Path | None = None):
+                 ray: str | None = None, mirror: str = "off", relabel: str | Path | None = None,
+                 device: str = "auto"):
         self.backbone, self.weights, self.seed = backbone, weights, seed
         self.val_fraction, self.test_fraction, self.batch_size, self.workers = (val_fraction, test_fraction,
                                                                                 batch_size, workers)
         self.cache_dir, self.progress, self.engine, self.precision = cache_dir, progress, engine, precision
         self.recipe, self.finetune, self.run_dir, self.ray = recipe, finetune, run_dir, ray
-        self.mirror, self.relabel = mirror, relabel
+        self.mirror, self.relabel, self.device = mirror, relabel, device
 
     def settings(self) -> TrainSettings:
         """The validated settings of a train (InvalidParameter names a bad one)."""
@@ -49,7 +50,7 @@ class ImageClassifier:
             engine=self.engine, precision=self.precision or "fp32", recipe=self.recipe,
             finetune=self.finetune or FinetuneSettings(batch_size=self.batch_size),
             run_dir=Path(self.run_dir) if self.run_dir else None, ray=self.ray, mirror=self.mirror,
-            relabel=Path(self.relabel) if self.relabel else None)
+            relabel=Path(self.relabel) if self.relabel else None, device=self.device)
 
     def fit(self, data: str | Path, resume: bool = False) -> "ImageClassifier":
         """Find the dataset, extract (or reuse cached) features, fit the head, calibrate, maybe fine-tune.
@@ -67,7 +68,8 @@ class ImageClassifier:
         result = run_recipe(data, settings, resume)
         self.bundle_, self.summary_, self._scored = result.bundle, result.summary, result.scored
         self._predictor = None
-        if result.engine is not None and self.engine != "torch":  # the report's predictions: no second compile
+        if result.engine is not None and getattr(result.engine, "name", "torch") != "torch":
+            # the report's predictions run on the engines the train opened: nothing is compiled again
             self._predictor = Predictor.with_engine(result.bundle, result.engine, result.feature_map_engine,
                                                     batch_size=self.batch_size, workers=self.workers,
                                                     name=Path(getattr(self, "directory_", "model")).name)
@@ -91,6 +93,7 @@ class ImageClassifier:
         if getattr(self, "_predictor", None) is None:
             self._predictor = Predictor.from_bundle(self._bundle(), engine=self.engine, precision=self.precision,
                                                     batch_size=self.batch_size, workers=self.workers,
+                                                    device=self.device,
                                                     name=Path(getattr(self, "directory_", "model")).name)
         return self._predictor
 

@@ -23,6 +23,8 @@ def print_summary(clf, out_dir: Path) -> None:
     built = f"; engine built once in {s.engine_build_seconds:.1f}s" if s.engine_build_seconds else ""
     table.add_row("features", f"{s.extracted} extracted in {s.extract_seconds:.1f}s{rate}, {s.from_cache} from "
                               f"cache{built}")
+    if s.device:
+        table.add_row("device", f"{s.device['name']} ({terminal_text(s.device['reason'])})")
     table.add_row("head", head_text(s.cv or {}, s.head_C, bundle.training.get("head", {})))
     if s.cv:
         table.add_row("cross-validated", f"accuracy {s.cv['accuracy']:.4f}, balanced {s.cv['balanced_accuracy']:.4f}"

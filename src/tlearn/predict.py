@@ -107,17 +107,33 @@ class Predictor:
 
     @classmethod
     def load(cls, directory: str | Path, *, engine: str = "auto", precision: str | None = None,
-             batch_size: int = 32, workers: int | None = None) -> "Predictor":
+             batch_size: int = 32, workers: int | None = None, device: str = "auto") -> "Predictor":
         """Read the model folder (every file checked against its SHA-256) and open its engine once."""
         directory = Path(directory)
         return cls.from_bundle(Bundle.load(directory), engine=engine, precision=precision, batch_size=batch_size,
-                               workers=workers, name=directory.resolve().name)
+                               workers=workers, name=directory.resolve().name, device=device)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, *, engine: str = "auto", precision: str | None = None,
-                    batch_size: int = 32, workers: int | None = None, name: str = "model") -> "Predictor":
-        """A Predictor of `bundle`, running its verified exported engine (no torch)."""
+                    batch_size: int = 32, workers: int | None = None, name: str = "model",
+                    device: str = "auto") -> "Predictor":
+        """A Predictor of `bundle`, running its verified exported engine (no torch) on the CPU; on a GPU or TPU
+        (`device`, tlearn.device: auto takes one the machine has) the model in torch there (the train extra)."""
+        from tlearn.device import batch_size_for, resolve_device
         from tlearn.engines import open_files
+
+        choice = resolve_device(device)
+        if not choice.is_cpu and engine in ("auto", "torch") and bundle.backbone.precision != "int8":
+            from tlearn.device import torch_device
+            from tlearn.engines import PixelsToOutputs, TorchEngine
+            from tlearn.errors import require
+
+            require("torch", "train", f"predicting on {choice.name}")
+            opened = TorchEngine(PixelsToOutputs(bundle.build_model().backbone, bundle.preprocessing),
+                                 precision or bundle.backbone.precision, torch_device(choice))
+            check_engine(bundle, opened)
+            return cls(bundle, opened, name=name, batch_size=batch_size_for(choice, batch_size), workers=workers,
+                       model_sha256=bundle.files.get(WEIGHTS_FILE, ""))
 
         if bundle.engine is None or bundle.engine_files is None:
             raise BundleError("this model carries no exported engine: train it again with this tlearn")

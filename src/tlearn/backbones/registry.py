@@ -90,8 +90,8 @@ class Preprocessing:
         """uint8 (n, 3, H, W) -> float32, the same arithmetic as eval_transform's ToTensor + Normalize."""
         import torch
 
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
         return pixels.float().div(255).sub(mean).div(std)
 
     def resize_size(self) -> int:

@@ -37,6 +37,9 @@ Engine = Annotated[EngineName, typer.Option(help="Inference engine for the backb
 Precision = Annotated[Optional[PrecisionName], typer.Option(
     help="Precision of the frozen-backbone forward (int8 is calibrated on training images) "
          "(default: fp32 for train, the model's own otherwise).")]
+Device = Annotated[str, typer.Option(metavar="auto|cpu|cuda[:N]|mps|xla", help=(
+    "Where the network runs: auto takes a GPU or TPU this machine has, else the CPU (its exported engines); on a "
+    "GPU or TPU the backbone runs in torch there and fine-tuning uses Lightning's matching accelerator."))]
 ModelFolder = Annotated[Path, typer.Argument(help="Model folder written by `tlearn train`.")]
 
 # Problems a user can fix: one line and exit 2. Anything else is a bug and shows its traceback (exit 1).

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from tlearn.cli.common import USER_ERRORS, Engine, EngineName, ModelFolder, Precision, Quiet, app, fail
+from tlearn.cli.common import USER_ERRORS, Device, Engine, EngineName, ModelFolder, Precision, Quiet, app, fail
 from tlearn.console import err
 from tlearn.errors import TlearnError
 from tlearn.outputs import terminal_text
@@ -35,6 +35,7 @@ def predict(
                                                         "previous .csv/.json result).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Let --output replace any existing file.")] = False,
     engine: Engine = EngineName.auto,
+    device: Device = "auto",
     precision: Precision = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 32,
     min_confidence: Annotated[Optional[float], typer.Option(
@@ -82,7 +83,8 @@ def predict(
             raise TlearnError("nothing to predict: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
                                     if problems else "nothing to predict: no image files in the paths given")
         clf = tlearn.load(model, progress=False, engine=engine.value, precision=precision and precision.value,
-                          batch_size=batch_size)
+                          batch_size=batch_size, device=device)
+        clf.predictor()  # the engine opened (or the device refused) before anything is written
         k = min(top_k, len(clf.classes_))
         rows = clf.iter_predict(files, top_k=k, min_confidence=min_confidence)
         unreadable = [Unreadable(os.fsdecode(p.path), p.reason) for p in problems]

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tlearn.cli.common import USER_ERRORS, CacheDir, Engine, EngineName, Precision, Quiet, app, fail
+from tlearn.cli.common import USER_ERRORS, CacheDir, Device, Engine, EngineName, Precision, Quiet, app, fail
 from tlearn.console import out, print_summary
 from tlearn.evaluate import painter
 from tlearn.outputs import terminal_text
@@ -33,6 +33,7 @@ def train(
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
     engine: Engine = EngineName.auto,
+    device: Device = "auto",
     precision: Precision = None,
     recipe: Annotated[Recipe, typer.Option(help="head: linear head on frozen features (seconds). finetune: then "
                                            "unfreeze the top of the backbone and train it (minutes), keeping the "
@@ -99,7 +100,7 @@ def train(
                                      precision=precision and precision.value,
                                      recipe="finetune" if fine_tune else recipe.value, finetune=settings,
                                      run_dir=out_dir / "run", ray=ray, mirror=mirror,
-                                     relabel=relabel).fit(data, resume=resume)
+                                     relabel=relabel, device=device).fit(data, resume=resume)
         clf.save(out_dir)
     except USER_ERRORS as exc:
         fail(exc)

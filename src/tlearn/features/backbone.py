@@ -33,6 +33,8 @@ from tlearn.features.cache import FeatureCache
 if TYPE_CHECKING:
     from torch import nn
 
+    from tlearn.device import DeviceChoice
+
 CALIBRATION_IMAGES = 128  # int8 activation ranges: enough images to cover the classes, few enough to be quick
 
 
@@ -89,8 +91,10 @@ class FrozenBackbone:
 
     def __init__(self, spec: BackboneSpec, info: WeightsInfo, key: str, cache: FeatureCache, *, engine: str = "auto",
                  precision: str = "fp32", calibration_paths: Sequence[Path] = (), seed: int = 0,
-                 workers: int | None = None, progress: bool = True, network: nn.Module | None = None):
+                 workers: int | None = None, progress: bool = True, network: nn.Module | None = None,
+                 device: DeviceChoice | None = None):
         self.spec, self.info, self.key, self.cache = spec, info, key, cache
+        self.device = device  # a GPU/TPU (tlearn.device): features come from torch there; None or cpu: the engines
         self.engine_name, self.precision, self.seed, self.workers = engine, precision, seed, workers
         self.calibration_paths, self.progress = list(calibration_paths), progress
         self._network = network
@@ -129,6 +133,13 @@ class FrozenBackbone:
     @functools.cache
     def engine(self):
         """The engine running the backbone: from its verified exported files when there are, else exported now."""
+        if self.device is not None and not self.device.is_cpu:  # torch on the GPU: the reference itself
+            from tlearn.device import torch_device
+            from tlearn.engines.reference import PixelsToOutputs, TorchEngine
+
+            self.opened = TorchEngine(PixelsToOutputs(self.network(), self.spec.preprocessing), self.precision,
+                                      torch_device(self.device))
+            return self.opened
         exported = None if self.built else open_exported(self.engine_key, self.cache.engines, self.engine_name,
                                                          self.precision)
         if exported is not None:

@@ -120,6 +120,8 @@ def _freeze_batch_norm(module: nn.Module, prefix: str, learning: list[str]) -> N
 def resolve_precision(precision: str, accelerator: str, cached_trunk: bool = False) -> str:
     if precision != "auto":
         return precision
+    if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"  # tensor cores; fp32 master weights
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     # bf16 matmuls are native (AMX / AVX512-BF16) on such CPUs, emulated and slow elsewhere. The top blocks alone
     # (cached trunk) are small 7x7/14x14 convolutions: there fp32 measured faster than bf16-mixed (bench/README.md)

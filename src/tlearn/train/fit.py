@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from tlearn.device import DeviceChoice, batch_size_for, resolve_device
 from tlearn.evaluate import painter
 from tlearn.features import FeatureCache
 from tlearn.features.backbone import import_early, import_torch_early
@@ -35,6 +36,8 @@ from tlearn.train.steps import (
 def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) -> TrainResult:
     """Train a classifier on `data`: the whole recipe, step by step."""
     start = time.perf_counter()
+    device = resolve_device(settings.device)  # before any work: a device the machine lacks is one clear line
+    settings = on_device(settings, device)
     found, choice = None, None
     if settings.backbone == AUTO:  # every backbone is tried on the data before one backbone's cache is opened
         found = find_data(data, settings)
@@ -46,7 +49,7 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
             # the folds need scikit-learn (~1 s of import): while the features come (the CLI's painter process,
             # when there is one, imports it on a core of its own and computes the folds there)
             import_early(("sklearn.model_selection",))
-        backbone = frozen_backbone(found, settings, cache)
+        backbone = frozen_backbone(found, settings, cache, device)
         split = extract(found, backbone, cache, settings)
         backbone.prepare_feature_map()  # on a thread, while the head is chosen (when this train opened the engine)
         views, head_choice, fit = choose_the_head(found, backbone, cache, split, settings)
@@ -60,10 +63,24 @@ def run_recipe(data: str | Path, settings: TrainSettings, resume: bool = False) 
             result.engine, result.feature_map_engine = backbone.opened, backbone.feature_map_engine
         if importing is not None:
             importing.join()  # done long ago unless every feature was cached (then torch was never needed)
+    result.bundle.training["device"] = result.bundle.metrics["device"] = result.summary.device = device.to_dict()
     if choice is not None:
         result.bundle.training["backbone_choice"] = result.summary.backbone_choice = choice.to_dict()
     result.summary.seconds = time.perf_counter() - start
     return result
+
+
+def on_device(settings: TrainSettings, device: DeviceChoice) -> TrainSettings:
+    """The settings for `device`: on a GPU or TPU the backbone runs in torch there, in batches its free memory
+    holds, and fine-tuning asks Lightning for that accelerator (unless --accelerator named one)."""
+    if device.is_cpu:
+        return settings
+    finetune = settings.finetune
+    if finetune.accelerator == "auto":
+        finetune = replace(finetune, accelerator=device.accelerator,
+                           devices=finetune.devices if finetune.devices != "1" else device.lightning_devices)
+    return replace(settings, engine="torch", batch_size=batch_size_for(device, settings.batch_size),
+                   finetune=finetune)
 
 
 def _will_extract(found: FoundData, cache: FeatureCache) -> bool:

@@ -81,6 +81,7 @@ class TrainSettings:
     ray: str | None = None  # extract features on Ray: local|auto|ADDRESS (tlearn.distributed; the ray extra)
     mirror: str = "off"  # the mirror's features: off|train|tta|both|auto (tlearn.train.views)
     relabel: Path | None = None  # a relabel CSV (path,label) whose labels replace the folders' (tlearn.data.relabel)
+    device: str = "auto"  # where the network runs: auto|cpu|cuda[:N]|mps|xla (tlearn.device)
 
     def __post_init__(self):
         from tlearn.backbones import get_spec
@@ -103,6 +104,9 @@ class TrainSettings:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("recipe", self.recipe, RECIPES)
         check_choice("mirror", self.mirror, MIRRORS)
+        from tlearn.device import check_device
+
+        check_device(self.device)
         self.finetune.validate()
 
     def record(self) -> dict:
@@ -110,4 +114,5 @@ class TrainSettings:
         return {"backbone": self.backbone, "seed": self.seed, "val_fraction": self.val_fraction,
                 "test_fraction": self.test_fraction, "batch_size": self.batch_size, "engine": self.engine,
                 "precision": self.precision, "recipe_asked": self.recipe, "mirror_asked": self.mirror,
+                "device_asked": self.device,
                 **({"relabel": str(self.relabel)} if self.relabel is not None else {})}

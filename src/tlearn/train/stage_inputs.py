@@ -62,7 +62,8 @@ def _trunk_cut(module: FinetuneModule, spec: BackboneSpec, settings: FinetuneSet
         return None, ["full-image loop: trunk cache switched off"]
     if settings.augment not in CACHEABLE:
         return None, [f"full-image loop: augmentation {settings.augment!r} draws new pixels every epoch"]
-    if settings.devices not in ("1", "auto") or settings.num_nodes != 1 or settings.strategy != "auto":
+    one_device = settings.devices in ("1", "auto") or settings.devices.rstrip(",").isdigit()  # "N,": GPU N alone
+    if not one_device or settings.num_nodes != 1 or settings.strategy != "auto":
         return None, ["full-image loop: distributed training"]
     cut = cut_backbone(module.model.backbone, unfrozen, spec.preprocessing.input_size)
     if cut is None:

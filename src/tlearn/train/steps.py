@@ -14,6 +14,7 @@ from tlearn.backbones import get_spec, locate_weights, state_sha256
 from tlearn.bundle import BackboneRecord, Bundle, EngineRecord, OutOfFold
 from tlearn.data import Dataset, find_dataset
 from tlearn.data.doctor import DoctorReport, quick_check
+from tlearn.device import DeviceChoice
 from tlearn.errors import DatasetError
 from tlearn.evaluate import classification_metrics
 from tlearn.evaluate.calibration import calibrate
@@ -73,6 +74,7 @@ class TrainSummary:
     backbone_choice: dict | None = None  # --backbone auto: each backbone tried, its inner-split score and seconds
     seconds: float = 0.0
     finetune: dict | None = None
+    device: dict | None = None  # where the network ran, and why there (tlearn.device)
 
     @property
     def images_per_second(self) -> float | None:
@@ -103,11 +105,12 @@ def feature_key_for(settings: TrainSettings) -> str:
     return feature_key(spec.architecture, info.sha256, spec.preprocessing, settings.precision)
 
 
-def frozen_backbone(found: FoundData, settings: TrainSettings, cache: FeatureCache) -> FrozenBackbone:
+def frozen_backbone(found: FoundData, settings: TrainSettings, cache: FeatureCache,
+                    device: DeviceChoice | None = None) -> FrozenBackbone:
     info = locate_weights(settings.backbone, settings.weights)
     return FrozenBackbone(get_spec(settings.backbone), info, cache.key, cache, engine=settings.engine,
                           precision=settings.precision, calibration_paths=found.dataset.paths("train"),
-                          seed=settings.seed, workers=settings.workers, progress=settings.progress)
+                          seed=settings.seed, workers=settings.workers, progress=settings.progress, device=device)
 
 
 def extract(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, settings: TrainSettings) -> SplitFeatures:
