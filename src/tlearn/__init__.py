@@ -3,9 +3,9 @@
 The names below are loaded on first use (PEP 562): `tlearn --help` and `import tlearn.errors` stay fast.
 """
 __version__ = "0.2.0"
-__all__ = ["ImageClassifier", "NotFittedError", "Prediction", "Predictor", "TlearnError", "Unreadable", "load",
-           "suspect_labels", "__version__"]
-_HOME = {"ImageClassifier": "tlearn.api", "load": "tlearn.api", "suspect_labels": "tlearn.api",
+__all__ = ["ImageClassifier", "NotFittedError", "doctor", "Prediction", "Predictor", "TlearnError", "Unreadable",
+           "load", "suspect_labels", "__version__"]
+_HOME = {"ImageClassifier": "tlearn.api", "load": "tlearn.api", "doctor": "tlearn.api", "suspect_labels": "tlearn.api",
          "NotFittedError": "tlearn.errors",
          "TlearnError": "tlearn.errors", "Prediction": "tlearn.predict", "Predictor": "tlearn.predict",
          "Unreadable": "tlearn.predict"}

@@ -12,7 +12,7 @@ import numpy as np
 
 from tlearn.bundle import Bundle, ModelFolder
 from tlearn.errors import NotFittedError, TlearnError
-from tlearn.predict import Prediction, Predictor, Unreadable, expand_paths
+from tlearn.predict import Prediction, Predictions, Predictor, Unreadable, expand_paths
 from tlearn.train.settings import FinetuneSettings, TrainSettings
 
 if TYPE_CHECKING:
@@ -107,8 +107,43 @@ class ImageClassifier:
         yield from self.predictor().iter_files(files, top_k, min_confidence)
 
     def predict(self, paths: Sequence[str | Path], top_k: int = 1,
-                min_confidence: float | None = None) -> list[Prediction | Unreadable]:
-        return list(self.iter_predict(paths, top_k, min_confidence))
+                min_confidence: float | None = None) -> Predictions:
+        """A Prediction (or Unreadable) per image, folders searched recursively (a notebook shows a table)."""
+        return Predictions(self.iter_predict(paths, top_k, min_confidence))
+
+    # ---- in a notebook --------------------------------------------------------------------------------------
+    def _repr_html_(self) -> str:
+        from tlearn.notebook import classifier_html
+
+        return classifier_html(self)
+
+    def plot_training_curves(self):
+        """A matplotlib Figure of the fine-tune's loss and val accuracy per epoch (TlearnError for a head-only
+        model, which has no epochs)."""
+        from tlearn.evaluate.plots import laid_out, training_curves_figure
+
+        history = self._bundle().extra.get("history")
+        if not history:
+            raise TlearnError("this model has no training curves: it was trained head-only (no epochs); train with "
+                              "recipe='finetune' for curves")
+        from tlearn.notebook import shown_inline
+
+        return shown_inline(laid_out(training_curves_figure(history)))
+
+    def plot_confusion_matrix(self, split: str | None = None, normalised: bool = False):
+        """A matplotlib Figure of the confusion matrix of `split` (test, else val, as measured at training)."""
+        from tlearn.evaluate.plots import confusion_matrix_figure
+
+        metrics = self.metrics_
+        split = split or next((s for s in ("test", "val") if metrics.get(s, {}).get("n")), None)
+        if split is None or not metrics.get(split, {}).get("n"):
+            raise TlearnError(f"no metrics of split {split!r} in this model (it has: "
+                              f"{', '.join(s for s in ('val', 'test') if s in metrics) or 'none'})")
+        from tlearn.notebook import shown_inline
+
+        m = metrics[split]
+        return shown_inline(confusion_matrix_figure(m["confusion_matrix"], m["classes"], normalised,
+                                                    title=f"{split}: confusion matrix"))
 
     def predict_proba(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Class probabilities (n_images, n_classes) in `classes_` order; raises if any image is unreadable."""
@@ -200,6 +235,14 @@ def load(directory: str | Path, **settings) -> ImageClassifier:
     clf.bundle_, clf.directory_ = bundle, Path(directory)
     return clf
 
+
+
+def doctor(data: str | Path, *, seed: int = 0, cache_dir: str | Path | None = None):
+    """The dataset's checks (tlearn.data.doctor.DoctorReport: layout, counts per class and split, unreadable, tiny,
+    duplicated and leaking files), as `tlearn doctor DATA` prints them; a notebook shows a table."""
+    from tlearn.data.doctor import examine_dataset
+
+    return examine_dataset(data, seed=seed, cache_dir=cache_dir)
 
 
 def suspect_labels(data: str | Path, model: str | Path | None = None, *, ranked_by: str = "self_confidence",

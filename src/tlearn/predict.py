@@ -54,6 +54,16 @@ class Unreadable:
     reason: str
 
 
+class Predictions(list):
+    """The list `predict` returns (Prediction or Unreadable per image, in input order), shown in a notebook as a
+    table with thumbnails."""
+
+    def _repr_html_(self) -> str:
+        from tlearn.notebook import predictions_html
+
+        return predictions_html(self)
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """What a person or a client needs to know about a served model."""
@@ -163,6 +173,11 @@ class Predictor:
         predictor._feature_map = feature_map
         return predictor
 
+    def _repr_html_(self) -> str:
+        from tlearn.notebook import predictor_html
+
+        return predictor_html(self)
+
     # ---- single steps (the server and the cluster job compose these) ----------------------------------------
     def to_pixels(self, image: ImageInput, *, max_pixels: int | None = None) -> np.ndarray:
         """Decode (EXIF-rotated RGB, big JPEGs at reduced size), resize and centre-crop: uint8 (3, H, W).
@@ -244,12 +259,12 @@ class Predictor:
 
     # ---- whole jobs --------------------------------------------------------------------------------------------
     def predict(self, images: Sequence[ImageInput], top_k: int = 1,
-                min_confidence: float | None = None) -> list[Prediction | Unreadable]:
+                min_confidence: float | None = None) -> Predictions:
         """One Prediction (or Unreadable, with the reason) per image, in input order. Paths may be files; in-memory
         images (bytes, PIL, uint8 (H, W, 3) arrays) are named "<image N>"."""
         _check_options(top_k, min_confidence)
         names = [os.fsdecode(i) if isinstance(i, (str, os.PathLike)) else f"<image {n}>" for n, i in enumerate(images)]
-        rows: list[Prediction | Unreadable] = []
+        rows = Predictions()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="tlearn-decode") as pool:
             for start in range(0, len(images), self.batch_size):
                 chunk = list(range(start, min(start + self.batch_size, len(images))))

@@ -73,6 +73,11 @@ class DoctorReport:
         """Largest over smallest class count, per split."""
         return {split: max(c.values()) / max(1, min(c.values())) for split, c in self.counts.items() if c}
 
+    def _repr_html_(self) -> str:
+        from tlearn.notebook import doctor_html
+
+        return doctor_html(self)
+
     def to_dict(self) -> dict:
         return {"root": self.root, "layout": self.layout, "classes": self.classes, "counts": self.counts,
                 "imbalance": self.imbalance, "files_checked": self.files_checked, "decoded": self.decoded,

@@ -25,18 +25,29 @@ def _subplots(width: float, height: float, **grid):
     return fig, fig.subplots(**grid)
 
 
+def laid_out(fig: Figure) -> Figure:
+    """`fig` laid out once (tight_layout), with no layout engine left to lay it out again when it is drawn."""
+    fig.tight_layout()
+    # tight_layout leaves a placeholder layout engine behind, for which savefig would lay out (draw) the whole
+    # figure a second time before drawing it; the layout is done, so no engine at all
+    fig.set_layout_engine(None)
+    return fig
+
+
 def _save(fig: Figure, path: Path, lay_out: bool = True) -> Path:
     if lay_out:
-        fig.tight_layout()
-        # tight_layout leaves a placeholder layout engine behind, for which savefig would lay out (draw) the whole
-        # figure a second time before drawing it; the layout is done, so no engine at all
-        fig.set_layout_engine(None)
+        laid_out(fig)
     fig.savefig(path, pil_kwargs={"compress_level": 1})  # zlib's fastest: a third less time, ~15% larger PNGs
     return path
 
 
 def training_curves(history: list[dict], path: Path) -> Path:
     """Loss (train, val) and val accuracy per epoch, from the bundle's "history"."""
+    return _save(training_curves_figure(history), path)
+
+
+def training_curves_figure(history: list[dict]) -> Figure:
+    """The figure of `training_curves` (a notebook shows it inline)."""
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = _subplots(9, 3.4, ncols=2)
     for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
@@ -47,7 +58,29 @@ def training_curves(history: list[dict], path: Path) -> Path:
     loss_ax.legend()
     acc_ax.plot(epochs, [row.get("val_accuracy", np.nan) for row in history], marker="o", ms=3, color="C2")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="val accuracy")
-    return _save(fig, path)
+    return fig
+
+
+def confusion_matrix_figure(matrix: list[list[int]], classes: list[str], normalised: bool = False,
+                            title: str = "confusion matrix") -> Figure:
+    """One confusion matrix heat map (counts, or each true-class row divided by its total), laid out: for a
+    notebook. The report's PNGs come from `confusion_matrices`."""
+    counts = np.asarray(matrix, dtype=float)
+    shown = most_confused(counts, MAX_SHOWN_CLASSES)
+    values = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) if normalised else counts
+    values, classes = values[np.ix_(shown, shown)], [classes[i] for i in shown]
+    size = max(4.0, 0.45 * len(classes) + 2)
+    fig, ax = _subplots(size, size)
+    ax.imshow(values, cmap="Blues", vmin=0, vmax=1.0 if normalised else max(values.max(), 1))
+    ax.set_xticks(range(len(classes)), _labels(classes), rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), _labels(classes), fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title=title + (" (row-normalised)" if normalised else ""))
+    if len(classes) <= ANNOTATED_CLASSES:
+        for (i, j), value in np.ndenumerate(values):
+            if value:
+                ax.text(j, i, f"{value:.2f}".lstrip("0") if normalised else f"{int(value)}", ha="center",
+                        va="center", fontsize=7, color="white" if value > values.max() / 2 else "black")
+    return laid_out(fig)
 
 
 def confusion_matrices(matrix: list[list[int]], classes: list[str], counts_path: Path,
