@@ -40,7 +40,8 @@ def test_config_records_how_the_model_was_made(demo_model, tmp_path):
         assert file_sha256(tmp_path / "m" / name) == digest
     assert any(v["ok"] for v in config["engine"]["verdicts"].values())
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
-    assert set(metrics) == {"val", "test", "leaks", "cv"} and metrics["leaks"]["count"] == 0
+    assert set(metrics) == {"val", "test", "leaks", "cv", "device"} and metrics["leaks"]["count"] == 0
+    assert metrics["device"] == config["training"]["device"] and metrics["device"]["name"] == "cpu"
     assert metrics["cv"]["n"] == len(config["split"]["files"]["train"])  # out of fold on every training image
     assert "-fold stratified cross-validation on train" in config["training"]["head"]["chosen_by"]
     assert config["training"]["head"]["refit"] == f"all {metrics['cv']['n']} training images"
