@@ -71,3 +71,15 @@ def test_the_torch_engine_on_an_explicit_cpu_device_gives_the_reference_features
     engine = TorchEngine(PixelsToOutputs(bundle.build_model().backbone, bundle.preprocessing), "fp32",
                          torch.device("cpu"))
     assert np.abs(engine(pixels) - features).max() < 1e-3
+
+
+def test_auto_keeps_the_cpu_on_a_gpu_machine_without_torch(monkeypatch):
+    """The base install (no torch) on a machine with an NVIDIA driver: auto keeps the CPU's engines, and only an
+    explicit --device cuda asks for torch."""
+    import tlearn.device as device
+
+    monkeypatch.setattr(device, "nvidia_driver", lambda: True)
+    monkeypatch.setattr(device, "_has_torch", lambda: False)
+    assert resolve_device("auto").name == "cpu"
+    with pytest.raises(DeviceError, match="needs torch"):
+        resolve_device("cuda")

@@ -91,11 +91,15 @@ def nvidia_driver() -> bool:
 
 
 def _torch():
-    if importlib.util.find_spec("torch") is None:
+    if not _has_torch():
         raise DeviceError("running on a GPU or TPU needs torch: pip install 'tlearn[train]'")
     import torch
 
     return torch
+
+
+def _has_torch() -> bool:
+    return importlib.util.find_spec("torch") is not None
 
 
 def _cuda(asked: str, required: bool) -> DeviceChoice | None:
@@ -103,6 +107,8 @@ def _cuda(asked: str, required: bool) -> DeviceChoice | None:
         if required:
             raise DeviceError(f"--device {asked}: no CUDA GPU on this machine (no NVIDIA driver is loaded); use "
                               "--device cpu or auto")
+        return None
+    if not required and not _has_torch():  # the base install on a GPU machine: auto keeps the CPU's engines
         return None
     torch = _torch()
     if not torch.cuda.is_available():
@@ -124,6 +130,8 @@ def _mps(required: bool) -> DeviceChoice | None:
         if required:
             raise DeviceError("--device mps: Apple's Metal GPU needs a Mac with Apple silicon; use --device cpu or "
                               "auto")
+        return None
+    if not required and not _has_torch():
         return None
     torch = _torch()
     if not torch.backends.mps.is_available():
