@@ -74,9 +74,10 @@ def figure_html(fig: Figure) -> str:
 
 
 def _interval(m: dict, key: str) -> str:
-    low_high = m.get("ci95", {}).get(key)
-    ci = f" <span class='ci'>[{low_high[0]:.3f}, {low_high[1]:.3f}]</span>" if low_high else ""
-    return f"{m[key]:.4f}{ci}"
+    """The figure and its bootstrap interval (as the command line prints it), the interval greyed."""
+    from tlearn.console import interval
+
+    return f"{m[key]:.4f} <span class='ci'>{interval(m, key)}</span>"
 
 
 def classifier_html(clf: ImageClassifier) -> str:
