@@ -1,7 +1,6 @@
 """tlearn where most of its users work: a Jupyter notebook (docs/notebook.ipynb run headless on a real kernel, and
 the HTML each result shows there)."""
 import json
-import os
 from pathlib import Path
 
 import nbformat
@@ -23,20 +22,15 @@ def test_the_notebook_is_stored_without_outputs():
     assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
 
 
-def test_the_notebook_runs_headless_with_html_results_and_no_escape_codes(tmp_path, cache_dir):
+def test_the_notebook_runs_headless_with_html_results_and_no_escape_codes(tmp_path, cache_dir, monkeypatch):
     """The example notebook, executed by nbclient on this environment's own kernel: every cell runs, the doctor's
     report, the trained classifier, the predictions and the Predictor show as HTML, the figures as PNG, and no
     output (streams included) carries a terminal escape code."""
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    env = {"TLEARN_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        NotebookClient(notebook, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    monkeypatch.setenv("TLEARN_CACHE", str(cache_dir))  # the kernel inherits this process's environment
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     for o in outputs:
