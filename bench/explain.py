@@ -67,9 +67,14 @@ def deletion(predictor: Predictor, files: list[Path], seed: int) -> dict:
         heat_drops.append(probabilities[index] - after[0])
         random_drops.append(probabilities[index] - after[1])
         blob_drops.append(probabilities[index] - after[2])
-    heat_drop, random_drop, blob_drop = (float(np.mean(d)) for d in (heat_drops, random_drops, blob_drops))
-    return {"images": len(files), "mean_drop_heat": round(heat_drop, 4),
-            "mean_drop_random_pixels": round(random_drop, 4), "ratio_random_pixels": round(heat_drop / random_drop, 2),
+    return summary(len(files), heat_drops, random_drops, blob_drops)
+
+
+def summary(images: int, heat_drops: list, pixel_drops: list, blob_drops: list) -> dict:
+    """Mean drops of the class's probability, and the heat's over each random baseline's."""
+    heat_drop, pixel_drop, blob_drop = (float(np.mean(d)) for d in (heat_drops, pixel_drops, blob_drops))
+    return {"images": images, "mean_drop_heat": round(heat_drop, 4),
+            "mean_drop_random_pixels": round(pixel_drop, 4), "ratio_random_pixels": round(heat_drop / pixel_drop, 2),
             "mean_drop_random_blobs": round(blob_drop, 4), "ratio_random_blobs": round(heat_drop / blob_drop, 2)}
 
 
@@ -101,10 +106,7 @@ def deletion_at_image_size(predictor: Predictor, files: list[Path], seed: int) -
             out[where] = GREY
             after = predictor.probabilities(predictor.to_pixels(out.reshape(picture.shape))[None])[0, index]
             drops[name].append(before - float(after))
-    heat_drop, pixel_drop, blob_drop = (float(np.mean(drops[k])) for k in ("heat", "random_pixels", "random_blobs"))
-    return {"images": len(files), "mean_drop_heat": round(heat_drop, 4),
-            "mean_drop_random_pixels": round(pixel_drop, 4), "ratio_random_pixels": round(heat_drop / pixel_drop, 2),
-            "mean_drop_random_blobs": round(blob_drop, 4), "ratio_random_blobs": round(heat_drop / blob_drop, 2)}
+    return summary(len(files), drops["heat"], drops["random_pixels"], drops["random_blobs"])
 
 
 def cost(predictor: Predictor, files: list[Path]) -> dict:
