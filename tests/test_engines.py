@@ -6,6 +6,7 @@ Tolerances: fp32 engines give the same top-1 and class probabilities within 1e-3
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -155,6 +156,50 @@ def test_pipeline_keeps_order_reports_failures_and_bounds_work_in_flight(tmp_pat
     rest = list(stream)
     assert [i for b in [first, *rest] for i in b.indices] == [i for i in range(30) if i % 3 != 1]
     assert [i for b in [first, *rest] for i, _ in b.errors] == list(range(1, 30, 3))
+
+
+class _PidStamped:
+    """to_pixels that writes the decoding process's id into the first four bytes (picklable, for worker processes)."""
+
+    def __init__(self, preprocessing):
+        self.preprocessing = preprocessing
+
+    def __call__(self, image):
+        pixels = self.preprocessing.to_pixels(image)
+        pixels.reshape(-1)[:4] = np.frombuffer(np.uint32(os.getpid()).tobytes(), np.uint8)
+        return pixels
+
+
+def test_an_engine_on_a_gpu_gets_its_pixels_decoded_in_worker_processes(tmp_path, images):
+    """The GPU path's decoding: the same pixels and failures as the threads give, in order, from other processes;
+    an engine's wrappers (the mirror, the mean of views) ask for what the engine asks for."""
+    from tlearn.engines import decode_processes
+    from tlearn.engines.views import MeanOfViews, Mirrored
+
+    preprocessing = get_spec("efficientnet_lite0").preprocessing
+    bad, cut = tmp_path / "broken.jpg", tmp_path / "cut.jpg"
+    bad.write_bytes(b"not a jpeg")
+    cut.write_bytes(images[2].read_bytes()[:300])
+    paths = [images[0], bad, images[1], cut, images[3]] * 4
+
+    class OnGpu:
+        decode_processes = True
+
+        def __call__(self, pixels):
+            return pixels
+
+    assert decode_processes(MeanOfViews(OnGpu())) and decode_processes(Mirrored(OnGpu()))
+    assert not decode_processes(lambda pixels: pixels) and not decode_processes(None)
+    threaded = list(stream_pixels(paths, preprocessing, 4, workers=2))
+    in_processes = list(stream_pixels(paths, preprocessing, 4, workers=2, engine=MeanOfViews(OnGpu())))
+    assert [b.indices for b in in_processes] == [b.indices for b in threaded]
+    assert [b.errors for b in in_processes] == [b.errors for b in threaded]
+    assert [i for b in threaded for i, _ in b.errors] == [i for i in range(20) if i % 5 in (1, 3)]
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(in_processes, threaded))
+    stamped = [b.pixels for b in pixel_batches(paths, _PidStamped(preprocessing), preprocessing.input_size, 4, 2,
+                                               processes=True) if len(b.indices)]
+    pids = {int(np.frombuffer(p.reshape(-1)[:4].tobytes(), np.uint32)[0]) for batch in stamped for p in batch}
+    assert pids and os.getpid() not in pids
 
 
 OPENVINO_RELEASE_ORDER = """

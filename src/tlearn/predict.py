@@ -312,7 +312,7 @@ class Predictor:
         """uint8 batches of `files` through the one pixel pipeline (tlearn.engines.stream_pixels)."""
         from tlearn.engines import stream_pixels
 
-        return stream_pixels(files, self.preprocessing, self.batch_size, self.workers)
+        return stream_pixels(files, self.preprocessing, self.batch_size, self.workers, engine=self._forward)
 
     def _try_pixels(self, image: ImageInput) -> np.ndarray | str:
         try:

@@ -1,14 +1,19 @@
 """Streaming pixel batches for inference: decode and resize in a thread pool, a bounded number of batches in flight.
 
-Pillow releases the GIL while it decodes and resizes, so threads keep every core busy without worker processes:
-nothing is pickled between processes and nothing forks after an inference engine has started its own threads.
-Batches are uint8 (n, 3, H, W): four times less to move than floats; normalisation belongs to the engine.
+Pillow releases the GIL while it decodes and resizes, so on the CPU threads keep every core busy without worker
+processes: nothing is pickled between processes and nothing forks after an inference engine has started its own
+threads. An engine on a GPU asks for worker processes instead (`processes`): there the cores only decode, and a
+dozen decoding threads would queue on the GIL for the Python between Pillow's calls while the GPU waits. The
+workers start from a clean server process (forkserver; spawn where there is none), never forked from this one
+after CUDA is up. Batches are uint8 (n, 3, H, W): four times less to move than floats; normalisation belongs to
+the engine.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -31,16 +36,19 @@ def default_workers() -> int:
 
 
 def pixel_batches(paths: Sequence[Path], to_pixels: Callable, input_size: int, batch_size: int = 32,
-                  workers: int | None = None, draft_size: tuple[int, int] | None = None) -> Iterator[PixelBatch]:
+                  workers: int | None = None, draft_size: tuple[int, int] | None = None,
+                  processes: bool = False) -> Iterator[PixelBatch]:
     """Yield batches in input order; files that fail to decode are reported in `errors`, never raised.
 
-    `to_pixels` maps an RGB PIL image to a uint8 (3, H, W) array; `draft_size` lets JPEGs much larger than it be
-    decoded at a reduced scale (DCT scaling), no smaller than that size. At most 2 x workers batches are decoded
-    ahead of the consumer, so memory stays flat however many files there are.
+    `to_pixels` maps an RGB PIL image to a uint8 (3, H, W) array (picklable, with `processes`); `draft_size` lets
+    JPEGs much larger than it be decoded at a reduced scale (DCT scaling), no smaller than that size. At most
+    2 x workers batches are decoded ahead of the consumer, so memory stays flat however many files there are.
+    `processes`: decode in `workers` worker processes instead of threads (for an engine on a GPU; a list of two
+    batches or less is decoded in threads, since starting processes would cost more).
     """
     workers = default_workers() if workers is None else max(1, workers)
     starts = range(0, len(paths), batch_size)
-    with ThreadPoolExecutor(workers, thread_name_prefix="tlearn-decode") as pool:
+    with _decoders(workers, processes and len(paths) > 2 * batch_size) as pool:
         pending: deque = deque()
         for start in starts:
             chunk = list(enumerate(paths[start:start + batch_size], start))
@@ -49,6 +57,13 @@ def pixel_batches(paths: Sequence[Path], to_pixels: Callable, input_size: int, b
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def _decoders(workers: int, processes: bool) -> Executor:
+    if not processes:
+        return ThreadPoolExecutor(workers, thread_name_prefix="tlearn-decode")
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
 
 
 def _decode_batch(chunk: list[tuple[int, Path]], to_pixels: Callable, input_size: int,

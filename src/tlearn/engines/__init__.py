@@ -45,7 +45,8 @@ ENGINE_FORMAT = 2  # 2: the eager-torch reference outputs are kept beside the ex
 
 __all__ = ["ENGINES", "PRECISIONS", "EngineError", "PixelsToOutputs", "engine_key", "open_engine", "open_exported",
            "state_key",
-           "export_onnx", "probe_pixels", "run_batches", "compare", "stream_pixels", "TorchEngine", "open_files",
+           "export_onnx", "probe_pixels", "run_batches", "compare", "stream_pixels", "decode_processes", "TorchEngine",
+           "open_files",
            "read_reference", "torch_reference", "run_concurrent"]
 _LAZY = {"PixelsToOutputs": "reference", "TorchEngine": "reference", "OnnxEngine": "runtimes",
          "OpenVinoEngine": "runtimes", "export_onnx": "export", "quantise_int8": "export"}
@@ -61,14 +62,21 @@ def __getattr__(name: str):
 
 
 def stream_pixels(paths: Sequence[Path], preprocessing: Preprocessing, batch_size: int = 32,
-                  workers: int | None = None, draft: bool = True) -> Iterator[PixelBatch]:
+                  workers: int | None = None, draft: bool = True, engine: object = None) -> Iterator[PixelBatch]:
     """uint8 batches of `paths` preprocessed exactly as in training (resize, centre crop; engines normalise).
 
     With `draft`, JPEGs at least four times the resize target are decoded at a reduced scale first (DCT scaling),
-    to no less than twice the target, so the bicubic resize after it still has pixels to average.
+    to no less than twice the target, so the bicubic resize after it still has pixels to average. `engine`: the
+    engine the batches feed; one on a GPU (`decode_processes`) gets them decoded in worker processes.
     """
     draft_size = preprocessing.draft_size() if draft else None
-    return pixel_batches(paths, preprocessing.to_pixels, preprocessing.input_size, batch_size, workers, draft_size)
+    return pixel_batches(paths, preprocessing.to_pixels, preprocessing.input_size, batch_size, workers, draft_size,
+                         processes=decode_processes(engine))
+
+
+def decode_processes(engine: object) -> bool:
+    """Whether `engine` wants its pixels decoded in worker processes (a torch engine on a GPU) rather than threads."""
+    return bool(getattr(engine, "decode_processes", False))
 
 
 def run_batches(engine: Callable[[np.ndarray], np.ndarray], batches: Iterable[PixelBatch]

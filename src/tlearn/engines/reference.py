@@ -39,6 +39,8 @@ class TorchEngine:
 
             graph = copy.deepcopy(graph).to(self.device)
         self.graph, self.precision = graph.eval().to(memory_format=torch.channels_last), precision
+        # on a GPU the cores only feed it: decoding in worker processes, not threads queuing on the GIL
+        self.decode_processes = self.device.type != "cpu"
 
     def _exact_fp32(self):
         """fp32 on a CUDA GPU means fp32: no TF32 convolutions, so its features match the CPU engines' (the feature

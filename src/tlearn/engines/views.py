@@ -18,6 +18,7 @@ class Mirrored:
     def __init__(self, engine: Callable[[np.ndarray], np.ndarray]):
         self.engine = engine
         self.name, self.precision = getattr(engine, "name", "?"), getattr(engine, "precision", "fp32")
+        self.decode_processes = getattr(engine, "decode_processes", False)  # fed as the engine it wraps
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self.engine(mirror(pixels))
@@ -29,6 +30,7 @@ class MeanOfViews:
     def __init__(self, engine: Callable[[np.ndarray], np.ndarray]):
         self.engine = engine
         self.name, self.precision = getattr(engine, "name", "?"), getattr(engine, "precision", "fp32")
+        self.decode_processes = getattr(engine, "decode_processes", False)  # fed as the engine it wraps
         if hasattr(engine, "run_whole"):  # each view whole on one stream, for callers in threads (run_concurrent)
             self.run_whole = lambda pixels: (engine.run_whole(pixels) + engine.run_whole(mirror(pixels))) / 2
 

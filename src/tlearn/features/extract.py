@@ -66,7 +66,7 @@ def extract_features(paths: Sequence[Path], cache: FeatureCache, engine: Callabl
 
         with _progress(progress) as bar:
             task = bar.add_task(f"extracting {description}", total=len(todo))
-            batches = stream_pixels([paths[i] for i in todo], preprocessing, batch_size, workers)
+            batches = stream_pixels([paths[i] for i in todo], preprocessing, batch_size, workers, engine=run)
             for batch, out in run_batches(run, batches):
                 bad = [(hashes[todo[j]], reason) for j, reason in batch.errors]
                 failures.extend((Path(paths[todo[j]]), reason) for j, reason in batch.errors)
