@@ -44,6 +44,20 @@ def test_second_fit_uses_the_cache_and_gives_the_same_model(demo_model, demo_dat
     assert again.metrics_ == demo_model.metrics_
 
 
+def test_a_model_of_all_the_data_is_written_whole_and_says_nothing_was_held_out(demo_data, cache_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data / "train", data / "train")  # a train/ folder alone, nothing asked to be carved
+    clf = tlearn.ImageClassifier(cache_dir=cache_dir, progress=False, test_fraction=0).fit(data)
+    assert clf.bundle_.split_files("train") and not clf.bundle_.split_files("test")
+    model = clf.save(tmp_path / "model")
+    page = (Path(model) / "report" / "report.html").read_text()
+    assert "no held-out split" in page and "Confusion matrix" not in page
+    top = Predictor.load(model).predict([next((demo_data / "test").rglob("*.png"))])[0]
+    assert top.label in clf.classes_
+
+
 def test_retrain_on_cached_features_imports_no_torch_and_writes_the_same_model(demo_model, demo_data, cache_dir,
                                                                              tmp_path):
     """The head is numpy and the backbone's tensors are cached with its features: a re-train builds no network."""

@@ -148,6 +148,17 @@ def test_unsplit_folder_gets_train_test_and_val_when_asked(tmp_path):
     assert recorded["test"][0][0].startswith(("x/", "y/", "z/"))
 
 
+def test_a_train_folder_alone_gets_a_test_split_carved_as_unsplit_data_does(tmp_path):
+    _class_tree(tmp_path / "train", {"a": 20, "b": 13})
+    ds = find_dataset(tmp_path, seed=1)
+    assert set(ds.splits) == {"train", "test"} and "train/test carved 85%/15% from train" in ds.layout
+    assert set(ds.labels("test").tolist()) == {0, 1} and len(ds.paths("train")) + len(ds.paths("test")) == 33
+    assert not set(ds.paths("test")) & set(ds.paths("train"))
+    assert ds.paths("test") == find_dataset(tmp_path, seed=1).paths("test")
+    everything = find_dataset(tmp_path, test_fraction=0)
+    assert set(everything.splits) == {"train"} and "nothing carved to report on" in everything.layout
+
+
 def test_files_without_image_extension_are_ignored_and_listed(tmp_path):
     _class_tree(tmp_path / "train", {"a": 2, "b": 2})
     (tmp_path / "train/a/notes.txt").write_text("hello")

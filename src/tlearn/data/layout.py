@@ -1,9 +1,9 @@
 """Find a labelled image dataset on disk and the split it is used with.
 
 Layouts: ROOT/{train,val|validation|valid,test}/<class>/..., ROOT/{train,test}/<class>/... (val carved out of
-train), and ROOT/<class>/... (train/val/test carved out). A folder named like a split is a split only when it
-holds class folders; folder names keep their case. Carved splits are stratified and stable (see splits.py);
-files that cannot be decoded are skipped, never counted.
+train when asked), and ROOT/train/<class>/... alone or ROOT/<class>/... (test, and val when asked, carved out). A
+folder named like a split is a split only when it holds class folders; folder names keep their case. Carved splits
+are stratified and stable (see splits.py); files that cannot be decoded are skipped, never counted.
 """
 from __future__ import annotations
 
@@ -245,6 +245,13 @@ def _carve_missing(per_split: dict[str, dict[str, list[Path]]], split_folders: d
         shares = "/".join(f"{f:.0%}" for f in (1 - val_fraction - test_fraction, *fractions.values()))
         return carved, f"one folder per class; {'/'.join(('train', *fractions))} carved {shares} ({rule})"
     layout = "folders " + "/".join(f.name for f in split_folders.values())
+    if set(per_split) == {"train"}:  # train/ alone: carved as one folder per class is, or nothing would report
+        fractions = {name: f for name, f in (("test", test_fraction), ("val", val_fraction)) if f > 0}
+        if not fractions:
+            return per_split, f"{layout}; all of it train (nothing carved to report on)"
+        carved = carve(per_split["train"], prints, fractions, seed, str(split_folders["train"]))
+        shares = "/".join(f"{f:.0%}" for f in (1 - val_fraction - test_fraction, *fractions.values()))
+        return carved, f"{layout}; {'/'.join(('train', *fractions))} carved {shares} from train ({rule})"
     if "val" in per_split or val_fraction == 0:
         return per_split, layout
     carved = carve(per_split["train"], prints, {"val": val_fraction}, seed, str(split_folders["train"]))

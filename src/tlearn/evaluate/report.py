@@ -64,7 +64,7 @@ def _write(directory: Path, inputs: ReportInputs, painter: painters.Painter) -> 
 
     (directory / "gallery").mkdir(parents=True, exist_ok=True)
     if not inputs.scored:
-        raise ValueError("nothing to report: no val or test images were scored")
+        return _write_unscored(directory, inputs, painter)
     split = "test" if "test" in inputs.scored else "val"
     scored = inputs.scored[split]
     temperature = float(inputs.calibration.get("temperature", 1.0))
@@ -94,10 +94,28 @@ def _write(directory: Path, inputs: ReportInputs, painter: painters.Painter) -> 
     return path
 
 
-def _header(inputs: ReportInputs, split: str) -> str:
+def _write_unscored(directory: Path, inputs: ReportInputs, painter: painters.Painter) -> Path:
+    """The page of a model trained on all of its data (nothing carved to report on): what it is, the data, the
+    suspect labels; no held-out figure, and a line that says why."""
+    sections = [_header(inputs, None), _data_section(inputs.data_checks),
+                "<h2>Held-out figures</h2><p>None: every image was used to train (no val or test split, and none "
+                "carved). The cross-validated figures on train that chose the head are in metrics.json; "
+                "<code>tlearn evaluate MODEL DATA</code> scores the model on images it has not seen.</p>"]
+    if inputs.suspects is not None and inputs.data_root is not None:
+        sections.append(_suspect_section(directory, inputs.suspects, inputs.data_root))
+    painter.finish()
+    page = _PAGE.format(title=html.escape(f"tlearn report: {inputs.facts.get('backbone', 'model')}"),
+                        body="\n".join(sections))
+    path = directory / "report.html"
+    path.write_text(page, encoding="utf-8", errors="backslashreplace")
+    return path
+
+
+def _header(inputs: ReportInputs, split: str | None) -> str:
     facts = dict(inputs.facts)
     facts["classes"] = f"{len(inputs.classes)}: " + ", ".join(inputs.classes)
-    facts["figures show"] = (f"the {split} split" + ("" if split == "test" else
+    facts["figures show"] = ("no held-out split (all of the data trained the model)" if split is None else
+                             f"the {split} split" + ("" if split == "test" else
                              " (no test split: val was used to choose the model, so these are optimistic)"))
     facts["written"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
