@@ -84,14 +84,7 @@ def _write(directory: Path, inputs: ReportInputs, painter: painters.Painter) -> 
     sections.append(_figure("per_class.png", f"Per-class precision, recall and F1 ({split})", ""))
     sections.append(_calibration_section(directory, scored, temperature, inputs.calibration, painter))
     sections.append(_gallery(directory, scored, temperature, inputs.classes, inputs.heat_map))
-    if inputs.suspects is not None and inputs.data_root is not None:
-        sections.append(_suspect_section(directory, inputs.suspects, inputs.data_root))
-    painter.finish()
-    page = _PAGE.format(title=html.escape(f"tlearn report: {inputs.facts.get('backbone', 'model')}"),
-                        body="\n".join(sections))
-    path = directory / "report.html"
-    path.write_text(page, encoding="utf-8", errors="backslashreplace")  # names that are not UTF-8
-    return path
+    return _finish(directory, inputs, sections, painter)
 
 
 def _write_unscored(directory: Path, inputs: ReportInputs, painter: painters.Painter) -> Path:
@@ -101,13 +94,18 @@ def _write_unscored(directory: Path, inputs: ReportInputs, painter: painters.Pai
                 "<h2>Held-out figures</h2><p>None: every image was used to train (no val or test split, and none "
                 "carved). The cross-validated figures on train that chose the head are in metrics.json; "
                 "<code>tlearn evaluate MODEL DATA</code> scores the model on images it has not seen.</p>"]
+    return _finish(directory, inputs, sections, painter)
+
+
+def _finish(directory: Path, inputs: ReportInputs, sections: list[str], painter: painters.Painter) -> Path:
+    """The suspect labels' section, the figures the painter draws waited for, and the page written."""
     if inputs.suspects is not None and inputs.data_root is not None:
         sections.append(_suspect_section(directory, inputs.suspects, inputs.data_root))
     painter.finish()
     page = _PAGE.format(title=html.escape(f"tlearn report: {inputs.facts.get('backbone', 'model')}"),
                         body="\n".join(sections))
     path = directory / "report.html"
-    path.write_text(page, encoding="utf-8", errors="backslashreplace")
+    path.write_text(page, encoding="utf-8", errors="backslashreplace")  # names that are not UTF-8
     return path
 
 
