@@ -64,23 +64,10 @@ def training_curves_figure(history: list[dict]) -> Figure:
 def confusion_matrix_figure(matrix: list[list[int]], classes: list[str], normalised: bool = False,
                             title: str = "confusion matrix") -> Figure:
     """One confusion matrix heat map (counts, or each true-class row divided by its total), laid out: for a
-    notebook. The report's PNGs come from `confusion_matrices`."""
-    counts = np.asarray(matrix, dtype=float)
-    shown = most_confused(counts, MAX_SHOWN_CLASSES)
-    values = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) if normalised else counts
-    values, classes = values[np.ix_(shown, shown)], [classes[i] for i in shown]
-    size = max(4.0, 0.45 * len(classes) + 2)
-    fig, ax = _subplots(size, size)
-    ax.imshow(values, cmap="Blues", vmin=0, vmax=1.0 if normalised else max(values.max(), 1))
-    ax.set_xticks(range(len(classes)), _labels(classes), rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), _labels(classes), fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true", title=title + (" (row-normalised)" if normalised else ""))
-    if len(classes) <= ANNOTATED_CLASSES:
-        for (i, j), value in np.ndenumerate(values):
-            if value:
-                ax.text(j, i, f"{value:.2f}".lstrip("0") if normalised else f"{int(value)}", ha="center",
-                        va="center", fontsize=7, color="white" if value > values.max() / 2 else "black")
-    return laid_out(fig)
+    notebook. The report's two PNGs come from `confusion_matrices`."""
+    figure = _ConfusionFigure(matrix, classes)
+    figure.show(normalised, title)
+    return laid_out(figure.fig)
 
 
 def confusion_matrices(matrix: list[list[int]], classes: list[str], counts_path: Path,
@@ -88,35 +75,45 @@ def confusion_matrices(matrix: list[list[int]], classes: list[str], counts_path:
     """Confusion matrix heat maps: counts, and each true-class row divided by its total.
 
     The two differ only in their numbers and title, so one figure is built and laid out once and saved twice."""
-    counts = np.asarray(matrix, dtype=float)
-    normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    shown = most_confused(counts, MAX_SHOWN_CLASSES)
-    of_all = f" of the {len(shown)} most confused of {len(classes)} classes" if len(shown) < len(classes) else ""
-    counts, normalised = counts[np.ix_(shown, shown)], normalised[np.ix_(shown, shown)]
-    classes = [classes[i] for i in shown]
-    size = max(4.0, 0.45 * len(classes) + 2)
-    annotated = len(classes) <= ANNOTATED_CLASSES
-    fig, ax = _subplots(size if annotated else size + 1, size)
-    image = ax.imshow(counts, cmap="Blues")
-    if not annotated:  # with every value written in its cell, a colour scale would say nothing more
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    ax.set_xticks(range(len(classes)), _labels(classes), rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), _labels(classes), fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true")
-    cells = [(i, j) for (i, j), value in np.ndenumerate(counts) if value and annotated]
-    texts = [ax.text(j, i, "", ha="center", va="center", fontsize=7) for i, j in cells]
-    for values, vmax, title, label, path in (
-            (counts, counts.max(), f"confusion matrix{of_all}", lambda v: f"{int(v)}", counts_path),
-            (normalised, 1.0, f"confusion matrix (row-normalised){of_all}", lambda v: f"{v:.2f}".lstrip("0"),
-             normalised_path)):
-        image.set_data(values)
-        image.set_clim(0, vmax)
-        ax.set_title(title)
-        for text, (i, j) in zip(texts, cells):
-            text.set_text(label(values[i, j]))
-            text.set_color("white" if values[i, j] > values.max() / 2 else "black")
-        _save(fig, path, lay_out=path == counts_path)
+    figure = _ConfusionFigure(matrix, classes)
+    for normalised, path in ((False, counts_path), (True, normalised_path)):
+        figure.show(normalised)
+        _save(figure.fig, path, lay_out=path == counts_path)
     return counts_path, normalised_path
+
+
+class _ConfusionFigure:
+    """The axes of a confusion matrix (the most confused classes when there are many), drawn once; `show` puts
+    the counts or the row-normalised values in them."""
+
+    def __init__(self, matrix: list[list[int]], classes: list[str]):
+        counts = np.asarray(matrix, dtype=float)
+        normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        shown = most_confused(counts, MAX_SHOWN_CLASSES)
+        self.of_all = f" of the {len(shown)} most confused of {len(classes)} classes" if len(shown) < len(classes) \
+            else ""
+        self.counts, self.normalised = counts[np.ix_(shown, shown)], normalised[np.ix_(shown, shown)]
+        classes = [classes[i] for i in shown]
+        size = max(4.0, 0.45 * len(classes) + 2)
+        annotated = len(classes) <= ANNOTATED_CLASSES
+        self.fig, self.ax = _subplots(size if annotated else size + 1, size)
+        self.image = self.ax.imshow(self.counts, cmap="Blues")
+        if not annotated:  # with every value written in its cell, a colour scale would say nothing more
+            self.fig.colorbar(self.image, ax=self.ax, fraction=0.046)
+        self.ax.set_xticks(range(len(classes)), _labels(classes), rotation=60, ha="right", fontsize=8)
+        self.ax.set_yticks(range(len(classes)), _labels(classes), fontsize=8)
+        self.ax.set(xlabel="predicted", ylabel="true")
+        self.cells = [(i, j) for (i, j), value in np.ndenumerate(self.counts) if value and annotated]
+        self.texts = [self.ax.text(j, i, "", ha="center", va="center", fontsize=7) for i, j in self.cells]
+
+    def show(self, normalised: bool, title: str = "confusion matrix") -> None:
+        values, vmax = (self.normalised, 1.0) if normalised else (self.counts, self.counts.max())
+        self.image.set_data(values)
+        self.image.set_clim(0, vmax)
+        self.ax.set_title(title + (" (row-normalised)" if normalised else "") + self.of_all)
+        for text, (i, j) in zip(self.texts, self.cells):
+            text.set_text(f"{values[i, j]:.2f}".lstrip("0") if normalised else f"{int(values[i, j])}")
+            text.set_color("white" if values[i, j] > values.max() / 2 else "black")
 
 
 def most_confused(counts: np.ndarray, limit: int) -> list[int]:
