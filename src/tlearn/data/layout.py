@@ -235,23 +235,21 @@ def _check_classes(root: Path, classes: list[str], per_split: dict[str, dict[str
 def _carve_missing(per_split: dict[str, dict[str, list[Path]]], split_folders: dict[str, Path],
                    prints: dict[Path, Fingerprint], seed: int, val_fraction: float, test_fraction: float
                    ) -> tuple[dict[str, dict[str, list[Path]]], str]:
-    """The splits with val (and test, for one folder per class) carved out, and the layout in words."""
+    """The splits with val (and test, for one folder per class or a train/ folder alone) carved out, and the
+    layout in words."""
     rule = f"stratified, by content hash, near-duplicates together, seed {seed}"
-    if not split_folders:
+    layout = "folders " + "/".join(f.name for f in split_folders.values()) if split_folders else \
+        "one folder per class"
+    alone = per_split.get("train") if set(per_split) == {"train"} else per_split.get("")
+    if alone is not None:  # nothing given to report on: test, and val when asked, carved out of it
         fractions = {name: f for name, f in (("test", test_fraction), ("val", val_fraction)) if f > 0}
         if not fractions:
-            return {"train": per_split[""]}, "one folder per class; all of it train (nothing carved to report on)"
-        carved = carve(per_split[""], prints, fractions, seed, "the dataset")
+            return {"train": alone}, f"{layout}; all of it train (nothing carved to report on)"
+        carved = carve(alone, prints, fractions, seed, str(split_folders["train"]) if split_folders else
+                       "the dataset")
         shares = "/".join(f"{f:.0%}" for f in (1 - val_fraction - test_fraction, *fractions.values()))
-        return carved, f"one folder per class; {'/'.join(('train', *fractions))} carved {shares} ({rule})"
-    layout = "folders " + "/".join(f.name for f in split_folders.values())
-    if set(per_split) == {"train"}:  # train/ alone: carved as one folder per class is, or nothing would report
-        fractions = {name: f for name, f in (("test", test_fraction), ("val", val_fraction)) if f > 0}
-        if not fractions:
-            return per_split, f"{layout}; all of it train (nothing carved to report on)"
-        carved = carve(per_split["train"], prints, fractions, seed, str(split_folders["train"]))
-        shares = "/".join(f"{f:.0%}" for f in (1 - val_fraction - test_fraction, *fractions.values()))
-        return carved, f"{layout}; {'/'.join(('train', *fractions))} carved {shares} from train ({rule})"
+        return carved, (f"{layout}; {'/'.join(('train', *fractions))} carved {shares}"
+                        f"{' from train' if split_folders else ''} ({rule})")
     if "val" in per_split or val_fraction == 0:
         return per_split, layout
     carved = carve(per_split["train"], prints, {"val": val_fraction}, seed, str(split_folders["train"]))
