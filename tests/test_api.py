@@ -288,3 +288,53 @@ def test_the_quick_exit_loses_no_output(demo_model_dir, demo_data, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "tlearn.cli", "predict", str(demo_model_dir),
                               str(tmp_path / "absent")], capture_output=True, text=True)
     assert missing.returncode == 2 and "absent" in missing.stderr
+
+
+def _copy_images(files, folder: Path, prefix: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, f in enumerate(files):
+        (folder / f"{prefix}{n}.jpg").write_bytes(Path(f).read_bytes())  # a new name: known again by content alone
+
+
+def test_evaluate_scores_a_new_folder_whole_and_never_an_image_that_trained_the_model(hymenoptera_small,
+                                                                                      hymenoptera_model, tmp_path,
+                                                                                      cache_dir):
+    """`evaluate` on the training folder scores its val split (as metrics.json); on a new unsplit folder it scores
+    every image, but leaves out those whose bytes trained the model, under whatever name; a folder made only of
+    training images is one clear line, exit 2."""
+    from tlearn.scoring import evaluate_dataset
+
+    new = tmp_path / "new"
+    for name in ("ants", "bees"):
+        _copy_images(sorted((hymenoptera_small / "val" / name).iterdir()), new / name, "val-")
+    _copy_images(sorted((hymenoptera_small / "train" / "ants").iterdir())[:2], new / "ants", "seen-")
+
+    result = runner.invoke(app, ["evaluate", str(hymenoptera_model), str(new), "--json", "--cache-dir",
+                                 str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["evaluated"] == {"split": "all", "how": "every image of a folder other than the one it was "
+                                    "trained on", "left_out_trained": 2, "training_images_known": True}
+    recorded = json.loads((hymenoptera_model / "metrics.json").read_text())["val"]
+    assert metrics["n"] == 8 and metrics["accuracy"] == recorded["accuracy"]  # the same 8 val photos, renamed
+
+    result = runner.invoke(app, ["evaluate", str(hymenoptera_model), str(hymenoptera_small), "--cache-dir",
+                                 str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    assert "scored: the val split of the folder the model was trained on" in result.output
+    assert "left out" not in result.output and "n=8" in result.output
+
+    only_seen = tmp_path / "seen"
+    for name in ("ants", "bees"):
+        _copy_images(sorted((hymenoptera_small / "train" / name).iterdir()), only_seen / name, "x-")
+    result = runner.invoke(app, ["evaluate", str(hymenoptera_model), str(only_seen), "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 2 and "nothing to evaluate" in result.output and "trained this model" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["evaluate", str(hymenoptera_model), str(only_seen), "--split", "everything"])
+    assert result.exit_code == 2 and "unknown split 'everything'" in result.output
+
+    # a model folder from before the training content was recorded: its training files, still there, are read
+    predictor = Predictor.load(hymenoptera_model)
+    predictor.bundle.split.pop("train_content")
+    older = evaluate_dataset(predictor, new, cache_dir=cache_dir, progress=False)
+    assert (older.split, older.left_out, older.checked, len(older.scored.labels)) == ("all", 2, True, 8)

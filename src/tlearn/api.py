@@ -153,12 +153,18 @@ class ImageClassifier:
             raise TlearnError(f"cannot read {bad[0].source}: {bad[0].reason}")
         return np.array([r.probabilities for r in rows])
 
-    def evaluate(self, data: str | Path, split: str = "test") -> dict:
-        """Metrics of the model on one split of `data` (features from the cache when present)."""
-        from tlearn.scoring import metrics_of, score_dataset
+    def evaluate(self, data: str | Path, split: str = "auto") -> dict:
+        """Metrics of the model on `data` (features from the cache when present), never on an image that trained it.
 
-        scored = score_dataset(self.predictor(), data, (split,), self.cache_dir, self.progress)
-        return metrics_of(scored[split], self.classes_, self._bundle().training.get("seed", 0))
+        `split`: "auto" scores the test split (val without one) of the folder the model was trained on, and every
+        image of any other folder; or "test", "val", "train", "all". metrics["evaluated"] says what was scored and
+        how many images were left out because their content trained the model (tlearn.scoring.evaluate_dataset)."""
+        from tlearn.scoring import evaluate_dataset, metrics_of
+
+        evaluation = evaluate_dataset(self.predictor(), data, split, self.cache_dir, self.progress)
+        metrics = metrics_of(evaluation.scored, self.classes_, self._bundle().training.get("seed", 0))
+        metrics["evaluated"] = evaluation.to_dict()
+        return metrics
 
     def scored_splits(self, data: str | Path | None = None, splits=("val", "test")) -> dict[str, ScoredSplit]:
         """Per-image labels and uncalibrated logits of the `splits` of `data` that exist.

@@ -130,6 +130,17 @@ def print_evaluation(metrics: dict, split: str) -> None:
               f"accuracy {metrics['mean_class_accuracy']:.4f} {interval(metrics, 'mean_class_accuracy')}, "
               f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
               f"n={metrics['n']} (brackets: bootstrap 95% CI)")
+    evaluated = metrics.get("evaluated")
+    if evaluated:
+        out.print(f"scored: {evaluated['how']}", highlight=False)
+        if evaluated["left_out_trained"]:
+            out.print(f"left out: {evaluated['left_out_trained']} image(s) whose content trained this model",
+                      highlight=False)
+        if split == "train":
+            err.print("[yellow]note[/]: these images trained the model: the figure is optimistic", highlight=False)
+        elif not evaluated["training_images_known"]:
+            err.print("[yellow]note[/]: this model folder does not record its training images and its training "
+                      "folder is gone: images that trained it could not be left out", highlight=False)
     table = Table("class", "precision", "recall", "f1", "n")
     for name, row in metrics["per_class"].items():
         table.add_row(terminal_text(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",

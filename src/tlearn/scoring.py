@@ -1,12 +1,15 @@
 """A trained model measured on a labelled dataset, through its Predictor (features from the cache when present)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from tlearn.data import find_dataset
+from tlearn.data import Dataset, find_dataset
+from tlearn.data.decode import content_hashes
+from tlearn.data.layout import Sample, trained_content
 from tlearn.errors import DatasetError
 from tlearn.evaluate import classification_metrics
 from tlearn.evaluate.metrics import ScoredSplit
@@ -15,10 +18,91 @@ from tlearn.features.views import extract_views
 from tlearn.predict import Predictor
 
 
+EVALUATION_SPLITS = ("auto", "test", "val", "train", "all")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` scored: which images of the folder, chosen how, and those it left out."""
+
+    scored: ScoredSplit
+    split: str  # test, val, train or all (what "auto" became)
+    how: str  # why these images, in words
+    left_out: int  # images of the folder whose content trained the model: not scored
+    checked: bool  # whether the model's training images were known (False: an old model folder, its data gone)
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "how": self.how, "left_out_trained": self.left_out,
+                "training_images_known": self.checked}
+
+
 def score_dataset(predictor: Predictor, data: str | Path, splits: Sequence[str], cache_dir: str | Path | None = None,
                   progress: bool = True) -> dict[str, ScoredSplit]:
     """Per-image labels and uncalibrated logits of `splits` of `data`, split as the model's training split it
     (same seed and fractions). With several splits asked, those the dataset lacks are left out."""
+    dataset = _dataset_as_trained(predictor, data, cache_dir)
+    scored = {}
+    for split in splits:
+        if split not in dataset.splits and len(splits) > 1:
+            continue  # e.g. no test split: score what there is
+        # a split the dataset lacks is a DatasetError that names the ones it has
+        scored[split] = score_samples(predictor, dataset, split, dataset.split(split), cache_dir, progress)
+    return scored
+
+
+def evaluate_dataset(predictor: Predictor, data: str | Path, split: str = "auto",
+                     cache_dir: str | Path | None = None, progress: bool = True) -> Evaluation:
+    """Score `split` of `data` (see EVALUATION_SPLITS), never on an image that trained the model.
+
+    "auto": the test split (val when there is none) of the folder the model was trained on, split as training split
+    it; any other folder is new data, and all of its images are scored ("all"). Images whose content trained the
+    model (by SHA-256, under any name) are left out of test, val and all, and counted; `train` is scored as asked
+    (a training-set figure, optimistic by nature). DatasetError when nothing is left to score."""
+    if split not in EVALUATION_SPLITS:
+        raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(EVALUATION_SPLITS)}")
+    dataset = _dataset_as_trained(predictor, data, cache_dir)
+    trained, known = _trained_content(predictor)
+    home = _is_training_folder(predictor, dataset)
+    how = ""
+    if split == "auto":
+        split = ("test" if "test" in dataset.splits else "val" if "val" in dataset.splits else "all") if home else "all"
+        how = (f"the {split} split of the folder the model was trained on" if home and split != "all"
+               else "every image of a folder other than the one it was trained on" if not home
+               else "every image of the training folder that did not train the model")
+    samples = ([s for name in dataset.splits for s in dataset.splits[name]] if split == "all"
+               else dataset.split(split))
+    left_out = 0
+    if split != "train":
+        kept = [s for s in samples if trained_content(dataset.hashes.get(s.path, "")) not in trained]
+        left_out, samples = len(samples) - len(kept), kept
+    if not samples:
+        raise DatasetError(f"nothing to evaluate in {dataset.root}: every image of its {split} split trained "
+                           "this model" + (" (by content)" if left_out else ""))
+    how = how or (f"the {split} split" if split != "all" else "every image of the folder")
+    return Evaluation(score_samples(predictor, dataset, split, samples, cache_dir, progress), split, how, left_out,
+                      known)
+
+
+def score_samples(predictor: Predictor, dataset: Dataset, name: str, samples: Sequence[Sample],
+                  cache_dir: str | Path | None = None, progress: bool = True) -> ScoredSplit:
+    """The labels and uncalibrated logits of `samples` of `dataset` (features from the cache when present)."""
+    bundle = predictor.bundle
+    # each view's features are cached on their own (a model with tta sees their mean)
+    views = ("image", "mirror") if bundle.tta else ("image",)
+    paths = [s.path for s in samples]
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    hashes = [dataset.hashes.get(p) for p in paths]  # found with the dataset: no file is read twice
+    with FeatureCache(bundle.backbone.feature_key, cache_dir) as cache:
+        features = extract_views(paths, cache, lambda: lambda pixels: predictor.view_features(pixels, "image"),
+                                 bundle.preprocessing, views, description=name, batch_size=predictor.batch_size,
+                                 workers=predictor.workers, progress=progress,
+                                 hashes=hashes if all(hashes) else None)
+    return ScoredSplit(name, [paths[i] for i in features.kept], labels[features.kept],
+                       bundle.head().logits(features.mean()).astype(np.float64))
+
+
+def _dataset_as_trained(predictor: Predictor, data: str | Path, cache_dir: str | Path | None) -> Dataset:
+    """`data` found and split as the model's training split its own (same seed and fractions), same classes."""
     bundle = predictor.bundle
     training = bundle.training
     dataset = find_dataset(data, training.get("seed", 0), training.get("val_fraction", 0.15),
@@ -26,20 +110,26 @@ def score_dataset(predictor: Predictor, data: str | Path, splits: Sequence[str],
     if dataset.classes != bundle.classes:
         raise DatasetError(f"{dataset.root} has classes {dataset.classes}, but the model was trained on "
                            f"{bundle.classes}")
-    head, scored = bundle.head(), {}
-    # each view's features are cached on their own (a model with tta sees their mean)
-    views = ("image", "mirror") if bundle.tta else ("image",)
-    with FeatureCache(bundle.backbone.feature_key, cache_dir) as cache:
-        for split in splits:
-            if split not in dataset.splits and len(splits) > 1:
-                continue  # e.g. no test split: score what there is
-            paths = dataset.paths(split)  # a split the dataset lacks is a DatasetError that names the ones it has
-            features = extract_views(paths, cache, lambda: lambda pixels: predictor.view_features(pixels, "image"),
-                                     bundle.preprocessing, views, description=split, batch_size=predictor.batch_size,
-                                     workers=predictor.workers, progress=progress)
-            scored[split] = ScoredSplit(split, [paths[i] for i in features.kept], dataset.labels(split)[features.kept],
-                                        head.logits(features.mean()).astype(np.float64))
-    return scored
+    return dataset
+
+
+def _is_training_folder(predictor: Predictor, dataset: Dataset) -> bool:
+    root = predictor.bundle.extra.get("data_checks", {}).get("root")
+    try:
+        return root is not None and Path(root).resolve() == dataset.root.resolve()
+    except OSError:
+        return False
+
+
+def _trained_content(predictor: Predictor) -> tuple[set[str], bool]:
+    """The content of the model's training images, and whether it is known: recorded with the split since this
+    was kept; for an older model folder, read from its training files where they still are."""
+    split = predictor.bundle.split
+    if "train_content" in split:
+        return set(split["train_content"]), True
+    files = predictor.bundle.split_files("train")
+    found = {trained_content(h) for h in content_hashes(files).values() if h}
+    return found, bool(files)
 
 
 def metrics_of(scored: ScoredSplit, classes: list[str], seed: int = 0) -> dict:

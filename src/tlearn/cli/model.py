@@ -18,14 +18,17 @@ from tlearn.outputs import terminal_text
 def evaluate(
     model: ModelFolder,
     data: Annotated[Path, typer.Argument(help="Dataset folder with the same classes.")],
-    split: Annotated[str, typer.Option(help="Split to evaluate: train, val or test.")] = "test",
+    split: Annotated[str, typer.Option(help="What to score: auto (the test split, or val, of the folder the model "
+                                            "was trained on; every image of any other folder), test, val, train "
+                                            "or all. Images that trained the model are left out (not of train).")
+                     ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
     engine: Engine = EngineName.auto,
     precision: Precision = None,
 ) -> None:
-    """Measure a trained model on one split of DATA."""
+    """Measure a trained model on DATA: its test split when DATA is the training folder, all of it when it is new."""
     import tlearn
 
     try:
@@ -36,7 +39,7 @@ def evaluate(
     if as_json:
         print(json.dumps(metrics, indent=1))
         return
-    print_evaluation(metrics, split)
+    print_evaluation(metrics, metrics["evaluated"]["split"])
 
 
 @app.command()

@@ -69,10 +69,19 @@ class Dataset:
                               "splits": list(leak.splits), "bits": leak.bits} for leak in self.leaks[:examples]]}
 
     def describe(self) -> dict:
-        """The split actually used, as relative paths: saved with the model so it can be reproduced."""
+        """The split actually used, as relative paths: saved with the model so it can be reproduced; and the content
+        of the training images (see `trained_content`), so an evaluation elsewhere can leave them out."""
         return {"layout": self.layout, "classes": self.classes,
                 "files": {name: [[str(s.path.relative_to(self.root)), s.label] for s in samples]
-                          for name, samples in self.splits.items()}}
+                          for name, samples in self.splits.items()},
+                "train_content": [trained_content(self.hashes[s.path]) for s in self.splits.get("train", [])
+                                  if self.hashes.get(s.path)]}
+
+
+def trained_content(content_hash: str) -> str:
+    """What a model folder keeps of a training image's SHA-256: its first 16 hex digits (64 bits: no two of a
+    dataset's images share them by chance), enough to know an image again under any name or folder."""
+    return content_hash[:16]
 
 
 def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.0, test_fraction: float = 0.15, *,
