@@ -314,7 +314,8 @@ def test_evaluate_scores_a_new_folder_whole_and_never_an_image_that_trained_the_
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert metrics["evaluated"] == {"split": "all", "how": "every image of a folder other than the one it was "
-                                    "trained on", "left_out_trained": 2, "training_images_known": True}
+                                    "trained on", "left_out_trained": 2, "training_images_known": True,
+                                    "training_folder": False}
     recorded = json.loads((hymenoptera_model / "metrics.json").read_text())["val"]
     assert metrics["n"] == 8 and metrics["accuracy"] == recorded["accuracy"]  # the same 8 val photos, renamed
 
@@ -324,6 +325,16 @@ def test_evaluate_scores_a_new_folder_whole_and_never_an_image_that_trained_the_
     assert "scored: the val split of the folder the model was trained on" in result.output
     assert "left out" not in result.output and "n=8" in result.output
 
+    later = tmp_path / "later" / "test"  # new photos kept in a test/ folder: no train/ is needed to score them
+    for name in ("ants", "bees"):
+        _copy_images(sorted((hymenoptera_small / "val" / name).iterdir()), later / name, "")
+    result = runner.invoke(app, ["evaluate", str(hymenoptera_model), str(later.parent), "--json", "--cache-dir",
+                                 str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n"] == 8 and json.loads(result.stdout)["evaluated"]["split"] == "all"
+    result = runner.invoke(app, ["train", str(later.parent), "--cache-dir", str(cache_dir), "-q"])
+    assert result.exit_code == 2 and "has test/ but no train/ folder" in result.output  # training still needs one
+
     only_seen = tmp_path / "seen"
     for name in ("ants", "bees"):
         _copy_images(sorted((hymenoptera_small / "train" / name).iterdir()), only_seen / name, "x-")
@@ -331,10 +342,45 @@ def test_evaluate_scores_a_new_folder_whole_and_never_an_image_that_trained_the_
     assert result.exit_code == 2 and "nothing to evaluate" in result.output and "trained this model" in result.output
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["evaluate", str(hymenoptera_model), str(only_seen), "--split", "everything"])
-    assert result.exit_code == 2 and "unknown split 'everything'" in result.output
+    assert result.exit_code == 2 and "everything" in result.output and "Traceback" not in result.output
+
+    moved = tmp_path / "moved"  # the training folder copied elsewhere: known by its content, its val scored
+    for split, name in ((s, n) for s in ("train", "val") for n in ("ants", "bees")):
+        _copy_images(sorted((hymenoptera_small / split / name).iterdir()), moved / split / name, "")
+    result = runner.invoke(app, ["evaluate", str(hymenoptera_model), str(moved), "--json", "--cache-dir",
+                                 str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(result.stdout)["evaluated"]
+    assert (evaluated["split"], evaluated["training_folder"], evaluated["left_out_trained"]) == ("val", True, 0)
+    result = runner.invoke(app, ["evaluate", str(hymenoptera_model), str(moved), "--split", "train", "--json",
+                                 "--cache-dir", str(cache_dir)])
+    assert json.loads(result.stdout)["n"] == 12  # the training images themselves, as asked (with a note)
 
     # a model folder from before the training content was recorded: its training files, still there, are read
     predictor = Predictor.load(hymenoptera_model)
     predictor.bundle.split.pop("train_content")
     older = evaluate_dataset(predictor, new, cache_dir=cache_dir, progress=False)
     assert (older.split, older.left_out, older.checked, len(older.scored.labels)) == ("all", 2, True, 8)
+
+
+def test_evaluate_defaults_to_the_carved_test_split_of_the_training_folder(demo_model, demo_data, tmp_path):
+    """One folder per class: `auto` scores the test split training carved, as metrics.json; the command line's
+    choices are the API's; a model folder whose recorded training content is not hex is refused on load."""
+    from tlearn.cli.model import SplitName
+    from tlearn.errors import BundleError
+    from tlearn.scoring import EVALUATION_SPLITS
+
+    metrics = demo_model.evaluate(demo_data)
+    assert metrics["evaluated"]["split"] == "test" and metrics["evaluated"]["training_folder"]
+    assert metrics["accuracy"] == demo_model.metrics_["test"]["accuracy"] and metrics["n"] == demo_model.metrics_[
+        "test"]["n"]
+    assert tuple(s.value for s in SplitName) == EVALUATION_SPLITS
+    with pytest.raises(tlearn.errors.DatasetError, match="unknown split 'everything'"):
+        demo_model.evaluate(demo_data, "everything")
+
+    folder = demo_model.save(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config["split"]["train_content"][0] = "not hex at all!!"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="train_content"):
+        Predictor.load(folder)

@@ -159,8 +159,9 @@ class ImageClassifier:
         `split`: "auto" scores the test split (val without one) of the folder the model was trained on, and every
         image of any other folder; or "test", "val", "train", "all". metrics["evaluated"] says what was scored and
         how many images were left out because their content trained the model (tlearn.scoring.evaluate_dataset)."""
-        from tlearn.scoring import evaluate_dataset, metrics_of
+        from tlearn.scoring import check_split, evaluate_dataset, metrics_of
 
+        check_split(split)  # before the engine opens
         evaluation = evaluate_dataset(self.predictor(), data, split, self.cache_dir, self.progress)
         metrics = metrics_of(evaluation.scored, self.classes_, self._bundle().training.get("seed", 0))
         metrics["evaluated"] = evaluation.to_dict()

@@ -213,7 +213,7 @@ class Bundle:
                 classes=_classes(config["classes"]), backbone=BackboneRecord.from_dict(config["backbone"]),
                 preprocessing=_preprocessing(config["preprocessing"]), state={},
                 temperature=_temperature(config["temperature"]), training=dict(config.get("training") or {}),
-                split=dict(config.get("split") or {}), metrics=_read_json(directory / METRICS_FILE),
+                split=_split(config.get("split")), metrics=_read_json(directory / METRICS_FILE),
                 extra=dict(config.get("extra") or {}),
                 engine=EngineRecord(**config["engine"]) if config.get("engine") else None,
                 engine_files=(directory / ENGINE_FILE, directory / REFERENCE_FILE) if config.get("engine") else None,
@@ -446,6 +446,17 @@ def _preprocessing(data) -> Preprocessing:
         raise BundleError(f"preprocessing mean and std must be 3 finite numbers each, std positive "
                           f"(mean {prep.mean}, std {prep.std})")
     return prep
+
+
+def _split(value) -> dict:
+    """The recorded split; its training images' content (tlearn.data.layout.trained_content) checked."""
+    split = dict(value or {})
+    content = split.get("train_content", [])
+    if not isinstance(content, list) or not all(isinstance(c, str) and len(c) == 16 and
+                                                all(ch in "0123456789abcdef" for ch in c) for c in content):
+        raise BundleError("split.train_content must be a list of 16-digit lower-case hex strings (the training "
+                          "images' content)")
+    return split
 
 
 def _flag(value, name: str) -> bool:

@@ -136,7 +136,7 @@ def print_evaluation(metrics: dict, split: str) -> None:
         if evaluated["left_out_trained"]:
             out.print(f"left out: {evaluated['left_out_trained']} image(s) whose content trained this model",
                       highlight=False)
-        if split == "train":
+        if split == "train" and evaluated["training_folder"]:
             err.print("[yellow]note[/]: these images trained the model: the figure is optimistic", highlight=False)
         elif not evaluated["training_images_known"]:
             err.print("[yellow]note[/]: this model folder does not record its training images and its training "

@@ -30,10 +30,11 @@ class Evaluation:
     how: str  # why these images, in words
     left_out: int  # images of the folder whose content trained the model: not scored
     checked: bool  # whether the model's training images were known (False: an old model folder, its data gone)
+    training_folder: bool  # whether the folder is the one the model was trained on (see evaluate_dataset)
 
     def to_dict(self) -> dict:
         return {"split": self.split, "how": self.how, "left_out_trained": self.left_out,
-                "training_images_known": self.checked}
+                "training_images_known": self.checked, "training_folder": self.training_folder}
 
 
 def score_dataset(predictor: Predictor, data: str | Path, splits: Sequence[str], cache_dir: str | Path | None = None,
@@ -54,33 +55,40 @@ def evaluate_dataset(predictor: Predictor, data: str | Path, split: str = "auto"
                      cache_dir: str | Path | None = None, progress: bool = True) -> Evaluation:
     """Score `split` of `data` (see EVALUATION_SPLITS), never on an image that trained the model.
 
-    "auto": the test split (val when there is none) of the folder the model was trained on, split as training split
-    it; any other folder is new data, and all of its images are scored ("all"). Images whose content trained the
-    model (by SHA-256, under any name) are left out of test, val and all, and counted; `train` is scored as asked
-    (a training-set figure, optimistic by nature). DatasetError when nothing is left to score."""
-    if split not in EVALUATION_SPLITS:
-        raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(EVALUATION_SPLITS)}")
-    dataset = _dataset_as_trained(predictor, data, cache_dir)
+    The training folder is `data` when it is where the model was trained (an absolute path recorded), or when it
+    holds every training image (by content: moved, copied or reached by another path). "auto" scores its test split
+    (val when there is none), split as training split it (seed, fractions, relabel file); any other folder is new
+    data, taken as it lies (nothing carved), and all of its images are scored ("all"). Images whose content trained
+    the model (SHA-256, under any name) are left out and counted, except from the training folder's own train
+    split, scored as asked (a training-set figure).
+    DatasetError when nothing is left to score."""
+    check_split(split)
+    whole = _find(predictor, data, cache_dir, carve=False)
     trained, known = _trained_content(predictor)
-    home = _is_training_folder(predictor, dataset)
-    how = ""
-    if split == "auto":
-        split = ("test" if "test" in dataset.splits else "val" if "val" in dataset.splits else "all") if home else "all"
-        how = (f"the {split} split of the folder the model was trained on" if home and split != "all"
-               else "every image of a folder other than the one it was trained on" if not home
-               else "every image of the training folder that did not train the model")
+    home = _is_training_folder(predictor, whole, trained)
+    dataset = whole if not home and split in ("auto", "all") else _find(predictor, data, cache_dir, carve=True,
+                                                                        home=home)
+    if split == "auto":  # the training folder's test (or val) split, as training split it; anything else: all of it
+        split = next((s for s in ("test", "val") if s in dataset.splits), "all") if home else "all"
     samples = ([s for name in dataset.splits for s in dataset.splits[name]] if split == "all"
                else dataset.split(split))
     left_out = 0
-    if split != "train":
+    if not (split == "train" and home):
         kept = [s for s in samples if trained_content(dataset.hashes.get(s.path, "")) not in trained]
         left_out, samples = len(samples) - len(kept), kept
     if not samples:
-        raise DatasetError(f"nothing to evaluate in {dataset.root}: every image of its {split} split trained "
-                           "this model" + (" (by content)" if left_out else ""))
-    how = how or (f"the {split} split" if split != "all" else "every image of the folder")
+        raise DatasetError(f"nothing to evaluate in {dataset.root}: every image of "
+                           f"{'it' if split == 'all' else f'its {split} split'} trained this model")
+    where = "the folder the model was trained on" if home else "a folder other than the one it was trained on"
+    how = f"every image of {where}" if split == "all" else f"the {split} split of {where}"
     return Evaluation(score_samples(predictor, dataset, split, samples, cache_dir, progress), split, how, left_out,
-                      known)
+                      known, home)
+
+
+def check_split(split: str) -> None:
+    """DatasetError naming the choices for a split `evaluate` does not know (before any work)."""
+    if split not in EVALUATION_SPLITS:
+        raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(EVALUATION_SPLITS)}")
 
 
 def score_samples(predictor: Predictor, dataset: Dataset, name: str, samples: Sequence[Sample],
@@ -102,28 +110,41 @@ def score_samples(predictor: Predictor, dataset: Dataset, name: str, samples: Se
 
 
 def _dataset_as_trained(predictor: Predictor, data: str | Path, cache_dir: str | Path | None) -> Dataset:
-    """`data` found and split as the model's training split its own (same seed and fractions), same classes."""
+    """`data` found and split as the model's training split it (same seed and fractions), same classes; val/ and
+    test/ folders without a train/ one are accepted (new data to score)."""
+    return _find(predictor, data, cache_dir, carve=True)
+
+
+def _find(predictor: Predictor, data: str | Path, cache_dir: str | Path | None, carve: bool,
+          home: bool = False) -> Dataset:
+    """`data` with the model's classes: split as training split it (`carve`: its seed, fractions and, for the
+    training folder itself (`home`), its relabel file when still there), or as it lies (nothing carved)."""
     bundle = predictor.bundle
     training = bundle.training
-    dataset = find_dataset(data, training.get("seed", 0), training.get("val_fraction", 0.15),
-                           training.get("test_fraction", 0.15), cache_dir=cache_dir)
+    relabel = training.get("relabel") if home and carve else None
+    relabel = relabel if relabel and Path(relabel).is_file() else None
+    fractions = (training.get("val_fraction", 0.15), training.get("test_fraction", 0.15)) if carve else (0.0, 0.0)
+    dataset = find_dataset(data, training.get("seed", 0), *fractions, cache_dir=cache_dir, evaluation_only=True,
+                           relabel=relabel)
     if dataset.classes != bundle.classes:
         raise DatasetError(f"{dataset.root} has classes {dataset.classes}, but the model was trained on "
                            f"{bundle.classes}")
     return dataset
 
 
-def _is_training_folder(predictor: Predictor, dataset: Dataset) -> bool:
+def _is_training_folder(predictor: Predictor, dataset: Dataset, trained: set[str]) -> bool:
     root = predictor.bundle.extra.get("data_checks", {}).get("root")
     try:
-        return root is not None and Path(root).resolve() == dataset.root.resolve()
+        if root is not None and Path(root).is_absolute() and Path(root).resolve() == dataset.root.resolve():
+            return True
     except OSError:
-        return False
+        pass
+    return bool(trained) and trained <= {trained_content(h) for h in dataset.hashes.values()}
 
 
 def _trained_content(predictor: Predictor) -> tuple[set[str], bool]:
     """The content of the model's training images, and whether it is known: recorded with the split since this
-    was kept; for an older model folder, read from its training files where they still are."""
+    was kept; for an older model folder, read from its training files where they still are (all of them)."""
     split = predictor.bundle.split
     if "train_content" in split:
         return set(split["train_content"]), True

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from tlearn.cli.common import USER_ERRORS, CacheDir, Quiet, app, fail
-from tlearn.cli.model import evaluate
+from tlearn.cli.model import SplitName, evaluate
 from tlearn.cli.predict import predict
 from tlearn.cli.train import train
 from tlearn.console import out, print_doctor
@@ -170,6 +170,6 @@ def demo(
     data = make_demo_dataset(out_dir / "data")
     out.print(f"demo dataset: {data} (brick / grass / gravel crops of scikit-image's photos)")
     train(data, out_dir / "model", cache_dir=cache_dir)
-    evaluate(out_dir / "model", data, split="test", cache_dir=cache_dir)
+    evaluate(out_dir / "model", data, split=SplitName.test, cache_dir=cache_dir)
     out.print("predictions for the test images (top 2):")
     predict(out_dir / "model", [data / "test"], top_k=2)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,14 +15,22 @@ from tlearn.evaluate import painter
 from tlearn.outputs import terminal_text
 
 
+class SplitName(str, Enum):  # what `evaluate` scores: tlearn.scoring.EVALUATION_SPLITS (not imported: seconds)
+    auto = "auto"
+    test = "test"
+    val = "val"
+    train = "train"
+    all = "all"
+
+
 @app.command()
 def evaluate(
     model: ModelFolder,
     data: Annotated[Path, typer.Argument(help="Dataset folder with the same classes.")],
-    split: Annotated[str, typer.Option(help="What to score: auto (the test split, or val, of the folder the model "
+    split: Annotated[SplitName, typer.Option(help="What to score: auto (the test split, or val, of the folder the model "
                                             "was trained on; every image of any other folder), test, val, train "
-                                            "or all. Images that trained the model are left out (not of train).")
-                     ] = "auto",
+                                            "or all. Images that trained the model are left out (not from the "
+                                            "training folder's own train split).")] = SplitName.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
@@ -33,7 +42,7 @@ def evaluate(
 
     try:
         metrics = tlearn.load(model, cache_dir=cache_dir, progress=not (quiet or as_json), engine=engine.value,
-                              precision=precision and precision.value).evaluate(data, split)
+                              precision=precision and precision.value).evaluate(data, split.value)
     except USER_ERRORS as exc:
         fail(exc)
     if as_json:

@@ -86,19 +86,21 @@ def trained_content(content_hash: str) -> str:
 
 def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.0, test_fraction: float = 0.15, *,
                  cache_dir: str | Path | None = None, workers: int = 2,
-                 relabel: str | Path | None = None) -> Dataset:
+                 relabel: str | Path | None = None, evaluation_only: bool = False) -> Dataset:
     """Find the dataset under `root`, carving missing val/test splits (stratified, stable); raise DatasetError.
 
     Every image is fingerprinted (content and perceptual hash, cached in `cache_dir`): undecodable files are
     skipped, near-duplicates are kept in one carved split, and those across given splits are listed as leaks.
     `relabel`: a relabel CSV (path,label; tlearn.data.relabel) whose labels replace the folders', no file moved.
+    `evaluation_only`: the data is only scored, so val/ and test/ folders without a train/ one are a dataset too
+    (nothing is carved from them).
     """
     root = Path(root).expanduser()
     _check_root(root)
     _check_fractions(val_fraction, test_fraction)
     scan = Scan()
     folders = sub_folders(root, scan)
-    split_folders = _split_folders(root, folders)
+    split_folders = _split_folders(root, folders, need_train=not evaluation_only)
     if split_folders:
         per_split = {split: _scan_classes(sub_folders(folder, scan), root, scan)
                      for split, folder in split_folders.items()}
@@ -110,7 +112,7 @@ def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.0, tes
         _apply_relabels(per_split, root, relabel)
     prints = fingerprint_files(scan.images, Path(cache_dir) if cache_dir else None, workers)
     per_split = {split: _usable(by_class, prints, scan) for split, by_class in per_split.items()}
-    train_key = "train" if split_folders else ""
+    train_key = ("train" if "train" in per_split else next(iter(per_split))) if split_folders else ""
     classes = sorted(per_split[train_key])
     _check_classes(root, classes, per_split, split_folders)
     per_split, layout = _carve_missing(per_split, split_folders, prints, seed, val_fraction, test_fraction)
@@ -119,7 +121,7 @@ def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.0, tes
               for split in SPLIT_FOLDERS if split in per_split}
     leaks = find_leaks({split: [s.path for s in samples] for split, samples in splits.items()}, prints)
     hashes = {s.path: prints[s.path].sha256 for samples in splits.values() for s in samples}
-    groups = {path: i for i, group in enumerate(g for c in classes for g in near_groups(per_split["train"].get(c, []),
+    groups = {path: i for i, group in enumerate(g for c in classes for g in near_groups(per_split.get("train", {}).get(c, []),
                                                                                       prints)) for path in group}
     return Dataset(root, classes, splits, layout, scan.ignored, scan.skipped, leaks, hashes, groups)
 
@@ -172,8 +174,9 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
                            f"{val_fraction} + {test_fraction}")
 
 
-def _split_folders(root: Path, folders: list[Path]) -> dict[str, Path]:
-    """split -> folder when the top folders are splits holding class folders; {} for one folder per class."""
+def _split_folders(root: Path, folders: list[Path], need_train: bool = True) -> dict[str, Path]:
+    """split -> folder when the top folders are splits holding class folders; {} for one folder per class.
+    `need_train`: a DatasetError when none of them is train/."""
     named: dict[str, list[Path]] = {}
     for folder in folders:
         if folder.name.lower() in SPLIT_OF:
@@ -181,7 +184,7 @@ def _split_folders(root: Path, folders: list[Path]) -> dict[str, Path]:
     holding_classes = {split: [f for f in found if _holds_class_folders(f)] for split, found in named.items()}
     if not any(holding_classes.values()):
         return {}  # classes that happen to be named like splits (e.g. valid/ and invalid/)
-    if not holding_classes.get("train"):
+    if not holding_classes.get("train") and need_train:
         listed = ", ".join(f"{f.name}/" for found in named.values() for f in found)
         raise DatasetError(f"{root} has {listed} but no train/ folder of class folders")
     for split, found in named.items():
@@ -221,7 +224,8 @@ def _usable(by_class: dict[str, list[Path]], prints: dict[Path, Fingerprint], sc
 def _check_classes(root: Path, classes: list[str], per_split: dict[str, dict[str, list[Path]]],
                    split_folders: dict[str, Path]) -> None:
     where = lambda split: str(split_folders[split]) if split else str(root)  # noqa: E731
-    train_key = "train" if split_folders else ""
+    train_key = ("train" if "train" in per_split else next(iter(per_split))) if split_folders else ""
+    first = train_key or "train"  # the split the others are held to (train, unless only val/test are scored)
     if not classes:
         raise DatasetError(f"no class folders in {where(train_key)}: expected one sub-folder of images per class")
     if len(classes) < 2:
@@ -235,10 +239,10 @@ def _check_classes(root: Path, classes: list[str], per_split: dict[str, dict[str
         missing = sorted(set(classes) - set(by_class))
         extra = sorted(set(by_class) - set(classes))
         if extra:
-            raise DatasetError(f"{where(split)} has classes that train does not: {', '.join(extra)}")
+            raise DatasetError(f"{where(split)} has classes that {first} does not: {', '.join(extra)}")
         if missing:
-            raise DatasetError(f"{where(split)} is missing classes that train has: {', '.join(missing)}; add a "
-                               "folder with images for each, or remove the class from train")
+            raise DatasetError(f"{where(split)} is missing classes that {first} has: {', '.join(missing)}; add a "
+                               f"folder with images for each, or remove the class from {first}")
 
 
 def _carve_missing(per_split: dict[str, dict[str, list[Path]]], split_folders: dict[str, Path],
@@ -259,6 +263,8 @@ def _carve_missing(per_split: dict[str, dict[str, list[Path]]], split_folders: d
         shares = "/".join(f"{f:.0%}" for f in (1 - val_fraction - test_fraction, *fractions.values()))
         return carved, (f"{layout}; {'/'.join(('train', *fractions))} carved {shares}"
                         f"{' from train' if split_folders else ''} ({rule})")
+    if "train" not in per_split:  # val/ and test/ to be scored (evaluation_only): nothing to carve from
+        return per_split, f"{layout} (no train/: scored only)"
     if "val" in per_split or val_fraction == 0:
         return per_split, layout
     carved = carve(per_split["train"], prints, {"val": val_fraction}, seed, str(split_folders["train"]))
