@@ -384,3 +384,21 @@ def test_evaluate_defaults_to_the_carved_test_split_of_the_training_folder(demo_
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(BundleError, match="train_content"):
         Predictor.load(folder)
+
+
+def test_evaluate_keeps_the_relabel_file_training_honoured(hymenoptera_small, tmp_path, cache_dir):
+    """A model trained with --relabel is measured on its training folder with those labels, as metrics.json."""
+    moved = sorted((hymenoptera_small / "val" / "ants").iterdir())[0]
+    relabel = tmp_path / "fix.csv"
+    relabel.write_text(f"path,label\n{moved.relative_to(hymenoptera_small)},bees\n")
+    model = tmp_path / "model"
+    result = runner.invoke(app, ["train", str(hymenoptera_small), "--out", str(model), "--relabel", str(relabel),
+                                 "--cache-dir", str(cache_dir), "-q"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", str(model), str(hymenoptera_small), "--json", "--cache-dir",
+                                 str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    recorded = json.loads((model / "metrics.json").read_text())["val"]
+    assert metrics["per_class"]["bees"]["support"] == 5 and metrics["per_class"]["ants"]["support"] == 3
+    assert metrics["accuracy"] == recorded["accuracy"] and metrics["evaluated"]["split"] == "val"

@@ -112,7 +112,7 @@ def score_samples(predictor: Predictor, dataset: Dataset, name: str, samples: Se
 def _dataset_as_trained(predictor: Predictor, data: str | Path, cache_dir: str | Path | None) -> Dataset:
     """`data` found and split as the model's training split it (same seed and fractions), same classes; val/ and
     test/ folders without a train/ one are accepted (new data to score)."""
-    return _find(predictor, data, cache_dir, carve=True)
+    return _find(predictor, data, cache_dir, carve=True, home=_recorded_root(predictor, Path(data).expanduser()))
 
 
 def _find(predictor: Predictor, data: str | Path, cache_dir: str | Path | None, carve: bool,
@@ -133,13 +133,17 @@ def _find(predictor: Predictor, data: str | Path, cache_dir: str | Path | None, 
 
 
 def _is_training_folder(predictor: Predictor, dataset: Dataset, trained: set[str]) -> bool:
-    root = predictor.bundle.extra.get("data_checks", {}).get("root")
+    return _recorded_root(predictor, dataset.root) or (
+        bool(trained) and trained <= {trained_content(h) for h in dataset.hashes.values()})
+
+
+def _recorded_root(predictor: Predictor, root: Path) -> bool:
+    """Whether `root` is the training folder's recorded path (only an absolute one says where it was)."""
+    recorded = predictor.bundle.extra.get("data_checks", {}).get("root")
     try:
-        if root is not None and Path(root).is_absolute() and Path(root).resolve() == dataset.root.resolve():
-            return True
+        return recorded is not None and Path(recorded).is_absolute() and Path(recorded).resolve() == root.resolve()
     except OSError:
-        pass
-    return bool(trained) and trained <= {trained_content(h) for h in dataset.hashes.values()}
+        return False
 
 
 def _trained_content(predictor: Predictor) -> tuple[set[str], bool]:
