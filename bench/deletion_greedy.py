@@ -93,8 +93,8 @@ def run(predictor: Predictor, files: list[Path], seed: int) -> dict:
         for name, where in chosen.items():
             drops.setdefault(name, []).append(before - probability(grey(where)))
     baseline = float(np.mean(drops["random_pixels"]))
-    return {name: {"mean_drop": round(float(np.mean(d)), 4), "over_random_pixels": round(float(np.mean(d)) / baseline, 2)}
-            for name, d in drops.items()}
+    return {name: {"mean_drop": round(float(np.mean(d)), 4),
+                   "over_random_pixels": round(float(np.mean(d)) / baseline, 2)} for name, d in drops.items()}
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ from tlearn.features import FeatureCache
 from tlearn.features.views import extract_views
 from tlearn.predict import Predictor
 
-
 EVALUATION_SPLITS = ("auto", "test", "val", "train", "all")
 
 

@@ -27,10 +27,11 @@ class SplitName(str, Enum):  # what `evaluate` scores: tlearn.scoring.EVALUATION
 def evaluate(
     model: ModelFolder,
     data: Annotated[Path, typer.Argument(help="Dataset folder with the same classes.")],
-    split: Annotated[SplitName, typer.Option(help="What to score: auto (the test split, or val, of the folder the model "
-                                            "was trained on; every image of any other folder), test, val, train "
-                                            "or all. Images that trained the model are left out (not from the "
-                                            "training folder's own train split).")] = SplitName.auto,
+    split: Annotated[SplitName, typer.Option(help="What to score: auto (the test split, or val, of the folder the "
+                                                  "model was trained on; every image of any other folder), test, "
+                                                  "val, train or all. Images that trained the model are left out "
+                                                  "(not from the training folder's own train split).")
+                     ] = SplitName.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,

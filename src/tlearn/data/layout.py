@@ -121,8 +121,9 @@ def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.0, tes
               for split in SPLIT_FOLDERS if split in per_split}
     leaks = find_leaks({split: [s.path for s in samples] for split, samples in splits.items()}, prints)
     hashes = {s.path: prints[s.path].sha256 for samples in splits.values() for s in samples}
-    groups = {path: i for i, group in enumerate(g for c in classes for g in near_groups(per_split.get("train", {}).get(c, []),
-                                                                                      prints)) for path in group}
+    train = per_split.get("train", {})  # none when only val/ and test/ are scored (evaluation_only)
+    groups = {path: i for i, group in enumerate(g for c in classes for g in near_groups(train.get(c, []), prints))
+              for path in group}
     return Dataset(root, classes, splits, layout, scan.ignored, scan.skipped, leaks, hashes, groups)
 
 
