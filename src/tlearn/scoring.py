@@ -40,7 +40,7 @@ def score_dataset(predictor: Predictor, data: str | Path, splits: Sequence[str],
                   progress: bool = True) -> dict[str, ScoredSplit]:
     """Per-image labels and uncalibrated logits of `splits` of `data`, split as the model's training split it
     (same seed and fractions). With several splits asked, those the dataset lacks are left out."""
-    dataset = _dataset_as_trained(predictor, data, cache_dir)
+    dataset = _find(predictor, data, cache_dir, carve=True, home=_recorded_root(predictor, Path(data).expanduser()))
     scored = {}
     for split in splits:
         if split not in dataset.splits and len(splits) > 1:
@@ -62,11 +62,14 @@ def evaluate_dataset(predictor: Predictor, data: str | Path, split: str = "auto"
     split, scored as asked (a training-set figure).
     DatasetError when nothing is left to score."""
     check_split(split)
-    whole = _find(predictor, data, cache_dir, carve=False)
     trained, known = _trained_content(predictor)
-    home = _is_training_folder(predictor, whole, trained)
-    dataset = whole if not home and split in ("auto", "all") else _find(predictor, data, cache_dir, carve=True,
-                                                                        home=home)
+    home, whole = _recorded_root(predictor, Path(data).expanduser()), None
+    if not home:  # known by content instead (moved, copied, another path): the folder as it lies, every file hashed
+        whole = _find(predictor, data, cache_dir, carve=False)
+        home = bool(trained) and trained <= {trained_content(h) for h in whole.hashes.values()}
+    # a second find reads every file again: only where the training split's carving is needed
+    dataset = whole if whole is not None and not home and split in ("auto", "all") else _find(
+        predictor, data, cache_dir, carve=True, home=home)
     if split == "auto":  # the training folder's test (or val) split, as training split it; anything else: all of it
         split = next((s for s in ("test", "val") if s in dataset.splits), "all") if home else "all"
     samples = ([s for name in dataset.splits for s in dataset.splits[name]] if split == "all"
@@ -108,16 +111,11 @@ def score_samples(predictor: Predictor, dataset: Dataset, name: str, samples: Se
                        bundle.head().logits(features.mean()).astype(np.float64))
 
 
-def _dataset_as_trained(predictor: Predictor, data: str | Path, cache_dir: str | Path | None) -> Dataset:
-    """`data` found and split as the model's training split it (same seed and fractions), same classes; val/ and
-    test/ folders without a train/ one are accepted (new data to score)."""
-    return _find(predictor, data, cache_dir, carve=True, home=_recorded_root(predictor, Path(data).expanduser()))
-
-
 def _find(predictor: Predictor, data: str | Path, cache_dir: str | Path | None, carve: bool,
           home: bool = False) -> Dataset:
     """`data` with the model's classes: split as training split it (`carve`: its seed, fractions and, for the
-    training folder itself (`home`), its relabel file when still there), or as it lies (nothing carved)."""
+    training folder itself (`home`), its relabel file when still there), or as it lies (nothing carved); val/ and
+    test/ folders without a train/ one are accepted (new data to score)."""
     bundle = predictor.bundle
     training = bundle.training
     relabel = training.get("relabel") if home and carve else None
@@ -129,11 +127,6 @@ def _find(predictor: Predictor, data: str | Path, cache_dir: str | Path | None, 
         raise DatasetError(f"{dataset.root} has classes {dataset.classes}, but the model was trained on "
                            f"{bundle.classes}")
     return dataset
-
-
-def _is_training_folder(predictor: Predictor, dataset: Dataset, trained: set[str]) -> bool:
-    return _recorded_root(predictor, dataset.root) or (
-        bool(trained) and trained <= {trained_content(h) for h in dataset.hashes.values()})
 
 
 def _recorded_root(predictor: Predictor, root: Path) -> bool:

@@ -114,7 +114,7 @@ def find_dataset(root: str | Path, seed: int = 0, val_fraction: float = 0.0, tes
     per_split = {split: _usable(by_class, prints, scan) for split, by_class in per_split.items()}
     train_key = ("train" if "train" in per_split else next(iter(per_split))) if split_folders else ""
     classes = sorted(per_split[train_key])
-    _check_classes(root, classes, per_split, split_folders)
+    _check_classes(root, classes, per_split, split_folders, train_key)
     per_split, layout = _carve_missing(per_split, split_folders, prints, seed, val_fraction, test_fraction)
     index = {name: i for i, name in enumerate(classes)}
     splits = {split: [Sample(p, index[c]) for c in classes for p in per_split[split].get(c, [])]
@@ -223,9 +223,9 @@ def _usable(by_class: dict[str, list[Path]], prints: dict[Path, Fingerprint], sc
 
 
 def _check_classes(root: Path, classes: list[str], per_split: dict[str, dict[str, list[Path]]],
-                   split_folders: dict[str, Path]) -> None:
+                   split_folders: dict[str, Path], train_key: str) -> None:
+    """`train_key`: the split whose classes are `classes` ("" for one folder per class)."""
     where = lambda split: str(split_folders[split]) if split else str(root)  # noqa: E731
-    train_key = ("train" if "train" in per_split else next(iter(per_split))) if split_folders else ""
     first = train_key or "train"  # the split the others are held to (train, unless only val/test are scored)
     if not classes:
         raise DatasetError(f"no class folders in {where(train_key)}: expected one sub-folder of images per class")
