@@ -15,15 +15,13 @@ Against a random scattered 20% of the crop (the bar: the heat's drop >= 2x). One
 """
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
+from explain import arguments, cpu_name, trained_model  # bench/explain.py: the same options, model and images
 from PIL import Image, ImageOps
 
-import tlearn
 from tlearn.explain import explain_pixels, upsample
 from tlearn.predict import Predictor
 
@@ -98,21 +96,10 @@ def run(predictor: Predictor, files: list[Path], seed: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "datasets"
-                        / "oxford17flowers")
-    parser.add_argument("--images", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
-        clf = tlearn.ImageClassifier(cache_dir=args.cache_dir, progress=False, seed=args.seed).fit(args.data)
-        clf.save(Path(folder) / "model")
-        predictor = Predictor.load(Path(folder) / "model")
-        test = clf.bundle_.split_files("test")
-        order = np.random.default_rng(args.seed).permutation(len(test))[:args.images]
-        print(json.dumps({"data": str(args.data), "test_accuracy": clf.metrics_["test"]["accuracy"],
-                          "deletion_at_image_size": run(predictor, [test[i] for i in sorted(order)], args.seed)}))
+    args = arguments()
+    with trained_model(args) as (clf, predictor, files):
+        print(json.dumps({"data": str(args.data), "cpu": cpu_name(), "test_accuracy": clf.metrics_["test"]["accuracy"],
+                          "deletion_at_image_size": run(predictor, files, args.seed)}))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ import json
 import platform
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -125,21 +127,32 @@ def cost(predictor: Predictor, files: list[Path]) -> dict:
             "engine": predictor.card.engine}
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
+    """The options of this script and of bench/deletion_greedy.py: the data, how many test images, seed, cache."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "datasets"
                         / "oxford17flowers")
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+@contextmanager
+def trained_model(args: argparse.Namespace) -> Iterator[tuple[tlearn.ImageClassifier, Predictor, list[Path]]]:
+    """The default head trained on `args.data` (into a temporary model folder), its Predictor, and a seeded sample
+    of `args.images` of its test images."""
     with tempfile.TemporaryDirectory() as folder:
         clf = tlearn.ImageClassifier(cache_dir=args.cache_dir, progress=False, seed=args.seed).fit(args.data)
         clf.save(Path(folder) / "model")
-        predictor = Predictor.load(Path(folder) / "model")
         test = clf.bundle_.split_files("test")
         order = np.random.default_rng(args.seed).permutation(len(test))[:args.images]
-        files = [test[i] for i in sorted(order)]
+        yield clf, Predictor.load(Path(folder) / "model"), [test[i] for i in sorted(order)]
+
+
+def main() -> None:
+    args = arguments()
+    with trained_model(args) as (clf, predictor, files):
         print(json.dumps({"data": str(args.data), "cpu": cpu_name(), "test_accuracy": clf.metrics_["test"]["accuracy"],
                           "deletion": deletion(predictor, files, args.seed),
                           "deletion_at_image_size": deletion_at_image_size(predictor, files, args.seed),
