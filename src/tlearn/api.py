@@ -33,13 +33,13 @@ class ImageClassifier:
                  engine: str = "auto", precision: str | None = None, recipe: str = "head",
                  finetune: FinetuneSettings | None = None, run_dir: str | Path | None = None,
                  ray: str | None = None, mirror: str = "off", relabel: str | Path | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", imagenet_prior: str = "auto"):
         self.backbone, self.weights, self.seed = backbone, weights, seed
         self.val_fraction, self.test_fraction, self.batch_size, self.workers = (val_fraction, test_fraction,
                                                                                 batch_size, workers)
         self.cache_dir, self.progress, self.engine, self.precision = cache_dir, progress, engine, precision
         self.recipe, self.finetune, self.run_dir, self.ray = recipe, finetune, run_dir, ray
-        self.mirror, self.relabel, self.device = mirror, relabel, device
+        self.mirror, self.relabel, self.device, self.imagenet_prior = mirror, relabel, device, imagenet_prior
 
     def settings(self) -> TrainSettings:
         """The validated settings of a train (InvalidParameter names a bad one)."""
@@ -50,7 +50,8 @@ class ImageClassifier:
             engine=self.engine, precision=self.precision or "fp32", recipe=self.recipe,
             finetune=self.finetune or FinetuneSettings(batch_size=self.batch_size),
             run_dir=Path(self.run_dir) if self.run_dir else None, ray=self.ray, mirror=self.mirror,
-            relabel=Path(self.relabel) if self.relabel else None, device=self.device)
+            relabel=Path(self.relabel) if self.relabel else None, device=self.device,
+            imagenet_prior=self.imagenet_prior)
 
     def fit(self, data: str | Path, resume: bool = False) -> "ImageClassifier":
         """Find the dataset, extract (or reuse cached) features, fit the head, calibrate, maybe fine-tune.

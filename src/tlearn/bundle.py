@@ -44,7 +44,7 @@ from tlearn.errors import BundleError, EngineError
 from tlearn.evaluate.calibration import TEMPERATURE_BOUNDS
 from tlearn.files import disk_refusals, fsync_tree, swap_in
 from tlearn.files import sha256_file as file_sha256
-from tlearn.train.head import LinearHead
+from tlearn.train.head import ImageNetPrior, LinearHead
 
 FORMAT_VERSION = 3  # 3: "tta" (predictions on the mean of the image's and its mirror's features)
 OLDEST_FORMAT = 2  # read as a model without tta
@@ -140,7 +140,7 @@ class Bundle:
     classes: list[str]
     backbone: BackboneRecord
     preprocessing: Preprocessing
-    state: dict[str, np.ndarray]  # "backbone.*" and "head.*" tensors
+    state: dict[str, np.ndarray]  # "backbone.*" and "head.*" tensors (and "prior.*": the ImageNet classifier)
     temperature: float = 1.0  # calibration: probabilities are softmax(logits / temperature)
     training: dict = field(default_factory=dict)  # recipe settings and what was chosen (provenance, free-form)
     split: dict = field(default_factory=dict)  # the files of each split actually used
@@ -245,12 +245,36 @@ class Bundle:
         head_w, head_b = self.state.get("head.weight"), self.state.get("head.bias")
         if head_w is None or head_b is None:
             raise BundleError(f"{directory / WEIGHTS_FILE} has no head (head.weight and head.bias are needed)")
-        expected = (len(self.classes), self.backbone.feature_dim)
+        prior = self._prior(directory)
+        inputs = self.backbone.feature_dim + (0 if prior is None else prior.weight.shape[0])
+        expected = (len(self.classes), inputs)
         if head_w.shape != expected or head_b.shape != (len(self.classes),):
+            with_prior = f" + {prior.weight.shape[0]} ImageNet probabilities" if prior is not None else ""
             raise BundleError(f"{directory / WEIGHTS_FILE}: the head is {head_w.shape}, but the config has "
-                              f"{len(self.classes)} classes and {self.backbone.feature_dim} features")
+                              f"{len(self.classes)} classes and {self.backbone.feature_dim} features{with_prior}")
         if not (np.isfinite(head_w).all() and np.isfinite(head_b).all()):
             raise BundleError(f"{directory / WEIGHTS_FILE}: the head holds NaN or infinite values")
+
+    def _prior(self, directory: Path | None = None) -> ImageNetPrior | None:
+        """The ImageNet prior the head uses (its tensors "prior.*", its scale in the config), or None; BundleError
+        when the tensors and the config disagree."""
+        where = directory / WEIGHTS_FILE if directory is not None else WEIGHTS_FILE
+        weight, bias = self.state.get("prior.weight"), self.state.get("prior.bias")
+        record = (self.training.get("head") or {}).get("imagenet_prior") or {}
+        used = record.get("used", False) if isinstance(record, dict) else None
+        if weight is None and bias is None and not used:
+            return None
+        scale = record.get("scale") if isinstance(record, dict) else None
+        if weight is None or bias is None or used is not True or isinstance(scale, bool) or \
+                not isinstance(scale, (int, float)) or not 0 < scale <= 100:
+            raise BundleError(f"{where}: the head's ImageNet prior is incomplete (prior.weight, prior.bias and the "
+                              "config's training.head.imagenet_prior.scale go together): restore the folder or train "
+                              "again")
+        if weight.ndim != 2 or weight.shape[1] != self.backbone.feature_dim or bias.shape != (weight.shape[0],) or \
+                not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise BundleError(f"{where}: the ImageNet prior is {weight.shape} (bias {bias.shape}), but the backbone "
+                              f"has {self.backbone.feature_dim} features, or it holds NaN or infinite values")
+        return ImageNetPrior(np.asarray(weight, np.float32), np.asarray(bias, np.float32), float(scale))
 
     def reference(self) -> tuple[np.ndarray, np.ndarray]:
         """(probe pixels, eager-torch features of them) the engine was verified against."""
@@ -297,7 +321,7 @@ class Bundle:
         """The linear head on pooled backbone features (numpy, no torch): logits as it was trained, or divided by
         the calibration temperature (`calibrated`, what predictions use)."""
         scale = self.temperature if calibrated else 1.0
-        return LinearHead(self.state["head.weight"] / scale, self.state["head.bias"] / scale)
+        return LinearHead(self.state["head.weight"] / scale, self.state["head.bias"] / scale, self._prior())
 
     def backbone_state(self) -> dict[str, np.ndarray]:
         """The backbone's tensors under the backbone network's own names."""
@@ -322,9 +346,11 @@ class Bundle:
 
         with torch.device("meta"):
             backbone = timm.create_model(self.backbone.architecture, pretrained=False, num_classes=0)
-        n_features, n_classes = self.backbone.feature_dim, len(self.classes)
+        n_features, n_classes, prior = self.backbone.feature_dim, len(self.classes), self._prior()
         with torch.device("meta"):
-            model = Classifier(backbone, nn.Linear(n_features, n_classes), mirror_mean=self.tta)
+            imagenet = None if prior is None else nn.Linear(n_features, prior.weight.shape[0])
+            model = Classifier(backbone, nn.Linear(self.state["head.weight"].shape[1], n_classes),
+                               mirror_mean=self.tta, prior=imagenet, prior_scale=prior.scale if prior else 0.0)
         try:
             model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.state.items()}, strict=True,
                                   assign=True)

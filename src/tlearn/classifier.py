@@ -1,4 +1,5 @@
-"""The classifier as one torch network: backbone (pooled features) -> L2 normalisation -> linear head.
+"""The classifier as one torch network: backbone (pooled features) -> L2 normalisation (with the ImageNet prior
+beside, when the head uses it: tlearn.train.head.ImageNetPrior) -> linear head.
 
 Used where images go through torch: fine-tuning, eager prediction, export. Training the head and everything done
 on cached features stay in numpy (tlearn.train.head), so they never import torch.
@@ -17,22 +18,31 @@ class Classifier(nn.Module):
     """Backbone (pooled features), L2 normalisation, then a linear head: images in, logits out. With
     `mirror_mean`, the features are the mean of the image's and its mirror's (test-time augmentation)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear, mirror_mean: bool = False):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, mirror_mean: bool = False,
+                 prior: nn.Linear | None = None, prior_scale: float = 0.0):
         super().__init__()
         self.backbone, self.head, self.mirror_mean = backbone, head, mirror_mean
+        self.prior, self.prior_scale = prior, prior_scale  # the ImageNet classifier (frozen), its block's weight
+        if prior is not None:
+            prior.requires_grad_(False)
 
     @classmethod
     def from_head(cls, backbone: nn.Module, head: LinearHead) -> "Classifier":
         """The network of `backbone` with a head fitted on its cached features (tlearn.train.fit_head)."""
-        linear = nn.Linear(head.weight.shape[1], head.weight.shape[0])
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(np.asarray(head.weight, np.float32)))
-            linear.bias.copy_(torch.from_numpy(np.asarray(head.bias, np.float32)))
-        return cls(backbone, linear)
+        prior = None
+        if head.prior is not None:
+            prior = _linear(head.prior.weight, head.prior.bias)
+        return cls(backbone, _linear(head.weight, head.bias), prior=prior,
+                   prior_scale=head.prior.scale if head.prior is not None else 0.0)
 
     def classify_features(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from pooled backbone features (as cached by tlearn.features)."""
-        return self.head(F.normalize(features.float(), dim=-1))
+        features = features.float()
+        inputs = F.normalize(features, dim=-1)
+        if self.prior is not None:
+            imagenet = torch.sqrt(torch.softmax(self.prior(features), dim=-1))
+            inputs = F.normalize(torch.cat([inputs, self.prior_scale * imagenet], dim=-1), dim=-1)
+        return self.head(inputs)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         features = self.backbone(pixels)
@@ -43,3 +53,11 @@ class Classifier(nn.Module):
     def numpy_state(self) -> dict[str, np.ndarray]:
         """The state dict as numpy arrays, copied (what a bundle stores)."""
         return {k: v.detach().cpu().numpy().copy() for k, v in self.state_dict().items()}
+
+
+def _linear(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(np.asarray(weight, np.float32)))
+        linear.bias.copy_(torch.from_numpy(np.asarray(bias, np.float32)))
+    return linear

@@ -71,6 +71,11 @@ def head_text(cv: dict, C: float, head: dict) -> str:
     if not cv:
         return f"linear softmax, C={C:g}"
     weighting = ", class-balanced weights" if head.get("class_weight") == "balanced" else ""
+    prior = head.get("imagenet_prior") or {}
+    if prior.get("used"):
+        weighting += ", with the backbone's ImageNet probabilities beside the features"
+    elif prior.get("asked") == "auto" and prior.get("scores"):
+        weighting += " (the ImageNet probabilities beside the features did not help)"
     return (f"linear softmax, C={C:g}{weighting}; chosen by {cv['folds']['k']}-fold cross-validation on train "
             f"({cv['chosen_by'].removeprefix('cross-validated ')} {cv['score']:.4f}); refit on "
             f"{head.get('refit', 'train')}")

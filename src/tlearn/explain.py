@@ -3,6 +3,7 @@
 The head is linear on the L2-normalised mean of the backbone's last spatial feature map F (C, h, w):
 logit_c = w_c . mean_ij F_ij / ||mean F|| + b_c = sum_ij w_c . F_ij / (h w ||mean F||) + b_c. Each place's term is
 its share of the class's logit (CAM, Zhou et al. 2016, exact here); the feature-map engine gives F, numpy the rest.
+A head with the ImageNet prior beside the features is split the same way to first order (`place_weights`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tlearn.errors import BundleError, InvalidParameter
 
 if TYPE_CHECKING:
     from tlearn.predict import ImageInput, Predictor
+    from tlearn.train.head import LinearHead
 
 COLOUR_MAP = "jet"  # what matplotlib users know from CAM figures
 OVERLAY_ALPHA = 0.45  # the heat's weight over the photo
@@ -131,10 +133,37 @@ def explain_batch(predictor: Predictor, pixels: np.ndarray, class_: str | None =
     else:
         probabilities = softmax(head.logits(features))
     indices = np.array([class_index(predictor.classes, class_, p) for p in probabilities], np.int64)
-    norms = np.maximum(np.linalg.norm(features, axis=1), 1e-12)
+    weights, rest = place_weights(head, features, indices)
     places = maps.shape[2] * maps.shape[3]
-    grids = np.einsum("nchw,nc->nhw", maps.astype(np.float32), head.weight[indices]) / (places * norms[:, None, None])
+    grids = (np.einsum("nchw,nc->nhw", maps.astype(np.float32), weights) + rest[:, None, None]) / places
     return grids.astype(np.float32), probabilities, indices
+
+
+def place_weights(head: LinearHead, features: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(weights (n, C), rest (n,)) such that each place's share of class `indices[i]`'s logit (less its bias) is
+    (weights[i] . F_place + rest[i]) / places: the shares sum to it.
+
+    On the features alone the logit is linear in the map (the features are its mean): weights = the class's head
+    weights over the features' norm, rest 0. The ImageNet prior's part (tlearn.train.head.ImageNetPrior) is not
+    linear: it is split by its first-order Taylor term at the image's features (the ImageNet classifier is linear
+    in the map too), and what that leaves over is shared evenly by the places (it moves no place against another)."""
+    features = np.asarray(features, np.float64)
+    norms = np.maximum(np.linalg.norm(features, axis=1), 1e-12)
+    weight = np.asarray(head.weight, np.float64)[indices]
+    if head.prior is None:
+        return (weight / norms[:, None]).astype(np.float32), np.zeros(len(indices), np.float32)
+    prior, dim = head.prior, features.shape[1]
+    s = np.sqrt(1 + prior.scale ** 2)  # the norm of the head's inputs (two unit blocks)
+    z = features @ prior.weight.T.astype(np.float64) + prior.bias
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    root, u = np.sqrt(p), weight[:, dim:]
+    value = prior.scale / s * (u * root).sum(1)  # the prior's part of the logit
+    gradient = 0.5 * prior.scale / s * (u * root - p * (u * root).sum(1, keepdims=True))  # d value / d z
+    linear = gradient @ prior.weight.astype(np.float64)  # d value / d features
+    weights = weight[:, :dim] / (s * norms[:, None]) + linear
+    rest = value - (linear * features).sum(1)
+    return weights.astype(np.float32), rest.astype(np.float32)
 
 
 def explain_image(predictor: Predictor, image: ImageInput, class_: str | None = None,
@@ -287,6 +316,9 @@ class ReportHeatMaps:
                                 f"{bundle.tta}:{COLOUR_MAP}:{OVERLAY_ALPHA}".encode())
         digest.update(np.ascontiguousarray(bundle.state["head.weight"], np.float32).tobytes())
         digest.update(np.ascontiguousarray(bundle.state["head.bias"], np.float32).tobytes())
+        if "prior.weight" in bundle.state:
+            digest.update(np.ascontiguousarray(bundle.state["prior.weight"], np.float32).tobytes())
+            digest.update(repr(bundle.head().prior.scale).encode())
         self.model_key = digest.hexdigest()[:24]
         self.folder = Path(cache_dir) / "heatmaps" if cache_dir is not None else None
 

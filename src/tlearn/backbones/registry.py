@@ -259,6 +259,18 @@ def create_backbone(name: str, weights: Path | None = None,
     return model, info
 
 
+def imagenet_classifier(model: nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
+    """(weight, bias) of `model`'s 1000-class ImageNet classifier, as numpy copies, when it is one linear layer on
+    the pooled features (what the feature cache holds: EfficientNet, ResNet, Inception); else None."""
+    from torch import nn
+
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(classifier, nn.Linear) or classifier.out_features != 1000 or \
+            classifier.in_features != getattr(model, "num_features", None):
+        return None
+    return (classifier.weight.detach().float().numpy().copy(), classifier.bias.detach().float().numpy().copy())
+
+
 def locate_weights(name: str, weights: Path | None = None) -> WeightsInfo:
     """Where backbone `name`'s weights are (see create_backbone for the order) and their SHA-256; builds nothing."""
     path, origin = _find_weights(get_spec(name), weights)

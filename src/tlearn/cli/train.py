@@ -79,6 +79,10 @@ def train(
                                         "train: its features as extra training rows; tta: predict on the mean of "
                                         "the image's and its mirror's features (2 forward passes per image); both; "
                                         "auto: the best of the four by cross-validation on train.")] = "off",
+    imagenet_prior: Annotated[str, typer.Option(metavar="auto|on|off", help="The backbone's own ImageNet class "
+                                                "probabilities as extra inputs of the head (no extra forward "
+                                                "pass); auto: kept when cross-validation on train says they "
+                                                "help.")] = "auto",
     relabel: Annotated[Optional[Path], typer.Option(help="A CSV path,label (paths relative to DATA) whose labels "
                                                          "replace the folders' for this train; no file is moved "
                                                          "(see `tlearn doctor DATA --labels`).")] = None,
@@ -100,7 +104,8 @@ def train(
                                      precision=precision and precision.value,
                                      recipe="finetune" if fine_tune else recipe.value, finetune=settings,
                                      run_dir=out_dir / "run", ray=ray, mirror=mirror,
-                                     relabel=relabel, device=device).fit(data, resume=resume)
+                                     relabel=relabel, device=device,
+                                     imagenet_prior=imagenet_prior).fit(data, resume=resume)
         clf.save(out_dir)
     except USER_ERRORS as exc:
         fail(exc)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from tlearn.device import DeviceChoice
 
+CLASSIFIER_PREFIX = "imagenet_classifier."  # its tensors' names in the kept backbone file
 CALIBRATION_IMAGES = 128  # int8 activation ranges: enough images to cover the classes, few enough to be quick
 
 
@@ -98,6 +99,7 @@ class FrozenBackbone:
         self.engine_name, self.precision, self.seed, self.workers = engine, precision, seed, workers
         self.calibration_paths, self.progress = list(calibration_paths), progress
         self._network = network
+        self._classifier: tuple[np.ndarray, np.ndarray] | None = None  # set when `network()` builds it
         self.build_seconds = 0.0  # spent building, exporting and compiling (not extracting)
         self.opened = None  # the engine, once `engine()` has opened it (a Predictor of the head can reuse it)
         self._exported_lock = threading.Lock()
@@ -109,22 +111,45 @@ class FrozenBackbone:
         return self._network is not None
 
     def network(self) -> nn.Module:
-        """The torch network with its pretrained weights (eval mode), built once."""
+        """The torch network with its pretrained weights (eval mode), built once; its ImageNet classifier is kept
+        aside (`imagenet_classifier`) and removed, so that the network gives pooled features."""
         if self._network is None:
             from tlearn.backbones import create_backbone
+            from tlearn.backbones.registry import imagenet_classifier
 
-            self._network = create_backbone(self.spec.name, Path(self.info.source))[0]
+            model = create_backbone(self.spec.name, Path(self.info.source), imagenet_head=True)[0]
+            self._classifier = imagenet_classifier(model)
+            model.reset_classifier(0)
+            self._network = model
         return self._network
 
     @functools.cached_property
+    def _stored(self) -> dict[str, np.ndarray] | None:
+        return None if self.built else self.cache.backbone_state()
+
+    @functools.cached_property
     def state(self) -> dict[str, np.ndarray]:
-        """The backbone's tensors (for the bundle): kept beside its features after the first build."""
-        stored = None if self.built else self.cache.backbone_state()
-        if stored is not None:
-            return stored
+        """The backbone's tensors (for the bundle): kept beside its features after the first build (with its
+        ImageNet classifier's, under their own names)."""
+        if self._stored is not None:
+            return {k: v for k, v in self._stored.items() if not k.startswith(CLASSIFIER_PREFIX)}
         state = {k: v.detach().numpy() for k, v in self.network().state_dict().items()}
-        self.cache.put_backbone_state(state)
+        kept = dict(state)
+        if self._classifier is not None:
+            weight, bias = self._classifier
+            kept.update({f"{CLASSIFIER_PREFIX}weight": weight, f"{CLASSIFIER_PREFIX}bias": bias})
+        self.cache.put_backbone_state(kept)
         return state
+
+    @functools.cached_property
+    def imagenet_classifier(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(weight, bias) of the pretrained ImageNet classifier on the pooled features, or None when the backbone
+        has none (or the network was given, e.g. fine-tuned: its features no longer fit that classifier)."""
+        if self._stored is not None:
+            weight, bias = (self._stored.get(f"{CLASSIFIER_PREFIX}{n}") for n in ("weight", "bias"))
+            return None if weight is None or bias is None else (weight, bias)
+        self.state  # noqa: B018  (builds the network when nothing is stored)
+        return self._classifier
 
     @functools.cached_property
     def engine_key(self) -> str:

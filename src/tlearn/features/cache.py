@@ -205,7 +205,8 @@ class FeatureCache:
             timm = version("timm")
         except PackageNotFoundError:
             timm = "none"
-        return self.directory / "backbones" / f"{self.key}-timm{timm}.safetensors"
+        # v2: with the ImageNet classifier's tensors (files without them would hide it from a re-train)
+        return self.directory / "backbones" / f"{self.key}-timm{timm}-v2.safetensors"
 
     def close(self) -> None:
         self._db.close()

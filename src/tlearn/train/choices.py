@@ -22,7 +22,7 @@ import numpy as np
 
 from tlearn.data.splits import K_FOLDS
 from tlearn.errors import DatasetError, OutputError
-from tlearn.train.head import HeadPath, LinearHead, balanced_class_weight, fit_path
+from tlearn.train.head import HeadPath, ImageNetPrior, LinearHead, balanced_class_weight, fit_path, head_inputs
 
 # inverse regularisation strengths, half a decade apart, strongest first: on oxford17flowers the best sits at
 # 100-1000, on hymenoptera at 10-100, far outside a grid that stops at 100 for some data
@@ -151,14 +151,27 @@ class Candidate:
     mirrored: np.ndarray | None = None  # its mirrors' on the same rows (views that use them)
     train_mirror: bool = False
     tta: bool = False
+    prior: ImageNetPrior | None = None  # the backbone's ImageNet probabilities beside the features
 
     def train_rows(self, rows: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self.train_mirror:
-            return self.image[rows], y[rows]
-        return np.concatenate([self.image[rows], self.mirrored[rows]]), np.concatenate([y[rows], y[rows]])
+            return head_inputs(self.image[rows], self.prior), y[rows]
+        return (head_inputs(np.concatenate([self.image[rows], self.mirrored[rows]]), self.prior),
+                np.concatenate([y[rows], y[rows]]))
 
     def eval_rows(self, rows: np.ndarray) -> np.ndarray:
-        return (self.image[rows] + self.mirrored[rows]) / 2 if self.tta else self.image[rows]
+        """The head's inputs of `rows` as prediction computes them (the mean of the views first, then the prior)."""
+        features = (self.image[rows] + self.mirrored[rows]) / 2 if self.tta else self.image[rows]
+        return head_inputs(features, self.prior)
+
+    @property
+    def width(self) -> int:
+        """The number of inputs of this candidate's head."""
+        return self.image.shape[1] + (0 if self.prior is None else self.prior.weight.shape[0])
+
+    def with_prior(self, prior: ImageNetPrior) -> "Candidate":
+        return Candidate(f"{self.name}+imagenet-prior-{prior.scale:g}", self.image, self.mirrored, self.train_mirror,
+                         self.tta, prior)
 
 
 @dataclass
@@ -265,6 +278,67 @@ def choose(candidates: list[Candidate], labels: np.ndarray, folds: Folds, n_clas
     return best, tried
 
 
+def choose_kept(candidates: list[Candidate], labels: np.ndarray, folds: Folds, n_classes: int,
+                store: ChoiceStore | None = None) -> tuple[HeadChoice, dict[str, dict]]:
+    """`choose`, kept per content in `store` (a re-train on the same features reads the choice), with each
+    candidate's scores by name."""
+    key = ChoiceStore.key(candidates, labels, folds)
+    cached = store.get(key, folds, len(labels), n_classes) if store is not None else None
+    if cached is not None:
+        choice, (scores,) = cached
+        return choice, scores
+    choice, tried = choose(candidates, labels, folds, n_classes)
+    scores = {t.candidate: {"log_loss": t.score, "accuracy": t.accuracy, "balanced_accuracy": t.balanced_accuracy,
+                            "C": t.C, "class_weight": t.class_weight} for t in tried}
+    if store is not None:
+        store.put(key, choice, [scores])
+    return choice, scores
+
+
+PRIOR_SCALE = 0.5  # the ImageNet prior's block against the features' (both unit vectors): half as loud
+PRIOR_SETTINGS = ("auto", "on", "off")
+
+
+@dataclass
+class PriorChoice:
+    """Whether the head has the backbone's ImageNet probabilities beside its features (tlearn.train.head's
+    ImageNetPrior), and the cross-validated scores that decided."""
+
+    asked: str  # auto | on | off
+    used: bool
+    scale: float
+    scores: dict[str, dict] = field(default_factory=dict)  # candidate -> out-of-fold scores, with and without
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"asked": self.asked, "used": self.used, "scale": self.scale, "scores": self.scores,
+                "note": self.note}
+
+
+def choose_prior(asked: str, candidate: Candidate, choice: HeadChoice, labels: np.ndarray, folds: Folds,
+                 n_classes: int, classifier: tuple[np.ndarray, np.ndarray] | None,
+                 store: ChoiceStore | None = None) -> tuple[HeadChoice, Candidate, PriorChoice]:
+    """With `asked` auto, the head with the ImageNet prior beside the features is scored on the same folds as the
+    head without it (`candidate`, `choice`), and kept when its out-of-fold score is better; on: kept; off: not
+    tried. `classifier`: the backbone's ImageNet classifier (weight, bias) on its pooled features, or None (the
+    backbone has none: nothing to try)."""
+    if asked not in PRIOR_SETTINGS:
+        raise ValueError(f"imagenet_prior must be one of {', '.join(PRIOR_SETTINGS)}, not {asked!r}")
+    if asked == "off":
+        return choice, candidate, PriorChoice(asked, False, 0.0, note="not tried (off)")
+    if classifier is None:
+        return choice, candidate, PriorChoice(asked, False, 0.0, note="the backbone has no ImageNet classifier on "
+                                                                       "its pooled features")
+    with_prior = candidate.with_prior(ImageNetPrior(classifier[0], classifier[1], PRIOR_SCALE))
+    tried, _ = choose_kept([with_prior], labels, folds, n_classes, store)
+    scores = {c.candidate: {"log_loss": c.score, "accuracy": c.accuracy, "balanced_accuracy": c.balanced_accuracy,
+                            "C": c.C} for c in (choice, tried)}
+    used = asked == "on" or tried.key() > choice.key()
+    kept = PriorChoice(asked, used, PRIOR_SCALE, scores, f"chosen by {folds.describe()}: {choice.metric}"
+                       if asked == "auto" else "asked for (on)")
+    return (tried, with_prior, kept) if used else (choice, candidate, kept)
+
+
 def refit(candidate: Candidate, labels: np.ndarray, choice: HeadChoice, n_classes: int,
           store: ChoiceStore | None = None) -> LinearHead:
     """The head that ships: fitted on all of train at the chosen strength and weighting (along the same path of
@@ -273,9 +347,9 @@ def refit(candidate: Candidate, labels: np.ndarray, choice: HeadChoice, n_classe
     key = None
     if store is not None and store.directory is not None:
         key = f"{ChoiceStore.key([candidate], labels, choice.folds)}-refit-{choice.C:g}-{choice.class_weight}"
-        kept = store.get_head(key, n_classes, candidate.image.shape[1])
+        kept = store.get_head(key, n_classes, candidate.width)
         if kept is not None:
-            return kept
+            return LinearHead(kept.weight, kept.bias, candidate.prior)
     head = _refit(candidate, labels, choice, n_classes)
     if key is not None:
         store.put_head(key, head)
@@ -288,7 +362,7 @@ def _refit(candidate: Candidate, labels: np.ndarray, choice: HeadChoice, n_class
     head = None
     for _, head in fit_path(x, y, n_classes, [c for c in C_GRID if c <= choice.C] or [choice.C], weight):
         pass
-    return head
+    return LinearHead(head.weight, head.bias, candidate.prior)
 
 
 def out_of_fold_temperature(choice: HeadChoice, labels: np.ndarray) -> dict:
@@ -316,6 +390,9 @@ class ChoiceStore:
         digest = hashlib.sha256(f"tlearn-choices:{CHOICES_VERSION}:{C_GRID}:{PATIENCE}:{IMBALANCE}".encode())
         for c in candidates:
             digest.update(f"{c.name}:{c.train_mirror}:{c.tta}".encode())
+            if c.prior is not None:
+                digest.update(np.ascontiguousarray(c.prior.weight, np.float32).tobytes())
+                digest.update(np.ascontiguousarray(c.prior.bias, np.float32).tobytes())
             digest.update(np.ascontiguousarray(c.image, np.float32).tobytes())
             if c.mirrored is not None and (c.train_mirror or c.tta):
                 digest.update(np.ascontiguousarray(c.mirrored, np.float32).tobytes())

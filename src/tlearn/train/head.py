@@ -20,15 +20,54 @@ DEFAULT_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 MAX_ITERATIONS, HISTORY, GRADIENT_TOLERANCE = 300, 20, 1e-5
 
 
+@dataclass(frozen=True)
+class ImageNetPrior:
+    """What the backbone's own ImageNet classifier says of an image, as extra inputs of the head: the square roots
+    of its 1,000 class probabilities (a unit vector: the Hellinger embedding of the distribution, where Euclidean
+    distances follow the distributions' own), weighted by `scale` against the L2-normalised features.
+
+    The classifier is linear on the very pooled features tlearn caches, so the prior costs no forward pass: a
+    (1000 x features) product in numpy. Cross-validation decides whether a head uses it (tlearn.train.choices):
+    it helps where the classes are ImageNet-like (ants and bees) and is left out where they are not."""
+
+    weight: np.ndarray  # (1000, features) float32: the ImageNet classifier
+    bias: np.ndarray  # (1000,) float32
+    scale: float
+
+    def inputs(self, features: np.ndarray) -> np.ndarray:
+        """[normalise(features), scale * sqrt(ImageNet probabilities)] of pooled features (n, features)."""
+        features = np.asarray(features, np.float32)
+        logits = features @ self.weight.T + self.bias
+        logits -= logits.max(-1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(-1, keepdims=True)
+        return np.concatenate([normalise_features(features), self.scale * np.sqrt(p)], -1).astype(np.float32)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"weight": self.weight, "bias": self.bias}
+
+
+def head_inputs(features: np.ndarray, prior: ImageNetPrior | None) -> np.ndarray:
+    """What a head's weights multiply (before the normalisation every head applies): the pooled features, or the
+    features with the ImageNet prior beside them."""
+    return features if prior is None else prior.inputs(features)
+
+
 @dataclass
 class LinearHead:
-    """logits = normalise(features) @ weight.T + bias."""
+    """logits = normalise(inputs) @ weight.T + bias, where the inputs are the pooled features, or the normalised
+    features with the ImageNet prior beside them (`prior`, when cross-validation chose it)."""
 
-    weight: np.ndarray  # (classes, features) float32
+    weight: np.ndarray  # (classes, inputs) float32
     bias: np.ndarray  # (classes,) float32
+    prior: ImageNetPrior | None = None
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        return normalise_features(features) @ self.weight.T + self.bias
+        return normalise_features(head_inputs(features, self.prior)) @ self.weight.T + self.bias
+
+    def scaled(self, factor: float) -> "LinearHead":
+        """The head with its weights and bias divided by `factor` (a calibration temperature)."""
+        return LinearHead(self.weight / factor, self.bias / factor, self.prior)
 
     def state(self) -> dict[str, np.ndarray]:
         """The head's tensors under the names torch's nn.Linear gives them."""

@@ -75,7 +75,12 @@ def fine_tune_stage(dataset: Dataset, spec: BackboneSpec, backbone, head: Linear
     L.seed_everything(seed, workers=True, verbose=False)
     unfrozen = resolve_unfreeze(settings.unfreeze, spec.unfreeze_hint)
     weights = class_weights(labels[~inner], len(dataset.classes), settings.imbalance_ratio)
-    module = FinetuneModule(Classifier.from_head(backbone, head), len(dataset.classes), settings, unfrozen, weights)
+    # the tuned network's head learns from the features alone: the ImageNet prior (where the stage-1 head has one)
+    # is the frozen backbone's classifier, which does not fit tuned features; its weights are set below
+    start = head if head.prior is None else LinearHead(np.zeros((len(dataset.classes), head.weight.shape[1]
+                                                                  - head.prior.weight.shape[0]), np.float32),
+                                                        np.zeros(len(dataset.classes), np.float32))
+    module = FinetuneModule(Classifier.from_head(backbone, start), len(dataset.classes), settings, unfrozen, weights)
     inputs = prepare_inputs(module, dataset, spec, inner, settings, unfrozen, workers=workers, batch_size=batch_size,
                             progress=progress, cache_dir=cache_dir)
     head_inner = _refit_head(inputs.frozen_features, inputs.frozen_labels, len(dataset.classes))

@@ -80,6 +80,7 @@ class TrainSettings:
     run_dir: Path | None = None  # fine-tuning checkpoints and logs
     ray: str | None = None  # extract features on Ray: local|auto|ADDRESS (tlearn.distributed; the ray extra)
     mirror: str = "off"  # the mirror's features: off|train|tta|both|auto (tlearn.train.views)
+    imagenet_prior: str = "auto"  # the backbone's ImageNet probabilities beside the features: auto|on|off
     relabel: Path | None = None  # a relabel CSV (path,label) whose labels replace the folders' (tlearn.data.relabel)
     device: str = "auto"  # where the network runs: auto|cpu|cuda[:N]|mps|xla (tlearn.device)
 
@@ -104,6 +105,9 @@ class TrainSettings:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("recipe", self.recipe, RECIPES)
         check_choice("mirror", self.mirror, MIRRORS)
+        from tlearn.train.choices import PRIOR_SETTINGS
+
+        check_choice("imagenet_prior", self.imagenet_prior, PRIOR_SETTINGS)
         from tlearn.device import check_device
 
         check_device(self.device)
@@ -114,5 +118,5 @@ class TrainSettings:
         return {"backbone": self.backbone, "seed": self.seed, "val_fraction": self.val_fraction,
                 "test_fraction": self.test_fraction, "batch_size": self.batch_size, "engine": self.engine,
                 "precision": self.precision, "recipe_asked": self.recipe, "mirror_asked": self.mirror,
-                "device_asked": self.device,
+                "imagenet_prior_asked": self.imagenet_prior, "device_asked": self.device,
                 **({"relabel": str(self.relabel)} if self.relabel is not None else {})}

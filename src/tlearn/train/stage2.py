@@ -37,6 +37,11 @@ def fine_tune_bundle(result: TrainResult, dataset: Dataset, backbone: FrozenBack
     network = tuned.result.model
     if chosen == "finetune":
         adopt_weights(bundle, network.numpy_state())
+        prior = bundle.training["head"].get("imagenet_prior")
+        if prior and prior.get("used"):  # the tuned network's head has the features alone (tlearn.train.recipe)
+            bundle.training["head"]["imagenet_prior"] = {**prior, "used": False,
+                                                         "note": "the fine-tuned network's head uses its features "
+                                                                 "alone (the stage-1 head had the prior)"}
         # the views were chosen for the frozen head: the tuned network predicts (and is measured) on the image alone
         bundle.tta = False
         bundle.training["views"] = {**bundle.training["views"], "tta": False, "forwards_per_image": 1,

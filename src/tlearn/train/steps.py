@@ -22,7 +22,7 @@ from tlearn.evaluate.metrics import ScoredSplit
 from tlearn.features import FeatureCache, feature_key
 from tlearn.features.backbone import FrozenBackbone
 from tlearn.features.views import ViewFeatures, extract_views
-from tlearn.train.choices import ChoiceStore, HeadChoice, make_folds, refit
+from tlearn.train.choices import ChoiceStore, HeadChoice, PriorChoice, choose_prior, make_folds, refit
 from tlearn.train.head import HeadFit
 from tlearn.train.settings import TrainSettings
 from tlearn.train.views import ViewChoice, choose_views, needs_mirror
@@ -130,10 +130,10 @@ def extract(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, set
 
 
 def choose_the_head(found: FoundData, backbone: FrozenBackbone, cache: FeatureCache, split: SplitFeatures,
-                    settings: TrainSettings) -> tuple[ViewChoice, HeadChoice, HeadFit]:
-    """The views (with mirror auto), the head's strength and class weighting, by cross-validation on train (kept per
-    content: a re-train on the same features reads the choice); then the head refitted on all of train. val's and
-    test's mirrors are extracted when the model will predict with them."""
+                    settings: TrainSettings) -> tuple[ViewChoice, HeadChoice, HeadFit, PriorChoice]:
+    """The views (with mirror auto), the ImageNet prior (auto), the head's strength and class weighting, by
+    cross-validation on train (kept per content: a re-train on the same features reads the choice); then the head
+    refitted on all of train. val's and test's mirrors are extracted when the model will predict with them."""
     y, classes = split.ys["train"], found.dataset.classes
     from tlearn.evaluate import painter  # the CLI's painter process computes the folds, when one is started
 
@@ -142,9 +142,12 @@ def choose_the_head(found: FoundData, backbone: FrozenBackbone, cache: FeatureCa
     store = ChoiceStore(cache.directory)
     views, choice, candidate = choose_views(settings.mirror, split.xs["train"], split.mirrors.get("train"), y, folds,
                                             len(classes), store)
+    classifier = backbone.imagenet_classifier if settings.imagenet_prior != "off" else None
+    choice, candidate, prior = choose_prior(settings.imagenet_prior, candidate, choice, y, folds, len(classes),
+                                            classifier, store)
     add_mirrors(split, found, backbone, cache, settings, views)
     head = refit(candidate, y, choice, len(classes), store)
-    return views, choice, HeadFit(head, choice.C, choice.search)
+    return views, choice, HeadFit(head, choice.C, choice.search), prior
 
 
 def add_mirrors(split: SplitFeatures, found: FoundData, backbone: FrozenBackbone, cache: FeatureCache,
@@ -181,11 +184,13 @@ def extract_on_ray(found: FoundData, backbone: FrozenBackbone, cache: FeatureCac
 
 
 def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, fit: HeadFit,
-             settings: TrainSettings, views: ViewChoice, choice: HeadChoice) -> TrainResult:
-    """The stage-1 bundle (backbone tensors + head), its metrics on val and test, and the summary."""
+             settings: TrainSettings, views: ViewChoice, choice: HeadChoice, prior: PriorChoice) -> TrainResult:
+    """The stage-1 bundle (backbone tensors + head, and the ImageNet classifier when the head uses it), its
+    metrics on val and test, and the summary."""
     dataset, spec = found.dataset, backbone.spec
     state = {**{f"backbone.{k}": v for k, v in backbone.state.items()},
-             **{f"head.{k}": v for k, v in fit.head.state().items()}}
+             **{f"head.{k}": v for k, v in fit.head.state().items()},
+             **({f"prior.{k}": v for k, v in fit.head.prior.state().items()} if fit.head.prior else {})}
     failures = sorted({(str(p), r) for f in split.features.values() for p, r in f.failures} |
                       {(str(s.path), s.reason) for s in dataset.skipped})  # found on disk but not used
     record = BackboneRecord(spec.name, spec.architecture, backbone.info, int(split.xs["train"].shape[1]),
@@ -197,6 +202,7 @@ def assemble(found: FoundData, backbone: FrozenBackbone, split: SplitFeatures, f
                                        "chosen_by": f"{choice.folds.describe()}: {choice.metric}",
                                        "refit": f"all {len(split.ys['train'])} training images",
                                        "choice_seconds": round(choice.seconds, 3),
+                                       "imagenet_prior": prior.to_dict(),
                                        "search": fit.search}, "views": views.to_dict()},
                     split=dataset.describe(), tta=views.recipe.tta,
                     extra={"skipped_files": [{"path": p, "reason": r} for p, r in failures],
@@ -286,14 +292,18 @@ def cross_validate(data: str | Path, settings: TrainSettings) -> tuple[Dataset, 
         found = find_data(data, settings)
         backbone = frozen_backbone(found, settings, cache)
         features = _split_views(found, backbone, cache, settings, "train", needs_mirror(settings.mirror))
+        classifier = backbone.imagenet_classifier if settings.imagenet_prior != "off" else None
     dataset = found.dataset
     y = dataset.labels("train")[features.kept]
     _check_trainable(dataset, {"train": y})
     paths = [dataset.paths("train")[i] for i in features.kept]
     folds = make_folds(y, dataset.train_groups()[features.kept], dataset.classes, settings.seed,
                        store=cache.directory)
-    _, choice, _ = choose_views(settings.mirror, features.views["image"], features.views.get("mirror"), y, folds,
-                                len(dataset.classes), ChoiceStore(cache.directory))
+    store = ChoiceStore(cache.directory)
+    _, choice, candidate = choose_views(settings.mirror, features.views["image"], features.views.get("mirror"), y,
+                                        folds, len(dataset.classes), store)
+    choice, _, _ = choose_prior(settings.imagenet_prior, candidate, choice, y, folds, len(dataset.classes), classifier,
+                                store)
     logits = choice.oof_logits.astype(np.float64)
     temperature = fit_temperature(logits, y)
     return dataset, OutOfFold(dataset.classes, [str(p.relative_to(dataset.root)) for p in paths], y, folds.fold,

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tlearn.train.choices import Candidate, ChoiceStore, Folds, HeadChoice, choose
+from tlearn.train.choices import Candidate, ChoiceStore, Folds, HeadChoice, choose_kept
 
 
 @dataclass(frozen=True)
@@ -71,16 +71,7 @@ def choose_views(asked: str, image: np.ndarray, mirrored: np.ndarray | None, y: 
     the head is refitted on. `store` keeps the choice per content: a re-train on the same features reads it."""
     names = list(RECIPES) if asked == "auto" else [asked]
     candidates = [Candidate(n, image, mirrored, RECIPES[n].train_mirror, RECIPES[n].tta) for n in names]
-    key = ChoiceStore.key(candidates, y, folds)
-    cached = store.get(key, folds, len(y), n_classes) if store is not None else None
-    if cached is None:
-        choice, tried = choose(candidates, y, folds, n_classes)
-        scores = {t.candidate: {"log_loss": t.score, "accuracy": t.accuracy, "balanced_accuracy": t.balanced_accuracy,
-                                "C": t.C, "class_weight": t.class_weight} for t in tried}
-        if store is not None:
-            store.put(key, choice, [scores])
-    else:
-        choice, (scores,) = cached
+    choice, scores = choose_kept(candidates, y, folds, n_classes, store)
     auto = len(names) > 1
     views = ViewChoice(choice.candidate, asked, folds.describe() if auto else "", len(y) if auto else 0,
                        scores if auto else {}, choice.seconds)
