@@ -121,7 +121,7 @@ def test_a_changed_prior_scale_or_missing_prior_tensors_are_refused(prior_model,
     config = json.loads((stripped / "config.json").read_text())
     config["files"]["model.safetensors"] = sha256_file(stripped / "model.safetensors")
     (stripped / "config.json").write_text(json.dumps(config))
-    with pytest.raises(BundleError, match="ImageNet prior is incomplete"):
+    with pytest.raises(BundleError, match="disagree on the head's ImageNet prior"):
         Predictor.load(stripped)
 
 

@@ -245,13 +245,16 @@ class Bundle:
         head_w, head_b = self.state.get("head.weight"), self.state.get("head.bias")
         if head_w is None or head_b is None:
             raise BundleError(f"{directory / WEIGHTS_FILE} has no head (head.weight and head.bias are needed)")
+        def wrong_shape(with_prior: str = "") -> BundleError:
+            return BundleError(f"{directory / WEIGHTS_FILE}: the head is {head_w.shape}, but the config has "
+                               f"{len(self.classes)} classes and {self.backbone.feature_dim} features{with_prior}")
+
+        if head_w.ndim != 2 or head_w.shape[0] != len(self.classes) or head_b.shape != (len(self.classes),):
+            raise wrong_shape()  # another model's weights, or edited classes: said before anything else
         prior = self._prior(directory)
         inputs = self.backbone.feature_dim + (0 if prior is None else prior.weight.shape[0])
-        expected = (len(self.classes), inputs)
-        if head_w.shape != expected or head_b.shape != (len(self.classes),):
-            with_prior = f" + {prior.weight.shape[0]} ImageNet probabilities" if prior is not None else ""
-            raise BundleError(f"{directory / WEIGHTS_FILE}: the head is {head_w.shape}, but the config has "
-                              f"{len(self.classes)} classes and {self.backbone.feature_dim} features{with_prior}")
+        if head_w.shape[1] != inputs:
+            raise wrong_shape(f" + {prior.weight.shape[0]} ImageNet probabilities" if prior is not None else "")
         if not (np.isfinite(head_w).all() and np.isfinite(head_b).all()):
             raise BundleError(f"{directory / WEIGHTS_FILE}: the head holds NaN or infinite values")
 
@@ -267,9 +270,9 @@ class Bundle:
         scale = record.get("scale") if isinstance(record, dict) else None
         if weight is None or bias is None or used is not True or isinstance(scale, bool) or \
                 not isinstance(scale, (int, float)) or not 0 < scale <= 100:
-            raise BundleError(f"{where}: the head's ImageNet prior is incomplete (prior.weight, prior.bias and the "
-                              "config's training.head.imagenet_prior.scale go together): restore the folder or train "
-                              "again")
+            raise BundleError(f"{where} and config.json disagree on the head's ImageNet prior (prior.weight, "
+                              "prior.bias and training.head.imagenet_prior with used and its scale go together): "
+                              "another model's weights or an edited config; restore the folder or train again")
         if weight.ndim != 2 or weight.shape[1] != self.backbone.feature_dim or bias.shape != (weight.shape[0],) or \
                 not (np.isfinite(weight).all() and np.isfinite(bias).all()):
             raise BundleError(f"{where}: the ImageNet prior is {weight.shape} (bias {bias.shape}), but the backbone "
