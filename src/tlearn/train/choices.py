@@ -152,17 +152,26 @@ class Candidate:
     train_mirror: bool = False
     tta: bool = False
     prior: ImageNetPrior | None = None  # the backbone's ImageNet probabilities beside the features
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def train_rows(self, rows: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self.train_mirror:
-            return head_inputs(self.image[rows], self.prior), y[rows]
-        return (head_inputs(np.concatenate([self.image[rows], self.mirrored[rows]]), self.prior),
+            return self._inputs("image")[rows], y[rows]
+        return (np.concatenate([self._inputs("image")[rows], self._inputs("mirror")[rows]]),
                 np.concatenate([y[rows], y[rows]]))
 
     def eval_rows(self, rows: np.ndarray) -> np.ndarray:
         """The head's inputs of `rows` as prediction computes them (the mean of the views first, then the prior)."""
-        features = (self.image[rows] + self.mirrored[rows]) / 2 if self.tta else self.image[rows]
-        return head_inputs(features, self.prior)
+        return self._inputs("mean" if self.tta else "image")[rows]
+
+    def _inputs(self, view: str) -> np.ndarray:
+        """The head's inputs of every row for one view (image, mirror, or their mean), computed once: the prior's
+        ImageNet classifier is a (rows x 1000 x features) product, too dear to repeat for every fold and strength."""
+        if view not in self._memo:
+            features = {"image": lambda: self.image, "mirror": lambda: self.mirrored,
+                        "mean": lambda: (self.image + self.mirrored) / 2}[view]()
+            self._memo[view] = head_inputs(features, self.prior)
+        return self._memo[view]
 
     @property
     def width(self) -> int:
@@ -391,8 +400,7 @@ class ChoiceStore:
         for c in candidates:
             digest.update(f"{c.name}:{c.train_mirror}:{c.tta}".encode())
             if c.prior is not None:
-                digest.update(np.ascontiguousarray(c.prior.weight, np.float32).tobytes())
-                digest.update(np.ascontiguousarray(c.prior.bias, np.float32).tobytes())
+                digest.update(c.prior.digest.encode())
             digest.update(np.ascontiguousarray(c.image, np.float32).tobytes())
             if c.mirrored is not None and (c.train_mirror or c.tta):
                 digest.update(np.ascontiguousarray(c.mirrored, np.float32).tobytes())

@@ -46,6 +46,16 @@ class ImageNetPrior:
     def state(self) -> dict[str, np.ndarray]:
         return {"weight": self.weight, "bias": self.bias}
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of the classifier's tensors and the scale (what keeps a choice made with this prior)."""
+        import hashlib
+
+        digest = hashlib.sha256(repr(self.scale).encode())
+        digest.update(np.ascontiguousarray(self.weight, np.float32).tobytes())
+        digest.update(np.ascontiguousarray(self.bias, np.float32).tobytes())
+        return digest.hexdigest()
+
 
 def head_inputs(features: np.ndarray, prior: ImageNetPrior | None) -> np.ndarray:
     """What a head's weights multiply (before the normalisation every head applies): the pooled features, or the
