@@ -106,7 +106,8 @@ class HeadPath:
         self.y = np.asarray(y, np.int64)
         weight = np.ones(n_classes) if class_weight is None else np.asarray(class_weight, np.float64)
         self.sample_weight = weight[self.y] / weight[self.y].sum()  # as torch's cross_entropy(weight=...)
-        self.coordinates, self.basis = _row_space(normalise_features(x).astype(np.float64))
+        with _blas_controller().limit(limits=1):  # two BLAS threads beside a busy core: 1.1 s of a first train
+            self.coordinates, self.basis = _row_space(normalise_features(x).astype(np.float64))
         self.params = np.zeros(n_classes * (self.coordinates.shape[1] + 1))
 
     def fit(self, C: float) -> LinearHead:
