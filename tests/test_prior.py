@@ -39,6 +39,8 @@ def test_the_prior_is_the_backbones_imagenet_classifier_and_is_recorded(prior_mo
     bundle = Predictor.load(folder).bundle
     record = bundle.training["head"]["imagenet_prior"]
     assert record["used"] is True and record["asked"] == "on" and record["scale"] == 0.5
+    # a tlearn that reads format 3 at most refuses the folder as newer instead of as another model's weights
+    assert json.loads((folder / "config.json").read_text())["format_version"] == 4
     assert bundle.state["head.weight"].shape == (2, bundle.backbone.feature_dim + 1000)
     network, _ = create_backbone("efficientnet_lite0", imagenet_head=True)
     assert np.array_equal(bundle.state["prior.weight"], network.classifier.weight.detach().numpy())

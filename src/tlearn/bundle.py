@@ -46,7 +46,8 @@ from tlearn.files import disk_refusals, fsync_tree, swap_in
 from tlearn.files import sha256_file as file_sha256
 from tlearn.train.head import ImageNetPrior, LinearHead
 
-FORMAT_VERSION = 3  # 3: "tta" (predictions on the mean of the image's and its mirror's features)
+FORMAT_VERSION = 4  # 3: "tta" (predictions on the mean of the image's and its mirror's features); 4: the head's
+# ImageNet prior (tensors prior.*): a tlearn that reads 3 at most would take it for another model's weights
 OLDEST_FORMAT = 2  # read as a model without tta
 CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "model.safetensors", "metrics.json"
 ENGINE_FILE, REFERENCE_FILE = "engine/backbone.onnx", "engine/reference.safetensors"
@@ -186,7 +187,8 @@ class Bundle:
         self.files = digests
         # a model without tta is written as format 2, which older tlearn versions read the same way; one with tta
         # as 3, which they refuse (rather than predict on one view what was meant for two)
-        config = {"format": "tlearn-bundle", "format_version": FORMAT_VERSION if self.tta else OLDEST_FORMAT,
+        version = 4 if "prior.weight" in self.state else 3 if self.tta else OLDEST_FORMAT
+        config = {"format": "tlearn-bundle", "format_version": version,
                   "tta": self.tta, "classes": self.classes,
                   "backbone": self.backbone.to_dict(), "preprocessing": self.preprocessing.to_dict(),
                   "temperature": self.temperature, "engine": self.engine.to_dict() if self.engine else None,
@@ -263,7 +265,8 @@ class Bundle:
         when the tensors and the config disagree."""
         where = directory / WEIGHTS_FILE if directory is not None else WEIGHTS_FILE
         weight, bias = self.state.get("prior.weight"), self.state.get("prior.bias")
-        record = (self.training.get("head") or {}).get("imagenet_prior") or {}
+        head = self.training.get("head")
+        record = (head.get("imagenet_prior") if isinstance(head, dict) else None) or {}
         used = record.get("used", False) if isinstance(record, dict) else None
         if weight is None and bias is None and not used:
             return None

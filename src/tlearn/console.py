@@ -74,6 +74,8 @@ def head_text(cv: dict, C: float, head: dict) -> str:
     prior = head.get("imagenet_prior") or {}
     if prior.get("used"):
         weighting += ", with the backbone's ImageNet probabilities beside the features"
+    elif prior.get("dropped_by") == "finetune":
+        weighting += " (the stage-1 head's ImageNet probabilities are not kept by the fine-tuned network)"
     elif prior.get("asked") == "auto" and prior.get("scores"):
         weighting += " (the ImageNet probabilities beside the features did not help)"
     return (f"linear softmax, C={C:g}{weighting}; chosen by {cv['folds']['k']}-fold cross-validation on train "

@@ -318,6 +318,7 @@ class ReportHeatMaps:
         digest.update(np.ascontiguousarray(bundle.state["head.bias"], np.float32).tobytes())
         if "prior.weight" in bundle.state:
             digest.update(np.ascontiguousarray(bundle.state["prior.weight"], np.float32).tobytes())
+            digest.update(np.ascontiguousarray(bundle.state["prior.bias"], np.float32).tobytes())
             digest.update(repr(bundle.head().prior.scale).encode())
         self.model_key = digest.hexdigest()[:24]
         self.folder = Path(cache_dir) / "heatmaps" if cache_dir is not None else None

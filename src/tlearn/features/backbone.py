@@ -120,7 +120,7 @@ class FrozenBackbone:
             model = create_backbone(self.spec.name, Path(self.info.source), imagenet_head=True)[0]
             self._classifier = imagenet_classifier(model)
             model.reset_classifier(0)
-            self._network = model
+            self._network = model.eval()  # modules the reset made start in training mode
         return self._network
 
     @functools.cached_property

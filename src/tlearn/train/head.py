@@ -75,10 +75,6 @@ class LinearHead:
     def logits(self, features: np.ndarray) -> np.ndarray:
         return normalise_features(head_inputs(features, self.prior)) @ self.weight.T + self.bias
 
-    def scaled(self, factor: float) -> "LinearHead":
-        """The head with its weights and bias divided by `factor` (a calibration temperature)."""
-        return LinearHead(self.weight / factor, self.bias / factor, self.prior)
-
     def state(self) -> dict[str, np.ndarray]:
         """The head's tensors under the names torch's nn.Linear gives them."""
         return {"weight": self.weight, "bias": self.bias}

@@ -17,7 +17,7 @@ import numpy as np
 from tlearn.backbones import BackboneSpec
 from tlearn.data import Dataset
 from tlearn.train.finetune import FinetuneResult, FinetuneSettings
-from tlearn.train.head import LinearHead
+from tlearn.train.head import ImageNetPrior, LinearHead
 from tlearn.train.inner import describe_inner_split, inner_split, val_score
 
 STAGES = ("head", "finetune")
@@ -86,7 +86,10 @@ def fine_tune_stage(dataset: Dataset, spec: BackboneSpec, backbone, head: Linear
     head_inner = _refit_head(inputs.frozen_features, inputs.frozen_labels, len(dataset.classes))
     module.model.head.weight.data.copy_(_tensor(head_inner.weight))
     module.model.head.bias.data.copy_(_tensor(head_inner.bias))
-    head_scores = val_score(head_inner.logits(inputs.frozen_features["inner"]), inputs.frozen_labels["inner"])
+    # the head stage is scored as it would ship: with the ImageNet prior where the stage-1 head has it
+    shipped = head_inner if head.prior is None else _refit_head(inputs.frozen_features, inputs.frozen_labels,
+                                                                len(dataset.classes), head.prior)
+    head_scores = val_score(shipped.logits(inputs.frozen_features["inner"]), inputs.frozen_labels["inner"])
 
     folder = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="tlearn-run-"))
     precision = resolve_precision(settings.precision, settings.accelerator, inputs.cut is not None)
@@ -109,13 +112,16 @@ def fine_tune_stage(dataset: Dataset, spec: BackboneSpec, backbone, head: Linear
                       (np.asarray(inner_logits, np.float64), inputs.scored_labels["inner"]))
 
 
-def _refit_head(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int) -> LinearHead:
-    """The head fitted on train without the inner split, its strength chosen on the inner split."""
-    from tlearn.train.head import balanced_class_weight, fit_head
+def _refit_head(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int,
+                prior: ImageNetPrior | None = None) -> LinearHead:
+    """The head fitted on train without the inner split, its strength chosen on the inner split (with `prior`
+    beside the features, when given)."""
+    from tlearn.train.head import balanced_class_weight, fit_head, head_inputs
 
     y = labels["train"]
-    return fit_head(features["train"], y, features["inner"], labels["inner"], n_classes,
-                    class_weight=balanced_class_weight(y, n_classes)).head
+    fitted = fit_head(head_inputs(features["train"], prior), y, head_inputs(features["inner"], prior),
+                      labels["inner"], n_classes, class_weight=balanced_class_weight(y, n_classes)).head
+    return LinearHead(fitted.weight, fitted.bias, prior)
 
 
 def _tensor(array: np.ndarray):

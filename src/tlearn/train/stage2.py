@@ -39,7 +39,7 @@ def fine_tune_bundle(result: TrainResult, dataset: Dataset, backbone: FrozenBack
         adopt_weights(bundle, network.numpy_state())
         prior = bundle.training["head"].get("imagenet_prior")
         if prior and prior.get("used"):  # the tuned network's head has the features alone (tlearn.train.recipe)
-            bundle.training["head"]["imagenet_prior"] = {**prior, "used": False,
+            bundle.training["head"]["imagenet_prior"] = {**prior, "used": False, "dropped_by": "finetune",
                                                          "note": "the fine-tuned network's head uses its features "
                                                                  "alone (the stage-1 head had the prior)"}
         # the views were chosen for the frozen head: the tuned network predicts (and is measured) on the image alone
