@@ -92,7 +92,9 @@ def test_auto_keeps_the_prior_only_when_its_out_of_fold_score_is_better(hymenopt
     record = clf.bundle_.training["head"]["imagenet_prior"]
     plain, with_prior = record["scores"]["off"], record["scores"]["off+imagenet-prior-0.5"]
     assert record["asked"] == "auto"
-    assert record["used"] == (with_prior["log_loss"] < plain["log_loss"])
+    assert record["gain"] == pytest.approx(plain["log_loss"] - with_prior["log_loss"], abs=1e-4)
+    assert record["standard_error"] > 0
+    assert record["used"] == (record["gain"] > record["standard_error"])  # one standard error: ties stay plain
     kept = with_prior if record["used"] else plain
     assert clf.metrics_["cv"]["log_loss"] == pytest.approx(kept["log_loss"])
     assert ("prior.weight" in clf.bundle_.state) == record["used"]
