@@ -29,11 +29,10 @@ class Classifier(nn.Module):
     @classmethod
     def from_head(cls, backbone: nn.Module, head: LinearHead) -> "Classifier":
         """The network of `backbone` with a head fitted on its cached features (tlearn.train.fit_head)."""
-        prior = None
-        if head.prior is not None:
-            prior = _linear(head.prior.weight, head.prior.bias)
-        return cls(backbone, _linear(head.weight, head.bias), prior=prior,
-                   prior_scale=head.prior.scale if head.prior is not None else 0.0)
+        prior = head.prior
+        return cls(backbone, _linear(head.weight, head.bias),
+                   prior=None if prior is None else _linear(prior.weight, prior.bias),
+                   prior_scale=0.0 if prior is None else prior.scale)
 
     def classify_features(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from pooled backbone features (as cached by tlearn.features)."""

@@ -154,9 +154,7 @@ def place_weights(head: LinearHead, features: np.ndarray, indices: np.ndarray) -
         return (weight / norms[:, None]).astype(np.float32), np.zeros(len(indices), np.float32)
     prior, dim = head.prior, features.shape[1]
     s = np.sqrt(1 + prior.scale ** 2)  # the norm of the head's inputs (two unit blocks)
-    z = features @ prior.weight.T.astype(np.float64) + prior.bias
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
+    p = prior.probabilities(features)
     root, u = np.sqrt(p), weight[:, dim:]
     value = prior.scale / s * (u * root).sum(1)  # the prior's part of the logit
     gradient = 0.5 * prior.scale / s * (u * root - p * (u * root).sum(1, keepdims=True))  # d value / d z
@@ -316,10 +314,9 @@ class ReportHeatMaps:
                                 f"{bundle.tta}:{COLOUR_MAP}:{OVERLAY_ALPHA}".encode())
         digest.update(np.ascontiguousarray(bundle.state["head.weight"], np.float32).tobytes())
         digest.update(np.ascontiguousarray(bundle.state["head.bias"], np.float32).tobytes())
-        if "prior.weight" in bundle.state:
-            digest.update(np.ascontiguousarray(bundle.state["prior.weight"], np.float32).tobytes())
-            digest.update(np.ascontiguousarray(bundle.state["prior.bias"], np.float32).tobytes())
-            digest.update(repr(bundle.head().prior.scale).encode())
+        prior = bundle.head().prior
+        if prior is not None:
+            digest.update(prior.digest.encode())
         self.model_key = digest.hexdigest()[:24]
         self.folder = Path(cache_dir) / "heatmaps" if cache_dir is not None else None
 

@@ -134,11 +134,8 @@ class FrozenBackbone:
         if self._stored is not None:
             return {k: v for k, v in self._stored.items() if not k.startswith(CLASSIFIER_PREFIX)}
         state = {k: v.detach().numpy() for k, v in self.network().state_dict().items()}
-        kept = dict(state)
-        if self._classifier is not None:
-            weight, bias = self._classifier
-            kept.update({f"{CLASSIFIER_PREFIX}weight": weight, f"{CLASSIFIER_PREFIX}bias": bias})
-        self.cache.put_backbone_state(kept)
+        classifier = dict(zip((f"{CLASSIFIER_PREFIX}weight", f"{CLASSIFIER_PREFIX}bias"), self._classifier or ()))
+        self.cache.put_backbone_state({**state, **classifier})
         return state
 
     @functools.cached_property

@@ -168,8 +168,8 @@ class Candidate:
         """The head's inputs of every row for one view (image, mirror, or their mean), computed once: the prior's
         ImageNet classifier is a (rows x 1000 x features) product, too dear to repeat for every fold and strength."""
         if view not in self._memo:
-            features = {"image": lambda: self.image, "mirror": lambda: self.mirrored,
-                        "mean": lambda: (self.image + self.mirrored) / 2}[view]()
+            features = (self.image if view == "image" else self.mirrored if view == "mirror"
+                        else (self.image + self.mirrored) / 2)
             self._memo[view] = head_inputs(features, self.prior)
         return self._memo[view]
 
@@ -206,6 +206,11 @@ class HeadChoice:
                 "score": self.score, "accuracy": self.accuracy, "balanced_accuracy": self.balanced_accuracy,
                 "log_loss": self.log_loss, "folds": self.folds.to_dict(), "search": self.search,
                 "seconds": round(self.seconds, 3)}
+
+    def scores(self) -> dict:
+        """The scores a candidate is compared by, as recorded in the model's config."""
+        return {"log_loss": self.score, "accuracy": self.accuracy, "balanced_accuracy": self.balanced_accuracy,
+                "C": self.C, "class_weight": self.class_weight}
 
     def key(self) -> tuple[float, float]:
         """Larger is better: the cross-validated log loss, then accuracy (balanced where the metric is)."""
@@ -297,8 +302,7 @@ def choose_kept(candidates: list[Candidate], labels: np.ndarray, folds: Folds, n
         choice, (scores,) = cached
         return choice, scores
     choice, tried = choose(candidates, labels, folds, n_classes)
-    scores = {t.candidate: {"log_loss": t.score, "accuracy": t.accuracy, "balanced_accuracy": t.balanced_accuracy,
-                            "C": t.C, "class_weight": t.class_weight} for t in tried}
+    scores = {t.candidate: t.scores() for t in tried}
     if store is not None:
         store.put(key, choice, [scores])
     return choice, scores
@@ -344,8 +348,7 @@ def choose_prior(asked: str, candidate: Candidate, choice: HeadChoice, labels: n
                                                                        "its pooled features")
     with_prior = candidate.with_prior(ImageNetPrior(classifier[0], classifier[1], PRIOR_SCALE))
     tried, _ = choose_kept([with_prior], labels, folds, n_classes, store)
-    scores = {c.candidate: {"log_loss": c.score, "accuracy": c.accuracy, "balanced_accuracy": c.balanced_accuracy,
-                            "C": c.C} for c in (choice, tried)}
+    scores = {c.candidate: c.scores() for c in (choice, tried)}
     gain, error = paired_gain(choice, tried, labels, n_classes)
     used = asked == "on" or gain > error
     kept = PriorChoice(asked, used, PRIOR_SCALE, scores,
@@ -361,9 +364,9 @@ def paired_gain(base: HeadChoice, other: HeadChoice, labels: np.ndarray, n_class
     rows = np.arange(len(labels))
 
     def losses(choice: HeadChoice) -> np.ndarray:
-        logits = np.asarray(choice.oof_logits, np.float64)
-        logits = logits - logits.max(1, keepdims=True)
-        return np.log(np.exp(logits).sum(1)) - logits[rows, labels]
+        from scipy.special import log_softmax
+
+        return -log_softmax(np.asarray(choice.oof_logits, np.float64), axis=1)[rows, labels]
 
     difference = losses(base) - losses(other)
     if "balanced" in base.metric:

@@ -34,14 +34,17 @@ class ImageNetPrior:
     bias: np.ndarray  # (1000,) float32
     scale: float
 
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """The ImageNet class probabilities (n, 1000) of pooled features (n, features), in the features' precision."""
+        logits = features @ self.weight.T.astype(features.dtype, copy=False) + self.bias
+        logits -= logits.max(-1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(-1, keepdims=True)
+
     def inputs(self, features: np.ndarray) -> np.ndarray:
         """[normalise(features), scale * sqrt(ImageNet probabilities)] of pooled features (n, features)."""
         features = np.asarray(features, np.float32)
-        logits = features @ self.weight.T + self.bias
-        logits -= logits.max(-1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(-1, keepdims=True)
-        return np.concatenate([normalise_features(features), self.scale * np.sqrt(p)], -1).astype(np.float32)
+        return np.concatenate([normalise_features(features), self.scale * np.sqrt(self.probabilities(features))], -1)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"weight": self.weight, "bias": self.bias}
